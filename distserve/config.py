@@ -1,0 +1,378 @@
+"""What a deployment is: the model, the mode, and each phase's instances and their settings.
+
+`DeploymentConfig` is the one description shared by `LLM(...)`, `distserve serve` flags, and
+the placement file the planner writes (`to_dict` / `from_dict` round-trip through JSON).
+`resolve_instances` turns it into one `InstanceConfig` per instance, with CPU cores assigned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+MODES = ("disaggregated", "colocated", "chunked")
+ROLES = ("prefill", "decode", "colocated")
+POLICIES = ("fcfs", "sjf")
+PREEMPTION_MODES = ("recompute", "swap")
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DEFAULT_KV_CACHE_GB = 1.0
+DEFAULT_CHUNK_SIZE = 512
+
+
+@dataclass
+class PhaseConfig:
+    """Settings of every instance of one phase (prefill, decode, or colocated).
+
+    `max_num_batched_tokens` bounds the tokens of one step; in chunked mode it is the chunk
+    budget shared by prefill chunks and decodes. `policy` is `fcfs`, or `sjf`
+    (shortest prompt first) for prefill.
+    """
+
+    num_instances: int = 1
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    policy: str = "fcfs"
+    kv_cache_gb: float | None = None
+    num_kv_blocks: int | None = None
+    preemption_mode: str | None = None
+    num_threads: int | None = None
+    cpu_cores: list[int] | None = None
+
+    def validate(self, phase: str) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{phase}.{name} must be a positive integer, got {value!r}.")
+
+        for name in (
+            "num_instances",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_kv_blocks",
+            "num_threads",
+        ):
+            positive(name)
+        if self.policy not in POLICIES:
+            raise ValueError(f"{phase}.policy must be one of {POLICIES}, got {self.policy!r}.")
+        if self.policy == "sjf" and phase == "decode":
+            raise ValueError("decode instances schedule FCFS; 'sjf' is a prefill policy.")
+        if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"{phase}.preemption_mode must be one of {PREEMPTION_MODES}, "
+                f"got {self.preemption_mode!r}."
+            )
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"{phase}.kv_cache_gb must be > 0, got {self.kv_cache_gb}.")
+
+
+@dataclass
+class DeploymentConfig:
+    """A whole deployment: what `distserve serve --config FILE` reads and the planner writes."""
+
+    model: str | None = None
+    mode: str = "colocated"
+    prefill: PhaseConfig = field(default_factory=PhaseConfig)
+    decode: PhaseConfig = field(default_factory=PhaseConfig)
+    colocated: PhaseConfig = field(default_factory=PhaseConfig)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    seed: int = 0
+    backend: str = "local"
+    ray_address: str | None = None
+    swap_space_gb: float = 1.0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be a power of two up to 256, got {self.block_size}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}.")
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        for phase in self.phases():
+            getattr(self, phase).validate(phase)
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases whose instances this mode runs."""
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+
+    def num_devices(self) -> int:
+        """Devices (GPUs, or CPU worker processes) the deployment occupies."""
+        total = 0
+        for phase in self.phases():
+            cfg: PhaseConfig = getattr(self, phase)
+            total += cfg.num_instances * cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeploymentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown deployment keys {sorted(unknown)}; known: {sorted(known)}.")
+        kwargs = dict(data)
+        phase_fields = {f.name for f in dataclasses.fields(PhaseConfig)}
+        for phase in ("prefill", "decode", "colocated"):
+            if phase in kwargs and isinstance(kwargs[phase], dict):
+                bad = set(kwargs[phase]) - phase_fields
+                if bad:
+                    raise ValueError(f"unknown {phase} keys {sorted(bad)}; known: {sorted(phase_fields)}.")
+                kwargs[phase] = PhaseConfig(**kwargs[phase])
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeploymentConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"placement file {path} does not exist.") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"placement file {path} is not valid JSON: {exc}.") from None
+        if "deployment" in data:  # the planner's file carries its predictions beside it
+            data = data["deployment"]
+        return cls.from_dict(data)
+
+
+@dataclass
+class ModelConfig:
+    """The model as the engine sees it: its Hugging Face config and where the weights are."""
+
+    name: str
+    path: str
+    gguf_file: str | None
+    hf_config: PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else self.hf_config.model_type
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    def kv_bytes_per_token(self) -> int:
+        """2 (K and V) x layers x KV heads x head dim x dtype bytes."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass
+class InstanceConfig:
+    """One instance's settings, resolved from its phase (what its process is started with)."""
+
+    name: str
+    role: str
+    phase: PhaseConfig
+    block_size: int
+    device: str
+    num_threads: int
+    cpu_cores: list[int] | None
+    seed: int
+    swap_space_gb: float
+    chunked_prefill: bool = False
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.phase.max_num_seqs
+
+    @property
+    def preemption_mode(self) -> str:
+        # A decode instance never re-runs a prefill silently: it swaps by default.
+        if self.phase.preemption_mode is not None:
+            return self.phase.preemption_mode
+        return "swap" if self.role == "decode" else "recompute"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'.")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str, hf_config: PretrainedConfig) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device == "cpu":
+        return torch.float32  # no native bf16/fp16 on this class of CPU: fp32 is the fast dtype
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = DTYPES.get(config_dtype)
+    return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def available_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[InstanceConfig]:
+    """One `InstanceConfig` per instance, with step limits filled in and CPU cores split.
+
+    On CPU, instances that name no cores share the machine's cores evenly (1 prefill + 1
+    decode on 2 cores get one core each); a colocated instance alone gets all of them.
+    """
+    device = resolve_device(config.device)
+    specs: list[tuple[str, str, PhaseConfig]] = []
+    for phase in config.phases():
+        cfg: PhaseConfig = getattr(config, phase)
+        for i in range(cfg.num_instances):
+            specs.append((f"{phase}-{i}", phase, cfg))
+    cores = available_cores()
+    workers = sum(c.tensor_parallel_size * c.pipeline_parallel_size for _, _, c in specs)
+    per_worker = max(1, len(cores) // max(1, workers))
+    instances: list[InstanceConfig] = []
+    next_core = 0
+    for name, role, cfg in specs:
+        phase = dataclasses.replace(cfg)
+        if phase.max_num_batched_tokens is None:
+            phase.max_num_batched_tokens = (
+                DEFAULT_CHUNK_SIZE if config.mode == "chunked" else max(model.max_model_len, 2048)
+            )
+        if config.mode != "chunked" and role != "decode" and phase.max_num_batched_tokens < model.max_model_len:
+            raise ValueError(
+                f"{role}.max_num_batched_tokens ({phase.max_num_batched_tokens}) is smaller than "
+                f"max_model_len ({model.max_model_len}): a whole prompt must fit in one step. "
+                "Raise it, lower max_model_len, or use mode='chunked'."
+            )
+        if phase.cpu_cores is not None:
+            instance_cores = list(phase.cpu_cores)
+        elif device == "cpu" and workers > 1 and len(cores) >= workers:
+            n = per_worker * phase.tensor_parallel_size * phase.pipeline_parallel_size
+            instance_cores = cores[next_core : next_core + n]
+            next_core += n
+        else:
+            instance_cores = None
+        threads = phase.num_threads or (
+            max(1, len(instance_cores) // (phase.tensor_parallel_size * phase.pipeline_parallel_size))
+            if instance_cores
+            else max(1, len(cores) // max(1, workers))
+        )
+        instance = InstanceConfig(
+            name=name,
+            role=role,
+            phase=phase,
+            block_size=config.block_size,
+            device=device,
+            num_threads=threads,
+            cpu_cores=instance_cores,
+            seed=config.seed,
+            swap_space_gb=config.swap_space_gb,
+            chunked_prefill=config.mode == "chunked",
+        )
+        instances.append(instance)
+    return instances
+
+
+def build_deployment(
+    model: str | None = None,
+    mode: str = "colocated",
+    *,
+    num_instances: int = 1,
+    num_prefill_instances: int = 1,
+    num_decode_instances: int = 1,
+    prefill: PhaseConfig | dict[str, Any] | None = None,
+    decode: PhaseConfig | dict[str, Any] | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = None,
+    kv_cache_gb: float | None = None,
+    num_kv_blocks: int | None = None,
+    preemption_mode: str | None = None,
+    num_threads: int | None = None,
+    **common: Any,
+) -> DeploymentConfig:
+    """A deployment from the flat keyword arguments of `LLM(...)`.
+
+    The flat per-instance settings apply to every instance; in disaggregated mode `prefill`
+    and `decode` (a PhaseConfig or a dict of its fields) override them per phase.
+    """
+    base = PhaseConfig(
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_gb=kv_cache_gb,
+        num_kv_blocks=num_kv_blocks,
+        preemption_mode=preemption_mode,
+        num_threads=num_threads,
+    )
+
+    def phase(count: int, override: PhaseConfig | dict[str, Any] | None) -> PhaseConfig:
+        if isinstance(override, PhaseConfig):
+            return override
+        return dataclasses.replace(base, num_instances=count, **(override or {}))
+
+    known = {f.name for f in dataclasses.fields(DeploymentConfig)} - {"prefill", "decode", "colocated", "model", "mode"}
+    unknown = set(common) - known
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+    config = DeploymentConfig(
+        model=model,
+        mode=mode,
+        prefill=phase(num_prefill_instances, prefill),
+        decode=phase(num_decode_instances, decode),
+        colocated=phase(num_instances, None),
+        **common,
+    )
+    config.validate()
+    return config

@@ -1,0 +1,141 @@
+"""Messages between the controller and its instances (plain dataclasses, pickled over pipes).
+
+Controller -> instance: AddRequest, MigrateRequest (decode), ReleaseKV (prefill),
+AbortRequest, Shutdown. Instance -> controller: InstanceReady, StepOutput (tokens and
+stage stamps), PrefillDone (a request's KV is ready to pull), MigrationDone, InstanceFailed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distserve.kv.cache import KVCacheHandle
+from distserve.sampling_params import SamplingParams
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    eos_token_ids: frozenset[int]
+
+
+@dataclass
+class MigrateRequest:
+    """To a decode instance: pull this prefilled request's KV from `source` and decode it."""
+
+    request: AddRequest
+    output_token_ids: list[int]
+    source: str
+    source_handles: list[KVCacheHandle]
+    source_blocks: list[int]
+    num_prefill_preemptions: int = 0
+
+
+@dataclass
+class ReleaseKV:
+    """To a prefill instance: the request's KV was pulled (or is no longer wanted)."""
+
+    request_id: str
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class StatsRequest:
+    """Ask an instance for an `InstanceStats` now."""
+
+
+@dataclass
+class InstanceStats:
+    name: str
+    role: str
+    num_waiting: int
+    num_running: int
+    num_swapped: int
+    num_awaiting_pull: int
+    num_pending_migrations: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    block_size: int
+    num_preemptions: int = 0
+    num_recomputes: int = 0
+    num_swaps: int = 0
+    num_steps: int = 0
+    num_transfers: int = 0
+    transferred_tokens: int = 0
+    transferred_bytes: int = 0
+    transfer_seconds: float = 0.0
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class InstanceReady:
+    name: str
+    pid: int
+    num_blocks: int
+    block_size: int
+    kv_handles: list[KVCacheHandle]
+    load_seconds: float
+
+
+@dataclass
+class TokenOutput:
+    request_id: str
+    token_id: int
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class StepOutput:
+    """One step of one instance: the tokens it produced, and when."""
+
+    instance: str
+    step_start: float
+    step_end: float
+    tokens: list[TokenOutput] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)  # first step of a request on this instance
+    preempted: list[str] = field(default_factory=list)
+    stats: InstanceStats | None = None
+
+
+@dataclass
+class PrefillDone:
+    """A prefill instance holds this request's KV in `blocks`, ready to be pulled."""
+
+    request_id: str
+    instance: str
+    blocks: list[int]
+    num_tokens: int
+    num_preemptions: int
+
+
+@dataclass
+class MigrationDone:
+    request_id: str
+    instance: str
+    source: str
+    start: float
+    end: float
+    num_tokens: int
+    num_bytes: int
+
+
+@dataclass
+class InstanceFailed:
+    name: str
+    error: str

@@ -1,0 +1,205 @@
+"""Runs the model for a scheduled batch: builds the flat input tensors, runs, samples.
+
+It also owns the worker's KV cache (sized from the instance's memory budget) and its swap
+space, and performs the swap copies a batch asks for before the forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+
+from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig
+from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, get_tp_rank, get_tp_size, pp_layer_range
+from distserve.engine.scheduler import ScheduledBatch
+from distserve.kv.cache import KVCache, KVLayout
+from distserve.layers.attention import AttentionMetadata
+from distserve.layers.sampler import SampleResult, SamplingBatch, sample
+from distserve.models.base import CausalLM
+from distserve.models.registry import model_class
+from distserve.weights.loader import iterate_weights
+
+GIB = 1 << 30
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> CausalLM:
+    """Build this worker's part of the model and load its weights."""
+    cls = model_class(model_config.hf_config)
+    with _default_dtype(model_config.dtype), device:
+        model = cls(model_config.hf_config, model_config.max_model_len)
+    model.load_weights(iterate_weights(model_config))
+    for module in model.modules():
+        if hasattr(module, "prepack"):
+            module.prepack()
+    return model.eval()
+
+
+def kv_layout(model_config: ModelConfig, config: InstanceConfig, num_blocks: int) -> KVLayout:
+    """The slice of the model's KV this worker holds, for its TP and PP rank."""
+    layer_start, layer_end = pp_layer_range(model_config.num_layers)
+    tp, rank = get_tp_size(), get_tp_rank()
+    kv_heads = model_config.num_kv_heads
+    local_heads = max(1, kv_heads // tp)
+    head_start = (rank // max(1, tp // kv_heads)) * local_heads if tp > kv_heads else rank * local_heads
+    return KVLayout(
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        layer_start=layer_start,
+        layer_end=layer_end,
+        head_start=head_start,
+        head_end=head_start + local_heads,
+        head_dim=model_config.head_dim,
+        dtype=model_config.dtype,
+    )
+
+
+def num_kv_blocks(model_config: ModelConfig, config: InstanceConfig, device: torch.device) -> int:
+    """Blocks that fit the instance's KV budget (the same count on every worker)."""
+    if config.phase.num_kv_blocks is not None:
+        return config.phase.num_kv_blocks
+    bytes_per_block = kv_layout(model_config, config, 1).bytes_per_block
+    if config.phase.kv_cache_gb is not None:
+        budget = config.phase.kv_cache_gb * GIB
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.85 * free
+    else:
+        budget = DEFAULT_KV_CACHE_GB * GIB
+    blocks = int(budget // bytes_per_block)
+    if blocks < 1:
+        raise ValueError(f"a KV budget of {budget / GIB:.3f} GiB holds no block of {bytes_per_block} bytes")
+    return blocks
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, config: InstanceConfig, shared_cache: bool = False) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        start = time.perf_counter()
+        self.model = load_model(model_config, self.device)
+        self.load_seconds = time.perf_counter() - start
+        self.num_blocks = num_kv_blocks(model_config, config, self.device)
+        self.kv_cache = KVCache(kv_layout(model_config, config, self.num_blocks), config.device, shared_cache)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache.layer(i)
+        self.num_swap_blocks = 0
+        self.swap_cache: KVCache | None = None
+        if config.preemption_mode == "swap":
+            layout = kv_layout(model_config, config, 1)
+            self.num_swap_blocks = max(1, int(config.swap_space_gb * GIB // layout.bytes_per_block))
+            self.swap_cache = KVCache(kv_layout(model_config, config, self.num_swap_blocks), "cpu", False)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        self.is_last_stage = get_pp_rank() == get_pp_size() - 1
+
+    # -- KV movement --------------------------------------------------------------------
+    def swap(self, batch: ScheduledBatch) -> None:
+        """Copy preempted blocks out to swap space, and resumed ones back in."""
+        assert not (batch.swap_out and batch.swap_in), "a step never swaps both ways"
+        for pairs, src, dst in (
+            (batch.swap_out, self.kv_cache, self.swap_cache),
+            (batch.swap_in, self.swap_cache, self.kv_cache),
+        ):
+            if pairs:
+                assert src is not None and dst is not None
+                src_idx = torch.tensor([p[0] for p in pairs], device=src.tensor.device)
+                dst_idx = torch.tensor([p[1] for p in pairs], device=dst.tensor.device)
+                dst.tensor.index_copy_(2, dst_idx, src.tensor.index_select(2, src_idx).to(dst.tensor.device))
+
+    # -- the step -----------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        """Flat inputs, with prefill-like sequences (several new tokens) before decodes.
+
+        Returns input ids, positions, attention metadata, the batch index of each sequence
+        in flat order, and the flat index of the last token of each sequence to sample.
+        """
+        bs = self.block_size
+        order = [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
+        num_prefills = len(order)
+        order += [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefill_query_lens: list[int] = []
+        prefill_seq_lens: list[int] = []
+        prefill_tables: list[torch.Tensor] = []
+        decode_seq_lens: list[int] = []
+        decode_tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_flat: list[int] = []
+        for k, i in enumerate(order):
+            request, n = batch.requests[i], batch.num_new_tokens[i]
+            start, end = request.num_computed_tokens, request.num_computed_tokens + n
+            table = request.block_table
+            tokens.extend(request.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if k < num_prefills:
+                prefill_query_lens.append(n)
+                prefill_seq_lens.append(end)
+                blocks = table[: -(-end // bs)] if start > 0 else []
+                prefill_tables.append(torch.tensor(blocks, dtype=torch.long, device=self.device))
+            else:
+                decode_seq_lens.append(end)
+                decode_tables.append(table)
+            if end == request.num_tokens:
+                sample_rows.append(i)
+                sample_flat.append(len(tokens) - 1)
+        width = max((len(t) for t in decode_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        seq_lens = torch.tensor(decode_seq_lens, dtype=torch.long, device=self.device)
+        key_positions = torch.arange(width * bs, device=self.device)
+        decode_mask = torch.zeros(len(padded), 1, 1, width * bs, dtype=self.model_config.dtype, device=self.device)
+        decode_mask.masked_fill_((key_positions[None, :] >= seq_lens[:, None])[:, None, None, :], float("-inf"))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_prefill_tokens=sum(prefill_query_lens),
+            prefill_query_lens=prefill_query_lens,
+            prefill_seq_lens=prefill_seq_lens,
+            prefill_block_tables=prefill_tables,
+            decode_seq_lens=seq_lens,
+            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=self.device).view(len(padded), width),
+            decode_mask=decode_mask,
+            block_size=bs,
+        )
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return input_ids, pos, meta, sample_rows, sample_flat
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        """Run one step; a sample for each request whose last token was computed."""
+        self.swap(batch)
+        input_ids, positions, meta, rows, flat = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        results: list[SampleResult | None] = [None] * len(batch)
+        if not rows:
+            return results
+        logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)])
+        requests = [batch.requests[i] for i in rows]
+        sampling = SamplingBatch(
+            params=[r.sampling_params for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+        )
+        for i, result in zip(rows, sample(logits, sampling, self.generator)):
+            results[i] = result
+        return results
+
+    def close(self) -> None:
+        self.kv_cache.close()

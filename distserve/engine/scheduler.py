@@ -1,0 +1,264 @@
+"""Which requests run in the next step, and with how many tokens each.
+
+    colocated:  waiting ──prefill──> running ──decode──> finished     (prefill-first batches)
+    chunked:    waiting ──chunks + decodes under one token budget──> running ──> finished
+    prefill:    waiting ──prefill──> awaiting_pull ──(decode pulled)──> released
+    decode:     migrations ──admit when blocks──> (KV pulled) running ──decode──> finished
+
+Running requests that cannot get a block are preempted, latest first: by recompute (blocks
+freed, the request prefills again later with its generated tokens) or by swap (blocks copied
+to swap space and back). A decode instance swaps by default and counts any recompute.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from distserve.config import InstanceConfig
+from distserve.kv.block_manager import BlockManager
+from distserve.layers.sampler import SampleResult
+from distserve.request import Request, RequestStatus
+
+WATERMARK = 0.01  # fraction of blocks kept free when admitting, so a new batch does not thrash
+
+
+def watermark_blocks(num_blocks: int) -> int:
+    return max(1, int(WATERMARK * num_blocks)) if num_blocks > 16 else 0
+
+
+def admission_capacity(num_blocks: int) -> int:
+    """Blocks one request may take on an instance of `num_blocks` (the rest is watermark)."""
+    return num_blocks - watermark_blocks(num_blocks)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step: each request computes `num_new_tokens[i]` tokens (1 for a decode)."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
+    preempted: list[Request] = field(default_factory=list)
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_new_tokens.append(num_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: InstanceConfig, blocks: BlockManager, swap: BlockManager | None) -> None:
+        self.role = config.role
+        self.chunked = config.chunked_prefill
+        self.policy = config.phase.policy
+        self.max_num_seqs = config.phase.max_num_seqs
+        self.max_num_batched_tokens = config.phase.max_num_batched_tokens or 1 << 30
+        self.preemption_mode = config.preemption_mode
+        self.blocks = blocks
+        self.swap = swap
+        self.watermark = watermark_blocks(blocks.num_blocks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.migrations: deque[Request] = deque()  # decode role: prefilled, not yet pulled
+        self.awaiting_pull: dict[str, Request] = {}  # prefill role: blocks held for a pull
+        self.num_recomputes = 0
+        self.num_swaps = 0
+
+    # -- queues ---------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_migration(self, request: Request) -> None:
+        self.migrations.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped or self.migrations)
+
+    def find(self, request_id: str) -> Request | None:
+        for queue in (self.waiting, self.running, self.swapped, self.migrations):
+            for request in queue:
+                if request.request_id == request_id:
+                    return request
+        return self.awaiting_pull.get(request_id)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a request wherever it is and free its blocks."""
+        request = self.find(request_id)
+        if request is None:
+            return None
+        for queue in (self.waiting, self.running, self.swapped, self.migrations):
+            if request in queue:
+                queue.remove(request)
+        self.awaiting_pull.pop(request_id, None)
+        self._free(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        return request
+
+    def release(self, request_id: str) -> Request | None:
+        """Prefill role: a decode instance pulled the KV; free the blocks."""
+        request = self.awaiting_pull.pop(request_id, None)
+        if request is not None:
+            self._free(request)
+        return request
+
+    def _free(self, request: Request) -> None:
+        self.blocks.free(request.block_table)
+        if self.swap is not None:
+            self.swap.free(request.swap_table)
+
+    # -- decode role: admitting migrations ------------------------------------------------
+    def admit_migrations(self) -> list[Request]:
+        """Prefilled requests this decode instance has room for, with blocks allocated.
+
+        The caller pulls each one's KV into `block_table` before the next step.
+        """
+        admitted: list[Request] = []
+        while self.migrations and len(self.running) + len(admitted) < self.max_num_seqs and not self.swapped:
+            request = self.migrations[0]
+            # room for the prompt's KV and the slot of the first generated token
+            if not self.blocks.can_grow(request.block_table, request.num_tokens, self.watermark):
+                break
+            self.migrations.popleft()
+            self.blocks.grow(request.block_table, request.num_tokens)
+            admitted.append(request)
+        return admitted
+
+    def start_running(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    # -- the step -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        if self.role == "prefill":
+            self._schedule_waiting(batch, budget)
+        elif self.chunked:
+            budget = self._schedule_running(batch, budget)
+            if not batch.preempted:
+                budget = self._schedule_swap_in(batch, budget)
+                if not self.swapped:
+                    self._schedule_waiting(batch, budget)
+        else:
+            # Prefill-first (vLLM's classic policy): a step runs new prompts, or decodes.
+            # On a decode instance the waiting queue only holds recomputed preemptions.
+            if not self.swapped:
+                self._schedule_waiting(batch, budget)
+            if not batch.requests:
+                budget = self._schedule_running(batch, budget)
+                if not batch.preempted:
+                    self._schedule_swap_in(batch, budget)
+        return batch
+
+    def _waiting_order(self) -> list[Request]:
+        if self.policy == "sjf":
+            return sorted(self.waiting, key=lambda r: (r.num_tokens, r.arrival_time))
+        return list(self.waiting)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        """Admit waiting requests (whole prompts, or a chunk of one in chunked mode)."""
+        for request in self._waiting_order():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            remaining = request.num_tokens - request.num_computed_tokens
+            n = min(remaining, budget) if self.chunked else remaining
+            if n > budget:
+                break
+            end = request.num_computed_tokens + n
+            if not self.blocks.can_grow(request.block_table, end, self.watermark):
+                break
+            self.blocks.grow(request.block_table, end)
+            self.waiting.remove(request)
+            self.start_running(request)
+            batch.add(request, n)
+            budget -= n
+        return budget
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Next tokens of the running requests, preempting the latest when blocks run out."""
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            end = request.num_computed_tokens + n
+            while not self.blocks.can_grow(request.block_table, end):
+                victim = self.running.pop()
+                self._preempt(victim, batch)
+                if victim is request:
+                    break
+            else:
+                self.blocks.grow(request.block_table, end)
+                batch.add(request, n)
+                budget -= n
+                i += 1
+                continue
+            break
+        return budget
+
+    def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        request.num_preemptions += 1
+        batch.preempted.append(request)
+        needed = len(request.block_table)
+        if self.preemption_mode == "swap" and self.swap is not None and self.swap.num_free_blocks >= needed:
+            request.swap_table = self.swap.allocate(needed)
+            batch.swap_out.extend(zip(request.block_table, request.swap_table))
+            self.blocks.free(request.block_table)
+            request.status = RequestStatus.SWAPPED
+            self.swapped.append(request)
+            self.num_swaps += 1
+            return
+        self.blocks.free(request.block_table)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_recomputes += 1
+
+    def _schedule_swap_in(self, batch: ScheduledBatch, budget: int) -> int:
+        while self.swapped and len(self.running) < self.max_num_seqs:
+            assert self.swap is not None
+            request = self.swapped[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if n <= 0 or not self.blocks.can_grow([], request.num_computed_tokens + n, self.watermark):
+                break
+            self.swapped.popleft()
+            table = self.blocks.allocate(len(request.swap_table))
+            batch.swap_in.extend(zip(request.swap_table, table))
+            self.swap.free(request.swap_table)
+            request.block_table = table
+            self.blocks.grow(request.block_table, request.num_computed_tokens + n)
+            self.start_running(request)
+            batch.add(request, n)
+            budget -= n
+        return budget
+
+    # -- after the step -------------------------------------------------------------------
+    def update(self, batch: ScheduledBatch, samples: list[SampleResult | None]) -> list[Request]:
+        """Account the step; returns the requests that finished (their blocks freed, except
+        a prefill instance's unfinished requests, which wait for their pull)."""
+        finished: list[Request] = []
+        for request, n, sample in zip(batch.requests, batch.num_new_tokens, samples):
+            request.num_computed_tokens += n
+            if sample is None:
+                continue
+            request.append_token(sample.token_id)
+            status = request.check_stop()
+            if status is not None:
+                request.status = status
+                self.running.remove(request)
+                self._free(request)
+                finished.append(request)
+            elif self.role == "prefill":
+                self.running.remove(request)
+                request.status = RequestStatus.AWAITING_PULL
+                self.awaiting_pull[request.request_id] = request
+        return finished

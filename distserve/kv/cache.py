@@ -1,0 +1,111 @@
+"""The KV cache memory of one worker, and the handle a peer uses to reach it.
+
+One tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (K and V of
+every local layer). On CPU a prefill instance places it in named shared memory so that a
+decode instance on the same machine can pull blocks straight out of it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import torch
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Which slice of the model's KV a worker holds: layers [layer_start, layer_end) and
+    KV heads [head_start, head_end)."""
+
+    num_blocks: int
+    block_size: int
+    layer_start: int
+    layer_end: int
+    head_start: int
+    head_end: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    @property
+    def num_heads(self) -> int:
+        return self.head_end - self.head_start
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_heads, self.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_heads * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class KVCacheHandle:
+    """How to reach a worker's KV cache from another process (picklable)."""
+
+    instance: str
+    rank: int
+    layout: KVLayout
+    shm_name: str | None  # named shared memory, for peers on this machine
+    device: str
+
+
+class KVCache:
+    def __init__(self, layout: KVLayout, device: str, shared: bool) -> None:
+        self.layout = layout
+        self.device = device
+        self._shm: shared_memory.SharedMemory | None = None
+        if shared and device == "cpu":
+            numel = 1
+            for dim in layout.shape:
+                numel *= dim
+            nbytes = numel * torch.empty((), dtype=layout.dtype).element_size()
+            self._shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=f"ds-{uuid.uuid4().hex[:20]}")
+            self.tensor = torch.frombuffer(self._shm.buf, dtype=layout.dtype, count=numel).view(layout.shape)
+            self.tensor.zero_()
+        else:
+            self.tensor = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of local layer `index`: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.tensor[index, 0], self.tensor[index, 1]
+
+    def handle(self, instance: str, rank: int) -> KVCacheHandle:
+        return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device)
+
+    def close(self) -> None:
+        """Remove the shared-memory name; the memory goes when the last mapping does."""
+        if self._shm is not None:
+            self._shm.unlink()
+            self._shm = None
+
+
+def attach_shared(handle: KVCacheHandle) -> tuple[torch.Tensor, mmap.mmap]:
+    """A peer's KV cache tensor, mapped from its named shared memory.
+
+    Mapped directly rather than through `SharedMemory`, whose resource tracker would take
+    the segment as this process's own (and unlink it when this process exits).
+    """
+    assert handle.shm_name is not None
+    fd = os.open(os.path.join(SHM_DIR, handle.shm_name), os.O_RDWR)
+    try:
+        buf = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    layout = handle.layout
+    numel = 1
+    for dim in layout.shape:
+        numel *= dim
+    tensor = torch.frombuffer(buf, dtype=layout.dtype, count=numel).view(layout.shape)
+    return tensor, buf

@@ -1,0 +1,113 @@
+"""Moving a request's KV cache from a prefill instance's blocks to a decode instance's blocks.
+
+The decode side pulls: it names the source worker's cache (a `KVCacheHandle`), the source
+blocks and its own destination blocks. Prefill and decode may shard the cache differently
+(other TP or PP); each destination worker copies, from every source worker, only the layers
+and KV heads both hold (`overlap`). Transports differ in how they reach the source memory;
+this one maps it from named shared memory on the same machine.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+import mmap
+
+import torch
+
+from distserve.kv.cache import KVCache, KVCacheHandle, KVLayout, attach_shared
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The layers and heads a source worker and a destination worker both hold, in each
+    one's local indices."""
+
+    src_layers: slice
+    dst_layers: slice
+    src_heads: slice
+    dst_heads: slice
+
+
+def overlap(src: KVLayout, dst: KVLayout) -> Overlap | None:
+    layer_start, layer_end = max(src.layer_start, dst.layer_start), min(src.layer_end, dst.layer_end)
+    head_start, head_end = max(src.head_start, dst.head_start), min(src.head_end, dst.head_end)
+    if layer_start >= layer_end or head_start >= head_end:
+        return None
+    return Overlap(
+        src_layers=slice(layer_start - src.layer_start, layer_end - src.layer_start),
+        dst_layers=slice(layer_start - dst.layer_start, layer_end - dst.layer_start),
+        src_heads=slice(head_start - src.head_start, head_end - src.head_start),
+        dst_heads=slice(head_start - dst.head_start, head_end - dst.head_start),
+    )
+
+
+def needed_sources(sources: list[KVCacheHandle], dst: KVLayout) -> list[tuple[KVCacheHandle, Overlap]]:
+    """The source workers a destination worker must pull from, with what to take of each.
+
+    When KV heads are replicated over TP ranks, a head is taken from one rank only.
+    """
+    chosen: list[tuple[KVCacheHandle, Overlap]] = []
+    covered: set[tuple[int, int]] = set()
+    for handle in sources:
+        ov = overlap(handle.layout, dst)
+        if ov is None:
+            continue
+        key = (handle.layout.layer_start, handle.layout.head_start)
+        if key in covered:
+            continue
+        covered.add(key)
+        chosen.append((handle, ov))
+    return chosen
+
+
+def copy_blocks(
+    src: torch.Tensor, src_blocks: list[int], dst: torch.Tensor, dst_blocks: list[int], ov: Overlap
+) -> int:
+    """Copy blocks of the overlapping layers and heads; returns the bytes moved."""
+    src_idx = torch.tensor(src_blocks, dtype=torch.long, device=src.device)
+    dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=dst.device)
+    chunk = src[ov.src_layers, :, :, :, ov.src_heads].index_select(2, src_idx)
+    dst[ov.dst_layers, :, :, :, ov.dst_heads].index_copy_(2, dst_idx, chunk.to(dst.device))
+    return chunk.numel() * chunk.element_size()
+
+
+class KVTransport(abc.ABC):
+    """Pulls blocks of a peer's KV cache into this worker's cache."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def pull(
+        self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]
+    ) -> int:
+        """Copy `src_blocks` of the sources into `dst_blocks` of `dst`; returns bytes moved."""
+
+    def close(self) -> None:
+        """Let go of any peer memory this transport holds."""
+
+
+class SharedMemoryTransport(KVTransport):
+    """Same machine: the source cache is mapped from its named shared memory once."""
+
+    name = "shm"
+
+    def __init__(self) -> None:
+        self._peers: dict[str, tuple[torch.Tensor, mmap.mmap]] = {}
+
+    def _tensor(self, handle: KVCacheHandle) -> torch.Tensor:
+        assert handle.shm_name is not None, f"{handle.instance} has no shared-memory KV cache"
+        if handle.shm_name not in self._peers:
+            self._peers[handle.shm_name] = attach_shared(handle)
+        return self._peers[handle.shm_name][0]
+
+    def pull(
+        self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]
+    ) -> int:
+        moved = 0
+        for handle, ov in needed_sources(sources, dst.layout):
+            moved += copy_blocks(self._tensor(handle), src_blocks, dst.tensor, dst_blocks, ov)
+        return moved
+
+    def close(self) -> None:
+        self._peers.clear()

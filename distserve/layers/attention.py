@@ -1,0 +1,107 @@
+"""Attention over the paged KV cache.
+
+A step's tokens are flattened: first the prefill-like sequences (a whole prompt, a prompt
+chunk, or a recomputed sequence: more than one query each), then the decode-like ones (one
+query each). Every layer first writes the step's K and V into the cache slots of
+`slot_mapping`, then:
+
+- a prefill sequence with no cached context attends causally over its own K/V;
+- a prefill chunk with earlier context reads its keys back from its block table;
+- all decodes run as one batch: their blocks are gathered from the block tables and padded
+  key positions are masked.
+
+The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens go in the paged cache and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot = block * block_size + offset
+    num_prefill_tokens: int
+    prefill_query_lens: list[int]
+    prefill_seq_lens: list[int]  # context length including this step's tokens
+    prefill_block_tables: list[torch.Tensor]  # blocks covering each prefill sequence
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] (padding: block 0)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size]: 0, or -inf past the end
+    block_size: int
+
+    @property
+    def num_decodes(self) -> int:
+        return int(self.decode_seq_lens.numel())
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention over one layer's paged cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        self.k_cache.view(flat).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(flat).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        start = 0
+        for query_len, seq_len, blocks in zip(
+            meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables
+        ):
+            end = start + query_len
+            if seq_len == query_len:
+                keys, values, mask = k[start:end], v[start:end], None
+            else:
+                keys = self.k_cache[blocks].view(flat)[:seq_len]
+                values = self.v_cache[blocks].view(flat)[:seq_len]
+                mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(
+                    seq_len - query_len
+                )
+            out[start:end] = self._sdpa(q[start:end].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
+            start = end
+        if meta.num_decodes:
+            out[start:] = self._decode(q[start:], meta)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        batch, max_blocks = meta.decode_block_tables.shape
+        max_len = max_blocks * meta.block_size
+        keys = self.k_cache[meta.decode_block_tables].view(batch, max_len, self.num_kv_heads, self.head_dim)
+        values = self.v_cache[meta.decode_block_tables].view(batch, max_len, self.num_kv_heads, self.head_dim)
+        return self._sdpa(q.unsqueeze(1), keys, values, meta.decode_mask)[:, 0]
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q: [B, Lq, H, D], k/v: [B, Lk, Hkv, D], mask: broadcastable to [B, H, Lq, Lk]
+        (None: causal) -> [B, Lq, H, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None and q.shape[1] > 1,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.transpose(1, 2)

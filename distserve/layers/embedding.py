@@ -1,0 +1,66 @@
+"""Token embeddings and the LM head, with the vocabulary split across tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from distserve.layers.linear import linear, prepack
+from distserve.weights.loader import LoadedWeight, narrow, weight_shape
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (vocabulary) are split across ranks; lookups are all-reduced."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.num_embeddings = num_embeddings
+        self.shard_size = -(-num_embeddings // self.tp_size)  # padded so every rank has the same
+        self.vocab_start = self.tp_rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        rows = weight_shape(loaded)[0]
+        if rows != self.num_embeddings:
+            raise ValueError(f"embedding has {rows} rows, the config says {self.num_embeddings}")
+        length = max(0, min(self.shard_size, rows - self.vocab_start))
+        param.data[:length].copy_(narrow(loaded, 0, self.vocab_start, length))
+        param.data[length:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.shard_size)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection to vocabulary logits (tied to the embedding or not)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.shard_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None
+
+    def tie(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def prepack(self) -> None:
+        """A packed copy for the matmul (the plain weight may be the tied embedding's)."""
+        self.packed = prepack(self.weight)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = linear(hidden_states, self.weight, self.bias, self.packed)
+        logits = tp_all_gather(logits, dim=-1)
+        return logits[..., : self.num_embeddings]

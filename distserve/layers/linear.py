@@ -1,0 +1,182 @@
+"""Linear layers that shard over tensor parallelism (Megatron-style, vLLM's names).
+
+- `ColumnParallelLinear`: output features split across ranks (no communication).
+- `MergedColumnParallelLinear`: several column-parallel projections in one matmul (gate+up).
+- `QKVParallelLinear`: Q, K and V in one matmul; KV heads are replicated when the TP size
+  exceeds them.
+- `RowParallelLinear`: input features split; the partial outputs are all-reduced.
+- `ReplicatedLinear`: every rank holds all of it.
+
+Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies its own shard
+out of a full checkpoint tensor, so models never compute shard offsets themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from distserve.weights.loader import LoadedWeight, materialize, narrow
+
+
+# Batch size oneDNN lays a packed weight out for; it serves every batch size.
+_PACK_BATCH_HINT = 32
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in oneDNN's blocked layout, when that is the faster path (fp32 on CPU).
+
+    MKL's GEMM runs small-batch (decode) matmuls at well under memory bandwidth on this
+    class of CPU; oneDNN's prepacked linear runs them about 2x faster.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _copy(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
+    param.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
+        self.weight = _param(output_size, input_size)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = _param(output_size)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        _copy(param.data, materialize(loaded))
+
+    def prepack(self) -> None:
+        """Switch to the packed weight (after loading); the plain copy is dropped."""
+        self.packed = prepack(self.weight)
+        if self.packed is not None:
+            self.weight.data = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+
+class ReplicatedLinear(LinearBase):
+    pass
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's rows (output features) split across tensor-parallel ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True) -> None:
+        tp = get_tp_size()
+        if output_size % tp:
+            raise ValueError(f"output size {output_size} is not divisible by tensor parallel size {tp}")
+        super().__init__(input_size, output_size // tp, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        rows = param.shape[0]
+        _copy(param.data, narrow(loaded, 0, self.tp_rank * rows, rows))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input, stacked (e.g. gate and up)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        assert isinstance(shard_id, int)
+        rows = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, self.tp_rank * rows, rows))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one matmul, split by heads across ranks.
+
+    With more ranks than KV heads, each KV head is replicated on tp_size / num_kv_heads ranks.
+    """
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
+        tp = get_tp_size()
+        if num_heads % tp:
+            raise ValueError(f"{num_heads} attention heads are not divisible by tensor parallel size {tp}")
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise ValueError(
+                f"{num_kv_heads} KV heads cannot be split or replicated over tensor parallel size {tp}"
+            )
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)
+        local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, local * tp, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        assert shard_id in ("q", "k", "v")
+        if shard_id == "q":
+            offset, rows, rank_index = 0, self.q_size, self.tp_rank
+        else:
+            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+            rows, rank_index = self.kv_size, self.tp_rank // self.kv_replicas
+        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, rank_index * rows, rows))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's columns (input features) split; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True) -> None:
+        tp = get_tp_size()
+        if input_size % tp:
+            raise ValueError(f"input size {input_size} is not divisible by tensor parallel size {tp}")
+        super().__init__(input_size // tp, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
+        if param.dim() == 1:  # the bias is added once, after the all-reduce
+            _copy(param.data, materialize(loaded))
+            return
+        cols = param.shape[1]
+        _copy(param.data, narrow(loaded, 1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = tp_all_reduce(linear(x, self.weight, None, self.packed))
+        return out if self.bias is None else out + self.bias
+
+
+def transpose_conv1d(loaded: LoadedWeight) -> torch.Tensor:
+    """GPT-2 stores its projections as Conv1D ([in, out]); our linears are [out, in]."""
+    weight = materialize(loaded)
+    return weight.t() if weight.dim() == 2 else weight
+

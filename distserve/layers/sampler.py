@@ -1,0 +1,146 @@
+"""From logits to next tokens: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+
+Sampling draws `argmax(probs / E)` with E ~ Exponential(1) per token (the Gumbel-max trick
+in exponential form), one draw per vocabulary entry. A request with a seed draws E from a
+generator seeded by (seed, index of the token it samples), so its samples are the same
+alone or in any batch, and whichever instance (prefill or decode) samples the token.
+Logprobs are those of the model's raw distribution, before any processing (as vLLM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distserve.sampling_params import SamplingParams
+
+_MASK64 = (1 << 63) - 1
+
+
+@dataclass
+class SamplingBatch:
+    """What the sampler needs of each row of the logits."""
+
+    params: list[SamplingParams]
+    output_token_ids: list[list[int]]  # for penalties, and the index of the token to sample
+    prompt_token_ids: list[list[int]]  # for the repetition penalty
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def step_seed(seed: int, index: int) -> int:
+    """Seed of the generator that samples output token `index` of a request seeded `seed`."""
+    return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) & _MASK64
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> list[SampleResult]:
+    """logits: [B, vocab] -> one SampleResult per row."""
+    logits = logits.float()
+    want_logprobs = any(p.logprobs is not None for p in batch.params)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if batch.all_greedy and not any(p.has_penalties for p in batch.params):
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = _sample(logits, batch, generator)
+    token_list = tokens.tolist()
+    results = [SampleResult(t) for t in token_list]
+    if raw_logprobs is not None:
+        _fill_logprobs(raw_logprobs, tokens, batch, results)
+    return results
+
+
+def _sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
+    params = batch.params
+    device = logits.device
+    if any(p.has_penalties for p in params):
+        logits = _apply_penalties(logits, batch)
+    greedy_tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_tokens
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temperature.unsqueeze(1)
+    if any(p.top_k > 0 for p in params):
+        vocab = logits.shape[1]
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(max=vocab - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass of the tokens before it already reaches top_p
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values, 0.0)
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(generator=generator)
+    for i, p in enumerate(params):
+        if p.seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(step_seed(p.seed, len(batch.output_token_ids[i])))
+            noise[i].exponential_(generator=g)
+    sampled = (probs / noise).argmax(dim=-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over output tokens; repetition over prompt + output."""
+    batch_size, vocab = logits.shape
+    device = logits.device
+    longest = max((len(ids) for ids in batch.output_token_ids), default=0)
+    counts = torch.zeros(batch_size, vocab + 1, device=device)
+    if longest:
+        padded = torch.full((batch_size, longest), vocab, dtype=torch.long)
+        for i, ids in enumerate(batch.output_token_ids):
+            padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        counts.scatter_add_(1, padded.to(device), torch.ones(batch_size, longest, device=device))
+    counts = counts[:, :vocab]
+    presence = torch.tensor([p.presence_penalty for p in batch.params], device=device).unsqueeze(1)
+    frequency = torch.tensor([p.frequency_penalty for p in batch.params], device=device).unsqueeze(1)
+    logits = logits - frequency * counts - presence * (counts > 0).float()
+    repetition = torch.tensor([p.repetition_penalty for p in batch.params], device=device).unsqueeze(1)
+    if (repetition != 1.0).any():
+        seen = counts > 0
+        for i, ids in enumerate(batch.prompt_token_ids):
+            if batch.params[i].repetition_penalty != 1.0 and ids:
+                seen[i, torch.tensor(ids, device=device)] = True
+        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalized, logits)
+    return logits
+
+
+def _fill_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch, results: list[SampleResult]
+) -> None:
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+    top_n = max(p.logprobs or 0 for p in batch.params)
+    top = logprobs.topk(top_n, dim=-1) if top_n else None
+    chosen_list, rank_list = chosen.tolist(), ranks.tolist()
+    for i, p in enumerate(batch.params):
+        if p.logprobs is None:
+            continue
+        results[i].logprob = chosen_list[i]
+        results[i].rank = rank_list[i]
+        if top is not None and p.logprobs:
+            ids = top.indices[i, : p.logprobs].tolist()
+            values = top.values[i, : p.logprobs].tolist()
+            results[i].top_logprobs = list(zip(ids, values))
+        else:
+            results[i].top_logprobs = []

@@ -1,0 +1,93 @@
+"""What every model shares: the forward/logits interface, pipeline-stage layers, weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, pp_layer_range
+from distserve.layers.attention import Attention, AttentionMetadata
+from distserve.weights.loader import LoadedWeight, materialize
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM split into pipeline stages (one stage when PP is 1).
+
+    `forward` takes token ids on the first stage and the previous stage's hidden states on
+    the others, and returns hidden states; `compute_logits` runs on the last stage.
+    """
+
+    # (our parameter part, checkpoint part, shard id) for projections stored fused
+    stacked_params: tuple[tuple[str, str, object], ...] = ()
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.start_layer, self.end_layer = pp_layer_range(num_layers)
+        self.is_first_stage = get_pp_rank() == 0
+        self.is_last_stage = get_pp_rank() == get_pp_size() - 1
+
+    def make_layers(self, num_layers: int, build: Callable[[int], nn.Module]) -> nn.ModuleList:
+        """The decoder layers of this stage; the other stages' slots hold empty placeholders."""
+        return nn.ModuleList(
+            build(i) if self.start_layer <= i < self.end_layer else nn.Identity() for i in range(num_layers)
+        )
+
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for a checkpoint tensor name; None to skip it."""
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for ckpt_name, weight in weights:
+            name = self.checkpoint_name(ckpt_name)
+            if name is None:
+                continue
+            shard_id = None
+            for ours, theirs, shard in self.stacked_params:
+                if theirs in name:
+                    name, shard_id = name.replace(theirs, ours), shard
+                    break
+            if name not in params:
+                if self._belongs_to_other_stage(name):
+                    continue
+                raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no parameter of {type(self).__name__}")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                param.data.copy_(materialize(weight))
+            else:
+                loader(param, weight, shard_id)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _belongs_to_other_stage(self, name: str) -> bool:
+        """Whether `name` lives under a placeholder left for another pipeline stage."""
+        parts = name.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            try:
+                module = self.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                return False
+            if isinstance(module, nn.Identity):
+                return True
+        return False

@@ -1,0 +1,191 @@
+"""GGUF files: the config from the metadata, the weights dequantized at load, the tokenizer.
+
+Tensors of any type the `gguf` package reads (F32, F16, BF16, Q4_0 ... Q8_0, K- and
+I-quants) are dequantized with it and renamed to Hugging Face names, so the
+models load GGUF and Hugging Face checkpoints through one `load_weights`. llama.cpp stores
+LLaMA's Q and K projections permuted for its rotary layout; `_unpermute` undoes it.
+The tokenizer conversion (transformers, several seconds) is done once and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, Qwen2Config
+
+ARCHITECTURES = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM")}
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+@lru_cache(maxsize=4)
+def open_gguf(path: str) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_hf_config(path: str) -> PretrainedConfig:
+    """A transformers config built from the GGUF metadata (cached: reading the metadata
+    of a GGUF parses its whole vocabulary)."""
+    cached = gguf_cache_dir(path) / "config.json"
+    if cached.exists():
+        return AutoConfig.from_pretrained(cached.parent)
+    config = _config_from_metadata(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(config.to_json_string())
+    staging.replace(cached)
+    return config
+
+
+def _config_from_metadata(path: str) -> PretrainedConfig:
+    reader = open_gguf(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}."
+        )
+    config_cls, architecture = ARCHITECTURES[arch]
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"{path} carries llama3-style rope frequency factors (rope_freqs), which distserve "
+            "reads from Hugging Face checkpoints only; pass the model's Hugging Face folder."
+        )
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    rope_parameters: dict[str, object] = {
+        "rope_type": "default",
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        rope_parameters = {
+            **rope_parameters,
+            "rope_type": "linear",
+            "factor": float(_field(reader, f"{arch}.rope.scaling.factor")),
+        }
+    elif scaling not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported.")
+    return config_cls(
+        architectures=[architecture],
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens.data))),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length")),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_parameters=rope_parameters,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of a Q or K projection (rows = heads x head_dim)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def hf_name(gguf_name: str) -> str:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem.startswith("blk."):
+        _, layer, kind = stem.split(".", 2)
+        if kind not in _LAYER_NAMES:
+            raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+        return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    if stem not in _GLOBAL_NAMES:
+        raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+    return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+
+
+def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for every tensor, dequantized."""
+    reader = open_gguf(path)
+    arch = _field(reader, "general.architecture")
+    for tensor in reader.tensors:
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise ValueError(
+                f"{path}: tensor {tensor.name} has GGUF type {tensor.tensor_type.name}, which the gguf "
+                "package cannot dequantize; convert the model to F16, Q8_0, Q4_0, Q4_1 or a K-quant."
+            ) from None
+        name = hf_name(tensor.name)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            array = _unpermute(array, hf_config.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            array = _unpermute(array, hf_config.num_key_value_heads)
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array, order="C")  # F32 tensors come back as views of the read-only map
+        yield name, torch.from_numpy(array)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTSERVE_CACHE_DIR", Path.home() / ".cache" / "distserve"))
+
+
+def gguf_cache_dir(path: str) -> Path:
+    """Where the config and tokenizer converted from a GGUF file are kept."""
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "gguf" / key[:16]
+
+
+def gguf_tokenizer_dir(path: str) -> str:
+    """A folder holding the GGUF's tokenizer in Hugging Face form, converted once and cached."""
+    from transformers import AutoTokenizer
+
+    target = gguf_cache_dir(path) / "tokenizer"
+    if (target / "tokenizer_config.json").exists():
+        return str(target)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,53 @@
+"""GGUF checkpoints load dequantized, with the tokenizer and chat template from the file,
+and give the same greedy tokens as transformers loading the same file."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distserve.sampling_params import SamplingParams
+from distserve.weights.gguf import gguf_hf_config
+from distserve.weights.source import load_model_config
+from tests.tiny_models import hf_greedy, mixed_prompts, run_in_process, save_llama_gguf
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_gguf_matches_transformers(checkpoints, tmp_path, qtype: Q) -> None:
+    path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / f"tiny-{qtype.name}.gguf", qtype)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    prompts = mixed_prompts(8)
+    expected = [hf_greedy(reference, p, 64) for p in prompts]
+    got, instance = run_in_process(path, prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), num_kv_blocks=128)
+    assert got == expected
+    assert instance.blocks.num_free_blocks == instance.blocks.num_blocks
+
+
+def test_gguf_config_from_metadata(checkpoints, tmp_path) -> None:
+    path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / "tiny.gguf", Q.F32)
+    config = gguf_hf_config(str(path))
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (2, 4, 2)
+    assert config.rope_parameters["rope_theta"] == 500000.0
+    assert config.tie_word_embeddings is False
+
+
+def test_unsupported_gguf_type_is_a_clear_error(checkpoints, tmp_path) -> None:
+    path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / "tiny.gguf", Q.Q8_1)
+    with pytest.raises(ValueError, match="Q8_1"):
+        run_in_process(path, [[5, 6]], SamplingParams(max_tokens=2), num_kv_blocks=8)
+
+
+def test_gguf_tokenizer_and_chat_template(checkpoints, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DISTSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / "tiny.gguf", Q.Q8_0)
+    from distserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(load_model_config(str(path)))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer("the café", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "the café"
