@@ -111,7 +111,11 @@ class Controller:
         self.eos_token_ids = eos_token_ids(self.model_config, self.tokenizer)
         self.instance_configs = resolve_instances(deployment, self.model_config)
         self.backend = make_backend(deployment)
-        ready = self.backend.start(self.model_config, self.instance_configs, start_timeout)
+        try:
+            ready = self.backend.start(self.model_config, self.instance_configs, start_timeout)
+        except BaseException:  # a failed start, or Ctrl-C / SIGTERM while models load
+            self.backend.shutdown()
+            raise
         self.instances = {c.name: InstanceView(c, ready[c.name]) for c in self.instance_configs}
         self.requests: dict[str, RequestState] = {}
         self.dead: dict[str, str] = {}
@@ -119,8 +123,10 @@ class Controller:
         self._ids = itertools.count()
         self._last_death_check = 0.0
         self._pending_stats: dict[str, InstanceStats] = {}
-        self._finished_here: list[RequestState] = []  # aborted by the caller: reported by the next poll
+        self._updated: dict[str, RequestState] = {}  # news not handed out by poll() yet
         self._closed = False
+        # AsyncLLM polls from its own thread; get_stats then waits for it instead of polling
+        self.external_poller = False
 
     @property
     def disaggregated(self) -> bool:
@@ -235,7 +241,7 @@ class Controller:
                 return
             state.finish("abort", None, time.time())
             self._release(state)
-            self._finished_here.append(state)
+            self._updated[state.request_id] = state
 
     # -- routing ----------------------------------------------------------------------------
     def _alive(self, role: str) -> list[InstanceView]:
@@ -263,20 +269,23 @@ class Controller:
     # -- events -----------------------------------------------------------------------------
     def poll(self, timeout: float = 0.05) -> list[RequestState]:
         """Handle what the instances sent; returns the requests with news (each once)."""
-        events = self.backend.recv(timeout)
+        self._receive(timeout)
         with self._lock:
-            updated: dict[str, RequestState] = {s.request_id: s for s in self._finished_here}
-            self._finished_here.clear()
-            for event in events:
-                self._handle(event, updated)
-            now = time.monotonic()
-            if now - self._last_death_check > DEATH_CHECK_INTERVAL:
-                self._last_death_check = now
-                self._check_deaths(updated)
+            updated, self._updated = self._updated, {}
             for rid, state in updated.items():
                 if state.finished:
                     self.requests.pop(rid, None)
             return list(updated.values())
+
+    def _receive(self, timeout: float) -> None:
+        events = self.backend.recv(timeout)
+        with self._lock:
+            for event in events:
+                self._handle(event, self._updated)
+            now = time.monotonic()
+            if now - self._last_death_check > DEATH_CHECK_INTERVAL:
+                self._last_death_check = now
+                self._check_deaths(self._updated)
 
     def _handle(self, event: object, updated: dict[str, RequestState]) -> None:
         if isinstance(event, StepOutput):
@@ -400,7 +409,10 @@ class Controller:
                 self.backend.send(name, StatsRequest())
         deadline = time.monotonic() + timeout
         while not all(name in self._pending_stats for name in alive) and time.monotonic() < deadline:
-            self.poll(0.02)
+            if self.external_poller:
+                time.sleep(0.01)
+            else:
+                self._receive(0.02)  # request news stays buffered for the next poll()
         return [v.stats for v in self.instances.values() if v.stats is not None]
 
     def shutdown(self) -> None:

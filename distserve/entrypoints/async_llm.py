@@ -41,6 +41,7 @@ class AsyncLLM:
             deployment = build_deployment(model, mode, **kwargs)
         self.deployment = deployment
         self.controller = Controller(deployment)
+        self.controller.external_poller = True
         self.tokenizer = self.controller.tokenizer
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._streams_lock = threading.Lock()
@@ -108,8 +109,10 @@ class AsyncLLM:
         return await asyncio.to_thread(self.controller.get_stats)
 
     def shutdown(self) -> None:
+        """Stop polling and stop every instance (idempotent)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         self.controller.shutdown()
 
 

@@ -89,11 +89,12 @@ class LLM:
             raise
         outputs: dict[str, RequestOutput] = {}
         errors: list[str] = []
+        mine = set(ids)
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
             while len(outputs) < len(ids):
                 for state in self.controller.poll(0.05):
-                    if state.finished and state.request_id not in outputs:
+                    if state.finished and state.request_id in mine and state.request_id not in outputs:
                         outputs[state.request_id] = state.output()
                         if state.error:
                             errors.append(state.error)

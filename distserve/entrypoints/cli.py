@@ -1,0 +1,141 @@
+"""The `distserve` command line: serve (the OpenAI-compatible server), and the offline tools."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from distserve.config import POLICIES, DeploymentConfig, PhaseConfig
+
+PHASES = ("prefill", "decode")
+
+# flag -> (PhaseConfig field, type, help)
+PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
+    "tensor-parallel-size": ("tensor_parallel_size", int, "N", "tensor-parallel workers per instance"),
+    "pipeline-parallel-size": ("pipeline_parallel_size", int, "N", "pipeline stages per instance"),
+    "max-num-seqs": ("max_num_seqs", int, "N", "most requests in one step (the batch size)"),
+    "max-num-batched-tokens": ("max_num_batched_tokens", int, "N", "most tokens in one step"),
+    "policy": ("policy", str, "POLICY", f"scheduling policy, one of {POLICIES} (sjf: shortest prompt first, prefill only)"),
+    "kv-cache-gb": ("kv_cache_gb", float, "GIB", "KV cache budget per instance, GiB"),
+    "num-kv-blocks": ("num_kv_blocks", int, "N", "KV cache blocks per instance (overrides the budget)"),
+    "num-threads": ("num_threads", int, "N", "torch threads per worker"),
+}
+
+
+def add_deployment_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe a deployment; all default to None so a --config file is only
+    overridden by what is given."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Hugging Face folder, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--config", help="placement file (JSON) as `distserve plan` writes it; flags override it")
+    parser.add_argument("--mode", choices=("disaggregated", "colocated", "chunked"), default=None,
+                        help="disaggregated (default): prefill and decode instances; colocated: continuous batching; "
+                        "chunked: chunked prefill")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    parser.add_argument("--dtype", default=None, help="auto (float32 on CPU), float32, float16 or bfloat16")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block (default 16)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling")
+    parser.add_argument("--swap-space", type=float, default=None, dest="swap_space_gb", metavar="GIB", help="swap space per instance, GiB")
+    parser.add_argument("--backend", choices=("local", "ray"), default=None, help="where instances run")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (--backend ray)")
+    group = parser.add_argument_group("colocated and chunked modes")
+    group.add_argument("--num-instances", type=int, default=None, metavar="N", help="colocated instances (data parallel)")
+    for flag, (field, kind, metavar, text) in PHASE_FLAGS.items():
+        group.add_argument(f"--{flag}", type=kind, default=None, dest=f"colocated_{field}", metavar=metavar, help=text)
+    for phase in PHASES:
+        group = parser.add_argument_group(f"{phase} instances (disaggregated mode)")
+        group.add_argument(f"--num-{phase}-instances", type=int, default=None, dest=f"{phase}_num_instances", metavar="N")
+        for flag, (field, kind, metavar, text) in PHASE_FLAGS.items():
+            group.add_argument(f"--{phase}-{flag}", type=kind, default=None, dest=f"{phase}_{field}", metavar=metavar, help=text)
+
+
+def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    config = DeploymentConfig.load(args.config) if args.config else DeploymentConfig(mode="disaggregated")
+    if args.model is not None:
+        config.model = args.model
+    for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(config, field, value)
+    if args.num_instances is not None:
+        config.colocated.num_instances = args.num_instances
+    for phase in ("colocated", *PHASES):
+        cfg: PhaseConfig = getattr(config, phase)
+        overrides = {}
+        for f in dataclasses.fields(PhaseConfig):
+            value = getattr(args, f"{phase}_{f.name}", None)
+            if value is not None:
+                overrides[f.name] = value
+        setattr(config, phase, dataclasses.replace(cfg, **overrides))
+    config.validate()
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from distserve.entrypoints.api_server import build_app
+    from distserve.entrypoints.async_llm import AsyncLLM
+
+    # SIGTERM ends the process like Ctrl-C does, through the finally below; uvicorn restores
+    # this handler and re-raises the signal after its own graceful shutdown
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    deployment = deployment_from_args(args)
+    engine = AsyncLLM(config=deployment)
+    names = args.served_model_name or [engine.controller.model_config.name]
+    app = build_app(engine, names, args.api_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distserve",
+        description="LLM serving with prefill and decoding disaggregated.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `distserve COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics, /generate). By default 1 prefill + 1 decode instance.",
+    )
+    add_deployment_args(serve)
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /generate")
+    group.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model's)")
+    group.add_argument("--uvicorn-log-level", default="warning")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        print(f"distserve {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

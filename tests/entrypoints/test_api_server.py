@@ -1,0 +1,253 @@
+"""The OpenAI-compatible server, started as a subprocess, against the real `openai` client,
+raw HTTP (httpx) and Prometheus' own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+API_KEY = "test-key"
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "distserve.entrypoints.cli", "serve", str(checkpoints("llama-gqa")),
+        "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL,
+        "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.3)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    yield base
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"server left processes behind: {alive}"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+
+
+@pytest.fixture
+def aclient(server):
+    """A factory: an async client belongs to the event loop it is first used in."""
+    return lambda: openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+
+
+def metrics(server: str) -> dict[str, list]:
+    text = httpx.get(f"{server}/metrics").text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def wait_all_blocks_free(server: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        used = metrics(server)["distserve_kv_blocks_used"]
+        if used and all(s.value == 0 for s in used):
+            return
+        assert time.monotonic() < deadline, f"KV blocks still in use: {used}"
+        time.sleep(0.1)
+
+
+def test_models_and_health(client, server) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_completion(client) -> None:
+    out = client.completions.create(model=MODEL, prompt="the café", max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    assert out.object == "text_completion" and len(out.choices) == 1
+    assert out.choices[0].finish_reason == "length" and out.choices[0].text
+    assert out.usage.completion_tokens == 7 and out.usage.prompt_tokens > 0
+    timeline = out.model_extra["metrics"][0]
+    assert timeline["transfer_tokens"] == out.usage.prompt_tokens and timeline["ttft"] > 0
+
+
+def test_streaming_completion_matches_non_streaming(client) -> None:
+    kwargs = dict(model=MODEL, prompt="the café", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_completion_and_stream(client) -> None:
+    messages = [{"role": "user", "content": "the café"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens == 9
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sampling_params_reach_the_engine(client) -> None:
+    kwargs = dict(model=MODEL, prompt="the", max_tokens=10, temperature=1.0, top_p=0.9, seed=11, extra_body={"ignore_eos": True})
+    a = client.completions.create(**kwargs).choices[0].text
+    b = client.completions.create(**kwargs).choices[0].text
+    assert a == b
+    greedy = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    stop = greedy[2:5]
+    cut = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == greedy[: greedy.index(stop)] and cut.finish_reason == "stop"
+    penalized = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, frequency_penalty=2.0, presence_penalty=2.0, extra_body={"ignore_eos": True})
+    assert penalized.usage.completion_tokens == 10
+
+
+def test_logprobs(client) -> None:
+    out = client.completions.create(model=MODEL, prompt="the", max_tokens=3, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3
+    # top_logprobs is keyed by token text, so two byte tokens that both print as U+FFFD share a key
+    assert all(1 <= len(t) <= 2 and max(t.values()) == v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == max(t.logprob for t in c.top_logprobs) for c in content)
+
+
+def test_async_client_streams_concurrently(aclient, server) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> int:
+        stream = await client.completions.create(model=MODEL, prompt=f"the {i}", max_tokens=5 + i % 7, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    async def run() -> list[int]:
+        client = aclient()
+        return await asyncio.gather(*(one(client, i) for i in range(50)))
+
+    assert asyncio.run(run()) == [5 + i % 7 for i in range(50)]
+    wait_all_blocks_free(server)
+
+
+def test_async_chat(aclient) -> None:
+    async def run():
+        return await aclient().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+
+    assert asyncio.run(run()).usage.completion_tokens == 4
+
+
+def test_sse_framing_is_exact(server) -> None:
+    body = {"model": MODEL, "prompt": "the", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_bytes())
+    assert raw.endswith(b"data: [DONE]\n\n")
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""
+    for event in events[:-2]:
+        assert event.startswith(b"data: ") and b"\n" not in event
+        payload = json.loads(event[len(b"data: "):])
+        assert payload["object"] == "text_completion"
+
+
+def test_metrics_are_prometheus(server, client) -> None:
+    client.completions.create(model=MODEL, prompt="the", max_tokens=2)
+    families = metrics(server)
+    for name in ("distserve_requests", "distserve_time_to_first_token_seconds", "distserve_time_per_output_token_seconds",
+                 "distserve_e2e_request_latency_seconds", "distserve_queue_length", "distserve_kv_blocks_used",
+                 "distserve_kv_blocks_free", "distserve_kv_transfers", "distserve_kv_transfer_bytes", "distserve_kv_transfer_seconds"):
+        assert name in families, name
+    instances = {s.labels["instance"] for s in families["distserve_kv_blocks_free"]}
+    assert instances == {"prefill-0", "decode-0"}
+    transfers = {s.labels["instance"]: s.value for s in families["distserve_kv_transfers"] if s.name.endswith("_total")}
+    assert transfers["decode-0"] > 0
+
+
+def test_client_disconnect_aborts_the_request(server) -> None:
+    body = {"model": MODEL, "prompt": "the", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+    before = sum(s.value for s in metrics(server)["distserve_requests"] if s.labels.get("status") == "abort")
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        for i, _ in enumerate(response.iter_bytes()):
+            if i == 3:
+                break
+    deadline = time.monotonic() + 10
+    while sum(s.value for s in metrics(server)["distserve_requests"] if s.labels.get("status") == "abort") <= before:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.1)
+    wait_all_blocks_free(server)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 5}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x " * 400}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, None),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ],
+)
+def test_errors_are_openai_shaped(server, client, path: str, body: dict, status: int, param: str | None) -> None:
+    response = httpx.post(f"{server}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert error["param"] == param
+    assert client.completions.create(model=MODEL, prompt="still up", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_api_key_is_required(server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
+
+
+def test_openai_client_sees_errors_as_exceptions(client) -> None:
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=100000)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+
+
+def test_generate_endpoint(server) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    out = httpx.post(f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "temperature": 0, "ignore_eos": True}, headers=headers).json()
+    assert out["text"][0].startswith("the") and out["metrics"]["num_generated_tokens"] == 3
+    with httpx.stream("POST", f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "stream": True, "ignore_eos": True}, headers=headers) as r:
+        chunks = [json.loads(c) for c in b"".join(r.iter_bytes()).split(b"\0") if c]
+    assert chunks and chunks[-1]["text"][0].startswith("the")
