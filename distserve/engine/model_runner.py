@@ -15,6 +15,7 @@ import torch
 from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig
 from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, get_tp_rank, get_tp_size, pp_layer_range
 from distserve.engine.scheduler import ScheduledBatch
+from distserve.kernels import cpu_ops
 from distserve.kv.cache import KVCache, KVLayout
 from distserve.layers.attention import AttentionMetadata
 from distserve.layers.sampler import SampleResult, SamplingBatch, sample
@@ -23,6 +24,9 @@ from distserve.models.registry import model_class
 from distserve.weights.loader import iterate_weights
 
 GIB = 1 << 30
+# On CPU, linear weights are kept twice (oneDNN-packed, and plain for small batches) when
+# they take at most this much; larger models keep only the packed copy.
+PLAIN_COPY_LIMIT = 2 * GIB
 
 
 @contextlib.contextmanager
@@ -41,9 +45,11 @@ def load_model(model_config: ModelConfig, device: torch.device) -> CausalLM:
     with _default_dtype(model_config.dtype), device:
         model = cls(model_config.hf_config, model_config.max_model_len)
     model.load_weights(iterate_weights(model_config))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    keep_plain = weight_bytes <= PLAIN_COPY_LIMIT
     for module in model.modules():
         if hasattr(module, "prepack"):
-            module.prepack()
+            module.prepack(keep_plain)
     return model.eval()
 
 
@@ -91,6 +97,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         start = time.perf_counter()
+        if self.device.type == "cpu":
+            cpu_ops()  # build (first time on this machine) or load the native kernels now
         self.model = load_model(model_config, self.device)
         self.load_seconds = time.perf_counter() - start
         self.num_blocks = num_kv_blocks(model_config, config, self.device)

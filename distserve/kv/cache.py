@@ -100,7 +100,8 @@ def attach_shared(handle: KVCacheHandle) -> tuple[torch.Tensor, mmap.mmap]:
     assert handle.shm_name is not None
     fd = os.open(os.path.join(SHM_DIR, handle.shm_name), os.O_RDWR)
     try:
-        buf = mmap.mmap(fd, os.fstat(fd).st_size)
+        # populate the page tables now: a pull would otherwise take a page fault every 4 KiB
+        buf = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(fd)
     layout = handle.layout

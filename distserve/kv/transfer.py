@@ -61,15 +61,30 @@ def needed_sources(sources: list[KVCacheHandle], dst: KVLayout) -> list[tuple[KV
     return chosen
 
 
+def block_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the runs where both sides' block ids are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_blocks, dst_blocks):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
 def copy_blocks(
     src: torch.Tensor, src_blocks: list[int], dst: torch.Tensor, dst_blocks: list[int], ov: Overlap
 ) -> int:
-    """Copy blocks of the overlapping layers and heads; returns the bytes moved."""
-    src_idx = torch.tensor(src_blocks, dtype=torch.long, device=src.device)
-    dst_idx = torch.tensor(dst_blocks, dtype=torch.long, device=dst.device)
-    chunk = src[ov.src_layers, :, :, :, ov.src_heads].index_select(2, src_idx)
-    dst[ov.dst_layers, :, :, :, ov.dst_heads].index_copy_(2, dst_idx, chunk.to(dst.device))
-    return chunk.numel() * chunk.element_size()
+    """Copy blocks of the overlapping layers and heads, a run of consecutive blocks at a time
+    (no intermediate buffer); returns the bytes moved."""
+    src_view = src[ov.src_layers, :, :, :, ov.src_heads]
+    dst_view = dst[ov.dst_layers, :, :, :, ov.dst_heads]
+    moved = 0
+    for s, d, n in block_runs(src_blocks, dst_blocks):
+        chunk = src_view[:, :, s : s + n]
+        dst_view[:, :, d : d + n].copy_(chunk)
+        moved += chunk.numel() * chunk.element_size()
+    return moved
 
 
 class KVTransport(abc.ABC):

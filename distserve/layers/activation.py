@@ -7,11 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from distserve.kernels import native_ops
+
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, for an input holding [gate | up] on its last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = native_ops(x)
+        if ops is not None and x.dim() == 2:
+            return ops.silu_and_mul(x.contiguous())
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

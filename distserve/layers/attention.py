@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distserve.kernels import native_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -56,13 +58,13 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        self._write_cache(k, v, meta)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        if not meta.prefill_query_lens:  # a pure decode step
+            return self._decode(q, meta).view(num_tokens, self.num_heads * self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         flat = (-1, self.num_kv_heads, self.head_dim)
-        self.k_cache.view(flat).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(flat).index_copy_(0, meta.slot_mapping, v)
-
         out = torch.empty_like(q)
         start = 0
         for query_len, seq_len, blocks in zip(
@@ -83,7 +85,22 @@ class Attention(nn.Module):
             out[start:] = self._decode(q[start:], meta)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
+    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Store the step's K and V in their slots."""
+        ops = native_ops(k)
+        if ops is not None and k.stride(-1) == 1 and v.stride(-1) == 1:
+            ops.reshape_and_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            return
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        self.k_cache.view(flat).index_copy_(0, meta.slot_mapping, k.reshape(flat))
+        self.v_cache.view(flat).index_copy_(0, meta.slot_mapping, v.reshape(flat))
+
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        ops = native_ops(q)
+        if ops is not None:  # reads the blocks in place instead of gathering them
+            return ops.paged_attention_decode(
+                q.contiguous(), self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_seq_lens, self.scale
+            )
         batch, max_blocks = meta.decode_block_tables.shape
         max_len = max_blocks * meta.block_size
         keys = self.k_cache[meta.decode_block_tables].view(batch, max_len, self.num_kv_heads, self.head_dim)

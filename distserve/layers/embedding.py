@@ -56,8 +56,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    def prepack(self) -> None:
-        """A packed copy for the matmul (the plain weight may be the tied embedding's)."""
+    def prepack(self, keep_plain: bool) -> None:
+        """A packed copy for the matmul; the plain weight stays (it may be the tied
+        embedding's, and it serves small batches)."""
         self.packed = prepack(self.weight)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

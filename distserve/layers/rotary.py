@@ -11,6 +11,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from distserve.kernels import native_ops
+
 
 def rope_parameters(config: PretrainedConfig) -> dict:
     params = getattr(config, "rope_parameters", None)
@@ -48,3 +50,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x: [T, heads, head_dim] (Q and K heads side by side are rotated in one go)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rotate_qkv(
+    qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], q_size: int, kv_size: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K (rotated) and V out of a fused QKV projection [T, q_size + 2 * kv_size]."""
+    ops = native_ops(qkv)
+    cos, sin = rope
+    if ops is not None:  # in place, on the Q and K heads of each row
+        ops.rotary_embedding(qkv, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1), (q_size + kv_size) // head_dim, head_dim)
+        return qkv.split([q_size, kv_size, kv_size], dim=-1)
+    qk = apply_rotary(qkv[:, : q_size + kv_size].view(qkv.shape[0], -1, head_dim), cos, sin).flatten(1)
+    return qk[:, :q_size], qk[:, q_size:], qkv[:, q_size + kv_size :]

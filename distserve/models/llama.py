@@ -19,7 +19,7 @@ from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distserve.layers.norm import RMSNorm
-from distserve.layers.rotary import RotaryEmbedding, apply_rotary
+from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
 
 
@@ -37,10 +37,9 @@ class LlamaAttention(nn.Module):
         self.split = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
         q_size, kv_size, _ = self.split
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(x.shape[0], -1, self.attn.head_dim), *rope).flatten(1)
-        return self.o_proj(self.attn(qk[:, :q_size], qk[:, q_size:], qkv[:, q_size + kv_size :], meta))
+        q, k, v = rotate_qkv(self.qkv_proj(x), rope, q_size, kv_size, self.attn.head_dim)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):

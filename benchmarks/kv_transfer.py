@@ -1,0 +1,84 @@
+"""KV transfer cost of disaggregated serving on this machine.
+
+For prompts of 128, 512 and 2048 tokens, runs the built-in model disaggregated (1 prefill + 1
+decode instance, one core each) and reports per request: KV bytes moved, the pull's time
+and effective bandwidth, a plain memcpy of the same bytes, and the transfer's share of the
+request's end-to-end latency.
+
+    python benchmarks/kv_transfer.py [--model M] [--requests 8] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distserve import LLM, SamplingParams
+
+LENGTHS = (128, 512, 2048)
+
+
+def memcpy_seconds(num_bytes: int, repeats: int = 20) -> float:
+    """Median time of copying `num_bytes` from one buffer to another (one thread, like the pull)."""
+    torch.set_num_threads(1)
+    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--requests", type=int, default=8, help="requests per prompt length")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="benchmarks/results/kv_transfer.json")
+    args = parser.parse_args()
+
+    rows = []
+    with LLM(args.model, mode="disaggregated", decode={"kv_cache_gb": 2.0}, prefill={"kv_cache_gb": 2.0}) as llm:
+        vocab = llm.controller.model_config.vocab_size
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        llm.generate({"prompt_token_ids": [100] * 16}, params, use_tqdm=False)  # warm up both instances
+        for length in LENGTHS:
+            g = torch.Generator().manual_seed(length)
+            prompts = [{"prompt_token_ids": torch.randint(100, vocab, (length,), generator=g).tolist()} for _ in range(args.requests)]
+            outputs = []
+            for prompt in prompts:  # one at a time: the transfer alone, not queued behind others
+                outputs.extend(llm.generate(prompt, params, use_tqdm=False))
+            seconds = [o.metrics.transfer_seconds for o in outputs]
+            num_bytes = outputs[0].metrics.transfer_bytes
+            copy = memcpy_seconds(num_bytes)
+            share = [o.metrics.transfer_seconds / o.metrics.e2e_latency for o in outputs]
+            rows.append({
+                "prompt_tokens": length,
+                "kv_bytes": num_bytes,
+                "transfer_ms_median": 1e3 * statistics.median(seconds),
+                "transfer_ms_max": 1e3 * max(seconds),
+                "bandwidth_gbps": num_bytes / statistics.median(seconds) / 1e9,
+                "memcpy_ms": 1e3 * copy,
+                "memcpy_gbps": num_bytes / copy / 1e9,
+                "e2e_ms_median": 1e3 * statistics.median(o.metrics.e2e_latency for o in outputs),
+                "transfer_share_pct": 100 * statistics.median(share),
+            })
+    header = f"{'prompt':>7} {'KV MB':>8} {'pull ms':>8} {'pull GB/s':>10} {'memcpy ms':>10} {'memcpy GB/s':>12} {'e2e ms':>9} {'share %':>8}"
+    print(header)
+    for r in rows:
+        print(f"{r['prompt_tokens']:>7} {r['kv_bytes'] / 1e6:>8.2f} {r['transfer_ms_median']:>8.2f} {r['bandwidth_gbps']:>10.2f} "
+              f"{r['memcpy_ms']:>10.2f} {r['memcpy_gbps']:>12.2f} {r['e2e_ms_median']:>9.0f} {r['transfer_share_pct']:>8.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

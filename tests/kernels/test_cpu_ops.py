@@ -1,0 +1,85 @@
+"""The native CPU kernels agree with the torch computations they replace, and the engine
+gives transformers' tokens with or without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distserve import kernels
+from distserve.layers.rotary import apply_rotary
+from distserve.sampling_params import SamplingParams
+from tests.tiny_models import hf_greedy, load_reference, mixed_prompts, run_in_process
+
+ops = kernels.cpu_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the native kernels")
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 40)])
+def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int) -> None:
+    g = torch.Generator().manual_seed(heads + head_dim)
+    num_blocks, bs, batch = 64, 16, 5
+    cache = torch.randn(3, 2, num_blocks, bs, kv_heads, head_dim, generator=g)  # strided per-layer views
+    k, v = cache[1, 0], cache[1, 1]
+    lens = torch.tensor([1, 15, 16, 17, 90])
+    width = int((lens.max() + bs - 1) // bs)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
+    q = torch.randn(batch, heads, head_dim, generator=g)
+    keys = k[tables].view(batch, width * bs, kv_heads, head_dim).transpose(1, 2)
+    values = v[tables].view(batch, width * bs, kv_heads, head_dim).transpose(1, 2)
+    mask = (torch.arange(width * bs)[None, :] < lens[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=True)
+    got = ops.paged_attention_decode(q, k, v, tables, lens, 0.3)
+    torch.testing.assert_close(got, expected.squeeze(2), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k_dim", [576, 37])
+def test_linear_small_batch(rows: int, k_dim: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, k_dim, generator=g), torch.randn(43, k_dim, generator=g), torch.randn(43, generator=g)
+    torch.testing.assert_close(ops.linear_small_batch(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.linear_small_batch(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_elementwise_ops() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 96, generator=g), torch.randn(96, generator=g)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (96,), w, 1e-5))
+    gate_up = torch.randn(7, 64, generator=g)
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+def test_rotary_in_place_on_fused_qkv() -> None:
+    g = torch.Generator().manual_seed(1)
+    tokens, q_heads, kv_heads, d = 5, 4, 2, 16
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=g)
+    angles = torch.randn(tokens, d // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = apply_rotary(qkv[:, : (q_heads + kv_heads) * d].view(tokens, -1, d), cos[:, None], sin[:, None]).flatten(1)
+    untouched = qkv[:, (q_heads + kv_heads) * d :].clone()
+    ops.rotary_embedding(qkv, cos, sin, q_heads + kv_heads, d)
+    torch.testing.assert_close(qkv[:, : (q_heads + kv_heads) * d], expected)
+    assert torch.equal(qkv[:, (q_heads + kv_heads) * d :], untouched)
+
+
+def test_reshape_and_cache() -> None:
+    g = torch.Generator().manual_seed(2)
+    cache = torch.zeros(2, 2, 8, 4, 3, 8)
+    kv = torch.randn(5, 2 * 24, generator=g)  # K and V side by side, as split from a fused QKV
+    k, v = kv[:, :24], kv[:, 24:]
+    slots = torch.tensor([0, 5, 6, 31, 17])
+    ops.reshape_and_cache(k, v, cache[1, 0], cache[1, 1], slots)
+    assert torch.equal(cache[1, 0].reshape(-1, 24)[slots], k) and torch.equal(cache[1, 1].reshape(-1, 24)[slots], v)
+    assert cache[0].abs().sum() == 0
+
+
+def test_torch_fallback_gives_the_same_tokens(checkpoints, monkeypatch) -> None:
+    path = checkpoints("llama-gqa")
+    prompts = mixed_prompts(4)
+    expected = [hf_greedy(load_reference(path), p, 24) for p in prompts]
+    monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
+    got, _ = run_in_process(path, prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), num_kv_blocks=64)
+    assert got == expected
