@@ -30,14 +30,17 @@ DTYPES = {
 }
 DEFAULT_KV_CACHE_GB = 1.0
 DEFAULT_CHUNK_SIZE = 512
+# Prompt tokens batched into one prefill step (a longer prompt runs alone). Batches past a
+# few thousand tokens only make the matmuls and activations slower on CPU.
+DEFAULT_BATCHED_TOKENS = 2048
 
 
 @dataclass
 class PhaseConfig:
     """Settings of every instance of one phase (prefill, decode, or colocated).
 
-    `max_num_batched_tokens` bounds the tokens of one step; in chunked mode it is the chunk
-    budget shared by prefill chunks and decodes. `policy` is `fcfs`, or `sjf`
+    `max_num_batched_tokens` bounds the tokens of one step (a single longer prompt still
+    runs, alone); in chunked mode it is the chunk budget shared by prefill chunks and decodes. `policy` is `fcfs`, or `sjf`
     (shortest prompt first) for prefill.
     """
 
@@ -284,15 +287,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
     for name, role, cfg in specs:
         phase = dataclasses.replace(cfg)
         if phase.max_num_batched_tokens is None:
-            phase.max_num_batched_tokens = (
-                DEFAULT_CHUNK_SIZE if config.mode == "chunked" else max(model.max_model_len, 2048)
-            )
-        if config.mode != "chunked" and role != "decode" and phase.max_num_batched_tokens < model.max_model_len:
-            raise ValueError(
-                f"{role}.max_num_batched_tokens ({phase.max_num_batched_tokens}) is smaller than "
-                f"max_model_len ({model.max_model_len}): a whole prompt must fit in one step. "
-                "Raise it, lower max_model_len, or use mode='chunked'."
-            )
+            phase.max_num_batched_tokens = DEFAULT_CHUNK_SIZE if config.mode == "chunked" else DEFAULT_BATCHED_TOKENS
         if phase.cpu_cores is not None:
             instance_cores = list(phase.cpu_cores)
         elif device == "cpu" and workers > 1 and len(cores) >= workers:

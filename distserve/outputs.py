@@ -88,7 +88,8 @@ class RequestMetrics:
 
     @property
     def decode_execution(self) -> float | None:
-        return _span(self.decode_start_time, self.last_token_time)
+        """First decode step (colocated: right after the first token) to the last token."""
+        return _span(self.decode_start_time or self.first_token_time, self.last_token_time)
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         """All stamps and derived durations, for JSON (the API server's timeline)."""

@@ -172,8 +172,8 @@ class Scheduler:
                 break
             remaining = request.num_tokens - request.num_computed_tokens
             n = min(remaining, budget) if self.chunked else remaining
-            if n > budget:
-                break
+            if n > budget and (batch.requests or budget < self.max_num_batched_tokens):
+                break  # a prompt longer than the whole budget runs, alone
             end = request.num_computed_tokens + n
             if not self.blocks.can_grow(request.block_table, end, self.watermark):
                 break

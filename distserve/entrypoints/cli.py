@@ -122,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model's)")
     group.add_argument("--uvicorn-log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
+    from distserve.entrypoints import cli_tools
+
+    cli_tools.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

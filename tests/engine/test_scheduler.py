@@ -129,3 +129,11 @@ def test_abort_frees_blocks_wherever_the_request_is() -> None:
     for rid in ("held", "queued"):
         assert s.abort(rid) is not None
     assert s.blocks.num_free_blocks == 8 and not s.has_work() and not s.awaiting_pull
+
+
+def test_a_prompt_longer_than_the_budget_runs_alone() -> None:
+    s = make(max_num_batched_tokens=8)
+    s.add(req("long", 20))
+    s.add(req("short", 2))
+    assert run(s) == [("long", 20)]
+    assert run(s) == [("short", 2)]

@@ -1,0 +1,92 @@
+"""An asynchronous streaming client for any OpenAI-compatible server (distserve, vLLM, ...).
+
+Each request goes to `/v1/completions` as token ids with `max_tokens` = its output length
+and `ignore_eos`, streamed; the client records the send time, the arrival of every streamed
+chunk, the token count the server reports, errors, and distserve's request timeline when
+the server sends one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+from tqdm.auto import tqdm
+
+from distserve.bench.metrics import RequestRecord
+from distserve.bench.workloads import BenchRequest
+
+
+async def send_request(
+    client: httpx.AsyncClient, url: str, model: str | None, request: BenchRequest, headers: dict[str, str]
+) -> RequestRecord:
+    body = {
+        "prompt": request.prompt_token_ids,
+        "max_tokens": request.output_len,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    if model:
+        body["model"] = model
+    record = RequestRecord(request.prompt_len, request.output_len, send_time=time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:300]}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    record.error = str(chunk["error"].get("message", chunk["error"]))
+                    break
+                now = time.perf_counter()
+                choices = chunk.get("choices") or []
+                if choices and (choices[0].get("text") or choices[0].get("finish_reason")):
+                    record.token_times.append(now)
+                if chunk.get("usage"):
+                    record.num_tokens = chunk["usage"].get("completion_tokens", 0)
+                if chunk.get("metrics"):
+                    record.server_metrics = chunk["metrics"]
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    if not record.num_tokens:
+        record.num_tokens = len(record.token_times)
+    return record
+
+
+async def run_requests(
+    base_url: str,
+    model: str | None,
+    requests: list[BenchRequest],
+    send_times: list[float],
+    api_key: str | None = None,
+    description: str = "requests",
+    progress: bool = True,
+) -> list[RequestRecord]:
+    """Send each request at its time (seconds from now) and wait for all of them."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    bar = tqdm(total=len(requests), desc=description, unit="req", disable=not progress, leave=False)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for when, request in zip(send_times, requests):
+            delay = start + when - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(send_request(client, url, model, request, headers))
+            task.add_done_callback(lambda _: bar.update(1))
+            tasks.append(task)
+        records = await asyncio.gather(*tasks)
+    bar.close()
+    return list(records)

@@ -1,0 +1,32 @@
+"""`distserve bench compare --quick` end to end against real distserve servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_compare_quick_writes_results_and_plots(checkpoints, tmp_path) -> None:
+    out = tmp_path / "bench"
+    command = [
+        sys.executable, "-m", "distserve.entrypoints.cli", "bench", "compare", str(checkpoints("llama-gqa")),
+        "--systems", "disaggregated", "colocated", "--quick", "--workload", "synthetic:uniform:8:40:4:16",
+        "--rates", "4", "--ttft", "2", "--tpot", "0.5", "--out", str(out), "--server-args", "--max-model-len 256",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["systems"]) == {"disaggregated", "colocated"}
+    for name, system in data["systems"].items():
+        run = system["runs"][0]
+        assert run["rate"] == 4 and len(run["requests"]) == 8 and run["errors"] == 0
+        assert all(r["num_tokens"] == r["output_len"] and r["ttft"] > 0 for r in run["requests"])
+        assert 0.0 <= run["attainment"] <= 1.0 and system["per_device_goodput"] >= 0
+    assert all(r["transfer_seconds"] is not None for r in data["systems"]["disaggregated"]["runs"][0]["requests"])
+    for plot in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "latency_breakdown.png", "kv_transfer_cdf.png"):
+        assert (out / plot).stat().st_size > 1000
+    assert "goodput" in done.stdout
