@@ -121,3 +121,29 @@ def goodput_from_curve(rates: Sequence[float], attainments: Sequence[float], tar
             best = r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
             break
     return best
+
+
+def find_goodput(
+    attainment_at: Callable[[float], float], target: float = 0.9, start: float = 1.0, iterations: int = 6
+) -> float:
+    """Highest rate meeting the target, with no bounds known: double (or halve) from
+    `start` until the outcome flips, then bisect. 0 if even start / 2**20 misses."""
+    tested: dict[float, float] = {}
+
+    def ok(rate: float) -> bool:
+        if rate not in tested:
+            tested[rate] = attainment_at(rate)
+        return tested[rate] >= target
+
+    rate = start
+    if ok(rate):
+        while ok(rate * 2) and rate < start * 2**20:
+            rate *= 2
+        low, high = rate, rate * 2
+    else:
+        while not ok(rate / 2):
+            rate /= 2
+            if rate < start / 2**20:
+                return 0.0
+        low, high = rate / 2, rate
+    return search_goodput(attainment_at, low, high, target, iterations, tested)

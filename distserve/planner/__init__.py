@@ -1,0 +1,2 @@
+"""Placement planner: latency models of one step, a discrete-event simulator of the engine's own
+scheduling, and the goodput-optimal placement search (DistServe, Section 4)."""

@@ -1,0 +1,106 @@
+"""`distserve profile`: time this engine's prefill and decode steps over a grid of batches on
+this machine, and fit the latency model the planner simulates with.
+
+Decode steps are timed on sequences whose KV slots are allocated but not computed: a step
+costs the same whatever numbers sit in the cache, and this skips prefilling long contexts.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from distserve.config import DeploymentConfig, resolve_instances
+from distserve.engine.instance import Instance
+from distserve.engine.messages import AddRequest
+from distserve.planner.latency_model import FittedLatencyModel
+from distserve.request import Request
+from distserve.sampling_params import SamplingParams
+from distserve.weights.source import load_model_config
+
+
+@dataclass
+class ProfileGrid:
+    prefill_lens: tuple[int, ...] = (16, 64, 128, 256, 512, 1024, 2048)
+    prefill_batches: tuple[int, ...] = (1, 2, 4, 8)
+    max_prefill_tokens: int = 4096
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_contexts: tuple[int, ...] = (32, 128, 512, 1024)
+    repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> ProfileGrid:
+        return cls((16, 128, 512), (1, 2), 1024, (1, 4, 16), (32, 256), 2)
+
+
+def _time_step(instance: Instance) -> float:
+    start = time.perf_counter()
+    instance.step()
+    return time.perf_counter() - start
+
+
+def profile_engine(
+    model: str | None, threads: int, grid: ProfileGrid | None = None, max_model_len: int | None = None, seed: int = 0
+) -> FittedLatencyModel:
+    grid = grid or ProfileGrid()
+    torch.set_num_threads(threads)
+    config = load_model_config(model, max_model_len=max_model_len)
+    deployment = DeploymentConfig(model=model, mode="colocated", max_model_len=max_model_len)
+    longest = max(max(grid.decode_contexts) + 2, max(grid.prefill_lens))
+    deployment.colocated.num_kv_blocks = (max(grid.decode_batches) * longest) // deployment.block_size + 64
+    deployment.colocated.max_num_batched_tokens = max(grid.max_prefill_tokens, max(grid.prefill_lens))
+    deployment.colocated.max_num_seqs = max(max(grid.decode_batches), max(grid.prefill_batches))
+    instance = Instance(config, resolve_instances(deployment, config)[0])
+    rng = random.Random(seed)
+    vocab = config.vocab_size
+    ids = iter(range(1 << 30))
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    # warm up both paths
+    instance.handle(AddRequest("warmup", tokens(64), SamplingParams(max_tokens=4, ignore_eos=True), time.time(), frozenset()))
+    while instance.has_work():
+        instance.step()
+
+    prefill: list[tuple[list[int], float]] = []
+    jobs = [(k, l) for l in grid.prefill_lens for k in grid.prefill_batches if k * l <= max(grid.max_prefill_tokens, l)]
+    decode_jobs = [(b, c) for b in grid.decode_batches for c in grid.decode_contexts]
+    bar = tqdm(total=len(jobs) + len(decode_jobs), desc="profiling", unit="shape")
+    for k, l in jobs:
+        times = []
+        for _ in range(grid.repeats):
+            for _ in range(k):
+                instance.handle(AddRequest(f"p{next(ids)}", tokens(l), SamplingParams(max_tokens=1), time.time(), frozenset()))
+            times.append(_time_step(instance))
+            assert not instance.has_work(), "a profiled prefill batch did not fit one step"
+        prefill.append(([l] * k, statistics.median(times)))
+        bar.update(1)
+
+    decode: list[tuple[list[int], float]] = []
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+    for batch, context in decode_jobs:
+        scheduler, blocks = instance.scheduler, instance.blocks
+        requests = []
+        for _ in range(batch):
+            r = Request(f"d{next(ids)}", tokens(context), params, time.time(), max_model_len=1 << 30)
+            r.append_token(5)
+            blocks.grow(r.block_table, r.num_tokens + grid.repeats + 1)
+            r.num_computed_tokens = context
+            scheduler.start_running(r)
+            requests.append(r)
+        times = [_time_step(instance) for _ in range(grid.repeats + 1)][1:]
+        decode.append(([context + 1] * batch, statistics.median(times)))
+        for r in requests:
+            scheduler.abort(r.request_id)
+        bar.update(1)
+    bar.close()
+    instance.close()
+    meta = {"model": config.name, "threads": threads, "device": str(instance.runner.device), "dtype": str(config.dtype)}
+    candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in (None, 8, 16, 32)]
+    return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])

@@ -1,0 +1,60 @@
+"""Latency models: fits recover known coefficients, published and analytical models behave."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from distserve.planner.hardware import DEVICES, model_shape
+from distserve.planner.latency_model import AnalyticalLatencyModel, FittedLatencyModel, kv_transfer_time, published_model
+
+
+def test_fit_recovers_known_coefficients(tmp_path) -> None:
+    rng = random.Random(0)
+    prefill_true, small_true, large_true = (0.02, 1e-4, 3e-8), (0.01, 2e-6, 5e-4), (0.015, 1.5e-6, 3e-4)
+    prefill = []
+    for _ in range(40):
+        lens = [rng.randint(8, 2048) for _ in range(rng.randint(1, 4))]
+        a, b, c = prefill_true
+        prefill.append((lens, a + b * sum(lens) + c * sum(l * l for l in lens)))
+    decode = []
+    for _ in range(60):
+        ctx = [rng.randint(16, 2048) for _ in range(rng.choice([1, 2, 4, 8, 16, 32, 64, 128]))]
+        a, b, c = small_true if len(ctx) < 32 else large_true
+        decode.append((ctx, a + b * sum(ctx) + c * len(ctx)))
+    model = FittedLatencyModel.fit(prefill, decode, threshold=32)
+    assert model.prefill == pytest.approx(prefill_true, rel=1e-6)
+    assert model.decode_small == pytest.approx(small_true, rel=1e-6)
+    assert model.decode_large == pytest.approx(large_true, rel=1e-6)
+    assert model.fit_error["prefill"] < 1e-9 and model.fit_error["decode"] < 1e-9
+    model.save(tmp_path / "p.json")
+    again = FittedLatencyModel.load(tmp_path / "p.json")
+    assert again.decode_time([100, 200]) == model.decode_time([100, 200])
+
+
+def test_published_profile_in_seconds() -> None:
+    m = published_model("facebook/opt-13b", tp=1)
+    assert m.prefill_time([100]) == pytest.approx((18.10254647486372 + 0.1019122572698738 * 100 + 7.122264314252114e-06 * 1e4) / 1e3)
+    assert m.decode_time([10] * 100) == pytest.approx((7.1661889468253595 + 0.0005798000403396046 * 1000 + 0.15831096191764046 * 100) / 1e3)
+    assert published_model("facebook/opt-13b", tp=1, pp=2).prefill_time([100]) == pytest.approx(m.prefill_time([100]) / 2)
+    with pytest.raises(ValueError, match="available"):
+        published_model("facebook/opt-13b", tp=8)
+
+
+def test_analytical_roofline_is_memory_bound_for_decode_and_scales_with_tp() -> None:
+    shape, a100 = model_shape("facebook/opt-13b"), DEVICES["a100-80gb"]
+    one = AnalyticalLatencyModel(shape, a100, tp=1)
+    two = AnalyticalLatencyModel(shape, a100, tp=2)
+    weights_read = shape.weight_bytes(2) / (a100.memory_bandwidth * a100.bandwidth_efficiency)
+    assert one.decode_time([128]) == pytest.approx(weights_read, rel=0.05)  # batch 1: reading the weights
+    assert one.prefill_time([2048]) > 10 * one.decode_time([128])  # prefill: compute bound
+    assert two.decode_time([128] * 8) < one.decode_time([128] * 8)
+    assert one.prefill_time([512, 512]) > one.prefill_time([512])
+
+
+def test_kv_transfer_time_by_link() -> None:
+    shape, a100 = model_shape("facebook/opt-66b"), DEVICES["a100-80gb"]
+    per_token = 2 * 64 * 72 * 128 * 2
+    assert kv_transfer_time(shape, a100, 1000, "network") == pytest.approx(per_token * 1000 / (25e9 / 8))
+    assert kv_transfer_time(shape, a100, 1000, "node") < kv_transfer_time(shape, a100, 1000, "network") / 50

@@ -1,0 +1,78 @@
+"""The placement search: memory checks, both algorithms, and the placement file `serve` reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distserve.config import DeploymentConfig
+from distserve.entrypoints.cli import build_parser
+from distserve.entrypoints.cli_tools import cmd_plan  # noqa: F401 - the command under test is run through the parser
+from distserve.planner.hardware import Cluster, fits_in_memory, model_shape
+from distserve.planner.search import Parallelism, PlanProblem, algorithm1, algorithm2
+
+LENGTHS = [(200 + 37 * (i % 11), 50 + 13 * (i % 7)) for i in range(120)]
+
+
+def problem(model: str = "facebook/opt-13b", cluster: str = "1x4xa100-80gb", latency: str = "published") -> PlanProblem:
+    return PlanProblem(model_shape(model), Cluster.parse(cluster), LENGTHS, ttft=0.4, tpot=0.1, latency=latency, min_requests=100, max_requests=400)
+
+
+def test_memory_infeasible_parallelism_is_never_a_candidate() -> None:
+    p = problem("facebook/opt-66b", "1x8xa100-80gb", "analytical")
+    shape, device = p.shape, p.cluster.device
+    assert not fits_in_memory(shape, device, 1, 1, 2048)  # 132 GB of fp16 weights on one 80 GB device
+    candidates = p.candidates(8)
+    assert candidates and Parallelism(1, 1) not in candidates
+    assert all(fits_in_memory(shape, device, c.tp, c.pp, 2048) for c in candidates)
+    placement = algorithm2(p, rate=1.0, progress=False)
+    for par in (placement.prefill, placement.decode):
+        assert fits_in_memory(shape, device, par.tp, par.pp, max(a + b for a, b in LENGTHS))
+
+
+def test_both_algorithms_choose_and_replicate() -> None:
+    p = problem()
+    one = algorithm1(p, rate=6.0, progress=False)
+    two = algorithm2(p, rate=6.0, progress=False)
+    for placement in (one, two):
+        assert placement.goodput >= 6.0 and placement.devices <= 4
+        assert placement.num_prefill >= 1 and placement.num_decode >= 1
+    assert {c.kind for c in one.candidates} == {"prefill", "decode"} and {c.kind for c in two.candidates} == {"pair"}
+    with pytest.raises(ValueError, match="devices|pairs"):
+        algorithm2(p, rate=10_000.0, progress=False)
+
+
+def test_placement_file_round_trips_into_serve(tmp_path) -> None:
+    out = tmp_path / "placement.json"
+    args = build_parser().parse_args([
+        "plan", "--model", "facebook/opt-13b", "--cluster", "1x4xa100-80gb", "--latency", "published",
+        "--ttft", "0.4", "--tpot", "0.1", "--rate", "2", "--algorithm", "2", "--workload", "synthetic:uniform:100:600:20:200",
+        "--num-requests", "100", "--serve-model", "facebook/opt-13b", "--out", str(out),
+    ])
+    args.func(args)
+    data = json.loads(out.read_text())
+    assert data["plan"]["per_device_goodput"] > 0
+    deployment = DeploymentConfig.load(out)
+    assert deployment.mode == "disaggregated" and deployment.model == "facebook/opt-13b"
+    assert deployment.prefill.tensor_parallel_size * deployment.prefill.pipeline_parallel_size >= 1
+    from distserve.entrypoints.cli import deployment_from_args
+
+    serve_args = build_parser().parse_args(["serve", "--config", str(out), "--decode-max-num-seqs", "64"])
+    served = deployment_from_args(serve_args)
+    assert served.prefill == deployment.prefill and served.decode.max_num_seqs == 64
+    assert served.decode.tensor_parallel_size == deployment.decode.tensor_parallel_size
+
+
+@pytest.mark.slow
+def test_profile_fits_this_engine(checkpoints, tmp_path) -> None:
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, "-m", "distserve.entrypoints.cli", "profile", str(checkpoints("llama-gqa")),
+                           "--quick", "--threads", "1", "--out", str(out), "--max-model-len", "512"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["threads"] == 1 and len(data["prefill"]) == 3
+    assert "fit error" in done.stdout
