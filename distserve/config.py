@@ -229,6 +229,20 @@ class InstanceConfig:
     seed: int
     swap_space_gb: float
     chunked_prefill: bool = False
+    gpu_ids: list[int] | None = None  # one per worker, on CUDA
+
+    @property
+    def num_workers(self) -> int:
+        return self.phase.tensor_parallel_size * self.phase.pipeline_parallel_size
+
+    def for_worker(self, rank: int) -> InstanceConfig:
+        """This instance's settings as worker `rank` runs them: its share of the cores, its GPU."""
+        cores = self.cpu_cores
+        if cores and self.num_workers > 1:
+            per = max(1, len(cores) // self.num_workers)
+            cores = cores[rank * per : (rank + 1) * per] or cores
+        device = f"cuda:{self.gpu_ids[rank]}" if self.gpu_ids else self.device
+        return dataclasses.replace(self, cpu_cores=cores, device=device)
 
     @property
     def max_num_seqs(self) -> int:
@@ -283,7 +297,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
     workers = sum(c.tensor_parallel_size * c.pipeline_parallel_size for _, _, c in specs)
     per_worker = max(1, len(cores) // max(1, workers))
     instances: list[InstanceConfig] = []
-    next_core = 0
+    next_core = next_gpu = 0
     for name, role, cfg in specs:
         phase = dataclasses.replace(cfg)
         if phase.max_num_batched_tokens is None:
@@ -313,6 +327,10 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             swap_space_gb=config.swap_space_gb,
             chunked_prefill=config.mode == "chunked",
         )
+        if device == "cuda":
+            # workers take the GPUs in turn (instances share them when there are fewer)
+            instance.gpu_ids = [(next_gpu + r) % torch.cuda.device_count() for r in range(instance.num_workers)]
+            next_gpu += instance.num_workers
         instances.append(instance)
     return instances
 

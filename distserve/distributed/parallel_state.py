@@ -19,7 +19,15 @@ class ParallelState:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
-    pp_group: dist.ProcessGroup | None = None
+    # the instance's whole worker group: its rank (pp_rank * tp_size + tp_rank), and a gloo
+    # group for control messages (batches, samples), whatever the data backend
+    rank: int = 0
+    world_size: int = 1
+    control_group: dist.ProcessGroup | None = None
+
+    def stage_rank(self, pp_rank: int, tp_rank: int | None = None) -> int:
+        """The group rank of a worker of stage `pp_rank` (same TP rank as this one by default)."""
+        return pp_rank * self.tp_size + (self.tp_rank if tp_rank is None else tp_rank)
 
 
 _state = ParallelState()

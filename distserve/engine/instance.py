@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from distserve.config import InstanceConfig, ModelConfig
+from distserve.distributed.group import GroupSpec
 from distserve.engine.messages import (
     AbortRequest,
     AddRequest,
@@ -25,11 +26,10 @@ from distserve.engine.messages import (
     StepOutput,
     TokenOutput,
 )
-from distserve.engine.model_runner import ModelRunner
 from distserve.engine.scheduler import Scheduler, admission_capacity
+from distserve.engine.worker import KVPull, Worker
 from distserve.kv.block_manager import BlockManager
 from distserve.kv.cache import KVCacheHandle
-from distserve.kv.transfer import KVTransport, SharedMemoryTransport
 from distserve.request import Request, RequestStatus
 
 Event = StepOutput | PrefillDone | MigrationDone
@@ -47,10 +47,12 @@ def new_request(msg: AddRequest, max_model_len: int) -> Request:
 
 
 class Instance:
-    def __init__(self, model_config: ModelConfig, config: InstanceConfig) -> None:
+    def __init__(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.runner = ModelRunner(model_config, config, shared_cache=config.role == "prefill")
+        # this process is the instance's driver (worker 0); other workers, if any, join `group`
+        self.worker = Worker(model_config, config, group, rank=0)
+        self.runner = self.worker.runner
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         # a request stops at the model's context, or at what this instance's cache can hold
         self.max_model_len = min(
@@ -58,7 +60,6 @@ class Instance:
         )
         self.swap = BlockManager(self.runner.num_swap_blocks, config.block_size) if self.runner.swap_cache else None
         self.scheduler = Scheduler(config, self.blocks, self.swap)
-        self.transport: KVTransport | None = SharedMemoryTransport() if config.role == "decode" else None
         self._sources: dict[str, tuple[str, list[KVCacheHandle], list[int]]] = {}
         self._started: set[str] = set()
         self.stats = InstanceStats(
@@ -80,7 +81,7 @@ class Instance:
             pid=pid,
             num_blocks=self.blocks.num_blocks,
             block_size=self.config.block_size,
-            kv_handles=[self.runner.kv_cache.handle(self.name, 0)],
+            kv_handles=self.worker.handles,
             load_seconds=self.runner.load_seconds,
         )
 
@@ -118,7 +119,7 @@ class Instance:
             self._update_stats()
             return events
         start = time.time()
-        samples = self.runner.execute(batch)
+        samples = self.worker.execute(batch)
         finished = self.scheduler.update(batch, samples)
         end = time.time()
         out = StepOutput(instance=self.name, step_start=start, step_end=end)
@@ -164,12 +165,11 @@ class Instance:
 
     def _pull_migrations(self) -> list[Event]:
         """Decode role: admit the prefilled requests there is room for and pull their KV."""
-        assert self.transport is not None
         events: list[Event] = []
         for request in self.scheduler.admit_migrations():
             source, handles, src_blocks = self._sources.pop(request.request_id)
             start = time.time()
-            moved = self.transport.pull(handles, src_blocks, self.runner.kv_cache, request.block_table[: len(src_blocks)])
+            moved = self.worker.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
             end = time.time()
             request.num_computed_tokens = request.num_prompt_tokens
             self.scheduler.start_running(request)
@@ -206,6 +206,4 @@ class Instance:
         return self._update_stats()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        self.runner.close()
+        self.worker.close()

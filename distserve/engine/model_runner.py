@@ -13,7 +13,14 @@ from collections.abc import Iterator
 import torch
 
 from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig
-from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, get_tp_rank, get_tp_size, pp_layer_range
+from distserve.distributed.group import group_min, recv_from_prev_stage, send_to_next_stage
+from distserve.distributed.parallel_state import (
+    get_parallel_state,
+    get_pp_size,
+    get_tp_rank,
+    get_tp_size,
+    pp_layer_range,
+)
 from distserve.engine.scheduler import ScheduledBatch
 from distserve.kernels import cpu_ops
 from distserve.kv.cache import KVCache, KVLayout
@@ -77,17 +84,35 @@ def num_kv_blocks(model_config: ModelConfig, config: InstanceConfig, device: tor
     if config.phase.num_kv_blocks is not None:
         return config.phase.num_kv_blocks
     bytes_per_block = kv_layout(model_config, config, 1).bytes_per_block
+    workers = get_tp_size() * get_pp_size()
     if config.phase.kv_cache_gb is not None:
-        budget = config.phase.kv_cache_gb * GIB
+        budget = config.phase.kv_cache_gb * GIB / workers  # the budget is the instance's
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = 0.85 * free
     else:
-        budget = DEFAULT_KV_CACHE_GB * GIB
+        budget = DEFAULT_KV_CACHE_GB * GIB / workers
     blocks = int(budget // bytes_per_block)
     if blocks < 1:
         raise ValueError(f"a KV budget of {budget / GIB:.3f} GiB holds no block of {bytes_per_block} bytes")
-    return blocks
+    return group_min(blocks)  # every worker of the instance holds the same blocks
+
+
+def micro_batches(batch: ScheduledBatch, count: int) -> list[list[int]]:
+    """Up to `count` runs of consecutive requests with about equal tokens each."""
+    count = max(1, min(count, len(batch)))
+    if count == 1:
+        return [list(range(len(batch)))]
+    target = batch.num_tokens / count
+    parts: list[list[int]] = [[]]
+    tokens = 0
+    for i, n in enumerate(batch.num_new_tokens):
+        left = len(batch) - i  # keep at least one request for each part still to come
+        if parts[-1] and (tokens >= target * len(parts) or left < count - len(parts) + 1) and len(parts) < count:
+            parts.append([])
+        parts[-1].append(i)
+        tokens += n
+    return parts
 
 
 class ModelRunner:
@@ -109,11 +134,17 @@ class ModelRunner:
         self.swap_cache: KVCache | None = None
         if config.preemption_mode == "swap":
             layout = kv_layout(model_config, config, 1)
-            self.num_swap_blocks = max(1, int(config.swap_space_gb * GIB // layout.bytes_per_block))
+            self.num_swap_blocks = group_min(max(1, int(config.swap_space_gb * GIB // layout.bytes_per_block)))
             self.swap_cache = KVCache(kv_layout(model_config, config, self.num_swap_blocks), "cpu", False)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.is_last_stage = get_pp_rank() == get_pp_size() - 1
+        state = get_parallel_state()
+        self.is_first_stage = state.pp_rank == 0
+        self.is_last_stage = state.pp_rank == state.pp_size - 1
+        # one worker samples: TP rank 0 of the last stage (every TP rank has the full logits)
+        self.is_sampler = self.is_last_stage and state.tp_rank == 0
+        self.pp_size = state.pp_size
+        self.hidden_size = model_config.hf_config.hidden_size
 
     # -- KV movement --------------------------------------------------------------------
     def swap(self, batch: ScheduledBatch) -> None:
@@ -190,24 +221,42 @@ class ModelRunner:
         return input_ids, pos, meta, sample_rows, sample_flat
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
-        """Run one step; a sample for each request whose last token was computed."""
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None] | None:
+        """Run one step; on the sampling worker, a sample for each request whose last token
+        was computed (None on the other workers).
+
+        With pipeline stages the batch runs as up to `pp_size` micro-batches: a stage sends
+        one micro-batch's activations on and starts the next while later stages work.
+        """
         self.swap(batch)
-        input_ids, positions, meta, rows, flat = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
         results: list[SampleResult | None] = [None] * len(batch)
-        if not rows:
-            return results
-        logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)])
-        requests = [batch.requests[i] for i in rows]
-        sampling = SamplingBatch(
-            params=[r.sampling_params for r in requests],
-            output_token_ids=[r.output_token_ids for r in requests],
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-        )
-        for i, result in zip(rows, sample(logits, sampling, self.generator)):
-            results[i] = result
-        return results
+        sends = []
+        for part in micro_batches(batch, self.pp_size):
+            sub = ScheduledBatch([batch.requests[i] for i in part], [batch.num_new_tokens[i] for i in part])
+            input_ids, positions, meta, rows, flat = self.prepare(sub)
+            hidden = None
+            if not self.is_first_stage:
+                hidden = recv_from_prev_stage((len(input_ids), self.hidden_size), self.model_config.dtype, self.device)
+            hidden = self.model(input_ids, positions, meta, hidden)
+            if not self.is_last_stage:
+                sends.append(send_to_next_stage(hidden))
+                continue
+            if not rows:
+                continue
+            logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)])
+            if not self.is_sampler:
+                continue
+            requests = [sub.requests[i] for i in rows]
+            sampling = SamplingBatch(
+                params=[r.sampling_params for r in requests],
+                output_token_ids=[r.output_token_ids for r in requests],
+                prompt_token_ids=[r.prompt_token_ids for r in requests],
+            )
+            for i, result in zip(rows, sample(logits, sampling, self.generator)):
+                results[part[i]] = result
+        for work in sends:
+            work.wait()
+        return results if self.is_sampler else None
 
     def close(self) -> None:
         self.kv_cache.close()

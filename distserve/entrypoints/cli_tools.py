@@ -306,7 +306,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     import json
 
     from distserve.bench.metrics import slo_attainment
-    from distserve.config import DeploymentConfig
+    from distserve.config import DEFAULT_KV_CACHE_GB, DeploymentConfig
     from distserve.planner.hardware import model_shape
     from distserve.planner.latency_model import FittedLatencyModel
     from distserve.planner.search import Parallelism
@@ -328,7 +328,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             problem = _problem(argparse.Namespace(**{**vars(args), "plan_model": shape.name}), lengths)
             latency = problem.latency_model(Parallelism(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
         capacity = (cfg.num_kv_blocks * deployment.block_size if cfg.num_kv_blocks
-                    else int((cfg.kv_cache_gb or 1.0) * (1 << 30) // kv_bytes))
+                    else int((cfg.kv_cache_gb or DEFAULT_KV_CACHE_GB) * (1 << 30) // kv_bytes))
         for _ in range(cfg.num_instances):
             instances.append(InstanceSpec(phase, latency, capacity, cfg.max_num_seqs, cfg.max_num_batched_tokens or 2048,
                                           cfg.policy, deployment.mode == "chunked", deployment.block_size))

@@ -126,3 +126,8 @@ class SharedMemoryTransport(KVTransport):
 
     def close(self) -> None:
         self._peers.clear()
+
+
+def make_transport(config: object) -> KVTransport:
+    """The transport a decode worker pulls with (shared memory: every instance on one machine)."""
+    return SharedMemoryTransport()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from distserve.config import InstanceConfig, ModelConfig
+from distserve.distributed.group import GroupSpec
 from distserve.engine.backends.base import Backend, InstanceDied
 from distserve.engine.messages import InstanceFailed, InstanceReady, Shutdown, StatsRequest, StepOutput
 
@@ -36,13 +39,15 @@ def configure_process(config: InstanceConfig) -> None:
     torch.set_num_threads(config.num_threads)
 
 
-def instance_main(model_config: ModelConfig, config: InstanceConfig, inbox: Any, outbox: Any, parent: int) -> None:
-    """Entry point of an instance process."""
+def instance_main(
+    model_config: ModelConfig, config: InstanceConfig, inbox: Any, outbox: Any, parent: int, group: GroupSpec | None = None
+) -> None:
+    """Entry point of an instance process (its driver, worker 0)."""
     configure_process(config)
     from distserve.engine.instance import Instance
 
     try:
-        instance = Instance(model_config, config)
+        instance = Instance(model_config, config, group)
     except BaseException:
         outbox.put([InstanceFailed(config.name, traceback.format_exc())])
         return
@@ -53,6 +58,29 @@ def instance_main(model_config: ModelConfig, config: InstanceConfig, inbox: Any,
         outbox.put([InstanceFailed(config.name, traceback.format_exc())])
     finally:
         instance.close()
+
+
+def worker_main(model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
+    """Entry point of a worker process other than the driver: it serves the driver's steps.
+    It ends when the driver says stop, or when the driver is gone (the group breaks)."""
+    configure_process(config)
+    from distserve.engine.worker import Worker
+
+    worker = Worker(model_config, config, group, rank)
+    try:
+        worker.serve()
+    except RuntimeError:
+        pass  # the driver's end of the group closed: the instance is going away
+    finally:
+        worker.close()
+
+
+def group_spec(config: InstanceConfig, rendezvous: str) -> GroupSpec | None:
+    """How an instance's workers meet, or None for a single worker."""
+    if config.num_workers == 1:
+        return None
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    return GroupSpec(config.phase.tensor_parallel_size, config.phase.pipeline_parallel_size, rendezvous, backend)
 
 
 def _alive(pid: int) -> bool:
@@ -97,6 +125,7 @@ def serve_instance(instance: Any, get: Any, put: Any, parent_alive: Any) -> None
 class _Proc:
     process: BaseProcess
     inbox: Any
+    workers: list[BaseProcess]
 
 
 class LocalBackend(Backend):
@@ -108,18 +137,30 @@ class LocalBackend(Backend):
         self._ctx.set_forkserver_preload(["distserve.engine.backends.local", "distserve.engine.instance"])
         self._outbox = self._ctx.Queue()
         self._procs: dict[str, _Proc] = {}
+        self._rendezvous = tempfile.mkdtemp(prefix="distserve-")  # file stores of worker groups
 
     def start(self, model_config: ModelConfig, instances: list[InstanceConfig], timeout: float) -> dict[str, InstanceReady]:
         for config in instances:
             inbox = self._ctx.Queue()
+            group = group_spec(config, f"file://{os.path.join(self._rendezvous, config.name)}")
             process = self._ctx.Process(
                 target=instance_main,
-                args=(model_config, config, inbox, self._outbox, os.getpid()),
+                args=(model_config, config.for_worker(0), inbox, self._outbox, os.getpid(), group),
                 name=f"distserve-{config.name}",
                 daemon=True,
             )
             process.start()
-            self._procs[config.name] = _Proc(process, inbox)
+            workers = []
+            for rank in range(1, config.num_workers):
+                worker = self._ctx.Process(
+                    target=worker_main,
+                    args=(model_config, config.for_worker(rank), group, rank),
+                    name=f"distserve-{config.name}-worker{rank}",
+                    daemon=True,
+                )
+                worker.start()
+                workers.append(worker)
+            self._procs[config.name] = _Proc(process, inbox, workers)
         return self.wait_ready(list(self._procs), timeout)
 
     def send(self, instance: str, message: object) -> None:
@@ -138,11 +179,13 @@ class LocalBackend(Backend):
         return events
 
     def dead(self) -> list[InstanceDied]:
-        return [
-            InstanceDied(name, p.process.pid or -1, p.process.exitcode)
-            for name, p in self._procs.items()
-            if not p.process.is_alive()
-        ]
+        """Instances whose driver or any worker is gone."""
+        dead = []
+        for name, p in self._procs.items():
+            gone = [proc for proc in (p.process, *p.workers) if not proc.is_alive()]
+            if gone:
+                dead.append(InstanceDied(name, gone[0].pid or -1, gone[0].exitcode))
+        return dead
 
     def pids(self) -> dict[str, int]:
         return {name: p.process.pid or -1 for name, p in self._procs.items()}
@@ -157,12 +200,13 @@ class LocalBackend(Backend):
                 except (OSError, ValueError):
                     pass
         deadline = time.monotonic() + timeout
-        for p in self._procs.values():
-            p.process.join(max(0.0, deadline - time.monotonic()))
-        for p in self._procs.values():
-            if p.process.is_alive():
-                p.process.kill()
-                p.process.join(5)
+        processes = [proc for p in self._procs.values() for proc in (p.process, *p.workers)]
+        for proc in processes:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
         for p in self._procs.values():
             p.inbox.close()
             p.inbox.cancel_join_thread()
@@ -170,3 +214,4 @@ class LocalBackend(Backend):
         self._outbox.cancel_join_thread()
         self._procs.clear()
         self._outbox = None  # release the queue's semaphores now, not at interpreter exit
+        shutil.rmtree(self._rendezvous, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Goodput within SLOs on this machine: distserve disaggregated (1 prefill + 1 decode instance,
+one core each), colocated (both cores), chunked prefill (both cores) and vLLM's CPU build (both
+cores), on a chatbot workload (ShareGPT lengths) and a summarization one (long prompts, short
+outputs). Then the planner's simulator, with latency models fitted to this engine
+(`distserve profile`), predicts the attainment of the same workloads and arrivals for 1P+1D and
+colocated: its fidelity against the measurement.
+
+    python benchmarks/goodput.py [--vllm-python /tmp/vllm-venv/bin/python] [--only chatbot]
+
+Everything goes to benchmarks/results/goodput/<workload>/ (results.json, plots, server logs)
+and benchmarks/results/goodput/fidelity.json. SLOs are K x the unloaded TTFT and TPOT of the
+colocated server (the first system), K given per workload below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_throughput import smollm2_folder  # noqa: E402 - the same float32 checkpoint for every system
+
+from distserve.config import build_deployment  # noqa: E402
+
+RESULTS = Path("benchmarks/results/goodput")
+DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
+VLLM_ENV = "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
+
+WORKLOADS = {
+    # ShareGPT first turns, as the paper's chatbot workload
+    "chatbot": {
+        "workload": ["--workload", "sharegpt", "--num-requests", "30", "--max-model-len", "1024", "--max-prompt-len", "768"],
+        "rates": ["0.15", "0.3", "0.45", "0.6", "0.9"],
+        "slo_multiple": "5",
+    },
+    # long prompts, short outputs, as the paper's LongBench summarization workload
+    "summarization": {
+        "workload": ["--workload", "synthetic:uniform:768:1536:16:48", "--num-requests", "30", "--max-model-len", "1600"],
+        "rates": ["0.2", "0.35", "0.5", "0.7", "1.0"],
+        "slo_multiple": "5",
+    },
+}
+
+
+def run(command: list[str]) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def profile(model: Path, threads: int) -> Path:
+    out = RESULTS / f"profile-{threads}thread.json"
+    if not out.exists():
+        run(DISTSERVE + ["profile", str(model), "--threads", str(threads), "--max-model-len", "2048", "--out", str(out)])
+    return out
+
+
+def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
+    out = RESULTS / name
+    command = DISTSERVE + ["bench", "compare", str(model), "--systems", "colocated", "disaggregated", "chunked",
+                           "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
+                           "--search", "1", "--slo-multiple", spec["slo_multiple"], "--devices", "2", "--out", str(out)]
+    if Path(vllm_python).exists():
+        vllm = (f"{VLLM_ENV} {vllm_python} -m vllm.entrypoints.openai.api_server --model {model} --dtype float32 "
+                f"--max-model-len 2048 --port {{port}}")
+        command += ["--vllm-command", vllm]
+    else:
+        print(f"vLLM skipped: {vllm_python} not found")
+    run(command)
+    return out / "results.json"
+
+
+def fidelity(model: Path, name: str, spec: dict, measured: Path, profiles: dict[int, Path]) -> dict:
+    """Simulated vs measured attainment at every rate the benchmark ran, for 1P+1D and colocated."""
+    data = json.loads(measured.read_text())
+    ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
+    out: dict = {}
+    for system, mode, latency in (
+        ("disaggregated", "disaggregated", f"fitted:prefill={profiles[1]},decode={profiles[1]}"),
+        ("colocated", "colocated", f"fitted:all={profiles[2]}"),
+    ):
+        runs = data["systems"][system]["runs"]
+        rates = sorted(r["rate"] for r in runs)
+        config = RESULTS / f"{name}-{mode}.json"
+        build_deployment(str(model), mode, max_model_len=2048).save(config)
+        sim_out = RESULTS / f"{name}-{mode}-simulated.json"
+        run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency, "--cluster", "1x2xcpu",
+                         "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
+                         "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
+        simulated = {row["rate"]: row["attainment"] for row in json.loads(sim_out.read_text())["rows"]}
+        rows = [{"rate": r["rate"], "measured": r["attainment"]["both"], "simulated": simulated[r["rate"]]}
+                for r in sorted(runs, key=lambda r: r["rate"])]
+        worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
+        out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
+        print(f"{name} {system}: " + ", ".join(f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%"
+                                                for r in rows) + f" (max error {100 * worst:.1f} points)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    parser.add_argument("--only", choices=sorted(WORKLOADS), default=None)
+    parser.add_argument("--models-dir", default="/tmp/distserve-bench-models")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    model = smollm2_folder(Path(args.models_dir))
+    profiles = {1: profile(model, 1), 2: profile(model, 2)}
+    summary = {}
+    for name, spec in WORKLOADS.items():
+        if args.only and name != args.only:
+            continue
+        measured = compare(model, name, spec, args.vllm_python)
+        summary[name] = fidelity(model, name, spec, measured, profiles)
+    path = RESULTS / "fidelity.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**previous, **summary}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

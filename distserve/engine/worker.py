@@ -1,0 +1,117 @@
+"""The workers of one instance, and how the driver (worker 0) drives the others.
+
+Every worker holds its shard of the model and of the KV cache (`ModelRunner`) and, on a
+decode instance, a transport to pull KV shards. The driver hosts the instance's scheduler;
+each step it broadcasts a `WorkerStep` (the KV pulls to do, or the batch to run) to the other
+workers, every worker runs its part, and the sampling worker (TP rank 0 of the last stage)
+returns the samples to the driver. A single-worker instance skips all communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distserve.config import InstanceConfig, ModelConfig
+from distserve.distributed.group import (
+    GroupSpec,
+    all_gather_object,
+    broadcast_object,
+    destroy_worker_group,
+    group_sum,
+    init_worker_group,
+    recv_object,
+    send_object,
+)
+from distserve.engine.model_runner import ModelRunner
+from distserve.engine.scheduler import ScheduledBatch
+from distserve.kv.cache import KVCacheHandle
+from distserve.kv.transfer import KVTransport, make_transport
+from distserve.layers.sampler import SampleResult
+
+
+@dataclass
+class KVPull:
+    """Pull `src_blocks` of a prefill instance (all its workers' handles) into `dst_blocks`."""
+
+    sources: list[KVCacheHandle]
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+@dataclass
+class WorkerStep:
+    pulls: list[KVPull] = field(default_factory=list)
+    batch: ScheduledBatch | None = None
+    stop: bool = False
+
+
+class Worker:
+    """One worker's model shard, KV cache shard and transport, in its group."""
+
+    def __init__(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec | None, rank: int) -> None:
+        self.config = config
+        self.state = init_worker_group(group, rank)
+        self.runner = ModelRunner(model_config, config, shared_cache=config.role == "prefill")
+        self.transport: KVTransport | None = make_transport(config) if config.role == "decode" else None
+        # every worker's cache handle, in rank order (what a decode instance pulls from)
+        self.handles: list[KVCacheHandle] = all_gather_object(self.runner.kv_cache.handle(config.name, rank))
+        self.sampler_rank = self.state.stage_rank(self.state.pp_size - 1, 0)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.state.rank == 0
+
+    # -- what every worker does with a step -------------------------------------------------
+    def _run(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
+        moved = 0
+        if step.pulls:
+            assert self.transport is not None, f"{self.config.name} is not a decode instance"
+            for pull in step.pulls:
+                moved += self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks)
+            moved = group_sum(moved)  # also waits until every worker has its shards
+        samples = self.runner.execute(step.batch) if step.batch is not None else None
+        if step.batch is not None and self.runner.is_sampler and not self.is_driver:
+            send_object(samples, 0)
+        return moved, samples
+
+    def serve(self) -> None:
+        """Non-driver workers: run the driver's steps until it says stop (or dies)."""
+        assert not self.is_driver
+        while True:
+            step: WorkerStep = broadcast_object()
+            if step.stop:
+                return
+            self._run(step)
+
+    # -- the driver's side ------------------------------------------------------------------
+    def _drive(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
+        if self.state.world_size > 1:
+            broadcast_object(step)
+        moved, samples = self._run(step)
+        if step.batch is not None and self.sampler_rank != 0:
+            samples = recv_object(self.sampler_rank)
+        return moved, samples
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        """Run a batch on every worker; the samples."""
+        # workers need only what the step computes; the preempted requests stay here
+        _, samples = self._drive(WorkerStep(batch=ScheduledBatch(batch.requests, batch.num_new_tokens,
+                                                                 batch.swap_out, batch.swap_in)))
+        assert samples is not None
+        return samples
+
+    def pull(self, pulls: list[KVPull]) -> int:
+        """Pull KV shards on every worker; the bytes all of them moved."""
+        moved, _ = self._drive(WorkerStep(pulls=pulls))
+        return moved
+
+    def close(self) -> None:
+        if self.is_driver and self.state.world_size > 1:
+            try:
+                broadcast_object(WorkerStep(stop=True))
+            except RuntimeError:
+                pass  # a worker is gone already
+        if self.transport is not None:
+            self.transport.close()
+        self.runner.close()
+        destroy_worker_group()
