@@ -102,6 +102,9 @@ class DeploymentConfig:
     seed: int = 0
     backend: str = "local"
     ray_address: str | None = None
+    # Ray: prefill instance i and decode instance i on one node (low node affinity, the
+    # planner's Algorithm 2); otherwise each instance is packed alone and instances spread
+    pair_placement: bool = False
     swap_space_gb: float = 1.0
 
     def validate(self) -> None:

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 import psutil
+
+# Ray reads this when it is imported: with it, a local cluster keeps all its traffic on 127.0.0.1
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import pytest
 
 from tests.tiny_models import save_checkpoint

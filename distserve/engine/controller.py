@@ -94,7 +94,7 @@ def make_backend(deployment: DeploymentConfig) -> Backend:
     if deployment.backend == "ray":
         from distserve.engine.backends.ray import RayBackend
 
-        return RayBackend(deployment.ray_address)
+        return RayBackend(deployment.ray_address, deployment.pair_placement)
     from distserve.engine.backends.local import LocalBackend
 
     return LocalBackend()

@@ -218,8 +218,9 @@ class Placement:
             return PhaseConfig(num_instances=n, tensor_parallel_size=par.tp, pipeline_parallel_size=par.pp,
                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
 
+        # Algorithm 2 places each prefill instance with its decode instance on one node
         return DeploymentConfig(model=model, mode="disaggregated", prefill=phase(self.num_prefill, self.prefill),
-                                decode=phase(self.num_decode, self.decode))
+                                decode=phase(self.num_decode, self.decode), pair_placement=self.algorithm == 2)
 
 
 def algorithm1(problem: PlanProblem, rate: float, progress: bool = True) -> Placement:

@@ -1,0 +1,87 @@
+"""The Ray backend: instances as Ray actors in placement groups, on a local cluster that
+distserve starts (or one the test starts and distserve joins); same outputs as the local
+backend, and nothing of Ray left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from distserve import LLM, SamplingParams
+from distserve.distributed.group import free_port
+from tests.tiny_models import mixed_prompts
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+RAY_DAEMONS = ("raylet", "gcs_server")
+# `ray start` turns token authentication on; a client joining must say so
+JOIN_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def ray_daemons() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join([p.info["name"] or "", *(p.info["cmdline"] or [])])
+        if any(d in text for d in RAY_DAEMONS):
+            found.append(p)
+    return found
+
+
+def run(path, prompts, **kw) -> tuple[list[list[int]], list]:
+    with LLM(str(path), mode="disaggregated", num_kv_blocks=64, **kw) as engine:
+        outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        stats = engine.get_stats()
+    return [o.outputs[0].token_ids for o in outputs], stats
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints):
+    prompts = mixed_prompts(6, seed=11)
+    tokens, _ = run(checkpoints("llama-gqa"), prompts)
+    return prompts, tokens
+
+
+@pytest.mark.slow
+def test_ray_backend_starts_and_stops_its_own_cluster(checkpoints, expected) -> None:
+    assert not ray_daemons(), "a Ray cluster is already running"
+    prompts, tokens = expected
+    got, stats = run(checkpoints("llama-gqa"), prompts, backend="ray", prefill={"tensor_parallel_size": 2})
+    import ray
+    assert got == tokens
+    assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats)
+    assert sum(s.num_transfers for s in stats if s.role == "decode") == len(prompts)
+    assert not ray.is_initialized()
+    psutil.wait_procs(ray_daemons(), timeout=15)
+    assert not ray_daemons(), "Ray processes left behind"
+
+
+@pytest.mark.slow
+def test_ray_backend_joins_an_existing_cluster(checkpoints, expected, monkeypatch) -> None:
+    prompts, tokens = expected
+    for key, value in JOIN_ENV.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = dict(os.environ)
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        got, _ = run(checkpoints("llama-gqa"), prompts, backend="ray", ray_address=f"127.0.0.1:{port}")
+        assert got == tokens
+        # the cluster is still up, with none of distserve's actors or placement groups in it
+        check = (
+            "import ray\n"
+            f"ray.init(address='127.0.0.1:{port}', log_to_driver=False)\n"
+            "actors = ray._private.state.actors().values()\n"  # the GCS's tables (no dashboard here)
+            "groups = ray.util.placement_group_table().values()\n"
+            "print(sum(a['State'] == 'ALIVE' for a in actors), sum(g['state'] == 'CREATED' for g in groups))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", check], env=env, check=True, capture_output=True, text=True)
+        assert out.stdout.split()[-2:] == ["0", "0"], out.stdout
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    psutil.wait_procs(ray_daemons(), timeout=15)
+    assert not ray_daemons()
