@@ -3,9 +3,11 @@
 For prompts of 128, 512 and 2048 tokens, runs the built-in model disaggregated (1 prefill + 1
 decode instance, one core each) and reports per request: KV bytes moved, the pull's time
 and effective bandwidth, a plain memcpy of the same bytes, and the transfer's share of the
-request's end-to-end latency.
+request's end-to-end latency; once per transport: shared memory (one machine) and
+torch.distributed point to point over gloo (what instances on two machines use; here over
+loopback).
 
-    python benchmarks/kv_transfer.py [--model M] [--requests 8] [--max-tokens 64]
+    python benchmarks/kv_transfer.py [--model M] [--requests 8] [--max-tokens 64] [--transports shm torch]
 """
 
 from __future__ import annotations
@@ -41,11 +43,29 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--requests", type=int, default=8, help="requests per prompt length")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--transports", nargs="+", default=["shm", "torch"], choices=["shm", "torch"])
     parser.add_argument("--out", default="benchmarks/results/kv_transfer.json")
     args = parser.parse_args()
 
     rows = []
-    with LLM(args.model, mode="disaggregated", decode={"kv_cache_gb": 2.0}, prefill={"kv_cache_gb": 2.0}) as llm:
+    for transport in args.transports:
+        rows.extend(measure(args, transport))
+    header = (f"{'transport':>9} {'prompt':>7} {'KV MB':>8} {'pull ms':>8} {'pull GB/s':>10} {'memcpy ms':>10} "
+              f"{'memcpy GB/s':>12} {'e2e ms':>9} {'share %':>8}")
+    print(header)
+    for r in rows:
+        print(f"{r['transport']:>9} {r['prompt_tokens']:>7} {r['kv_bytes'] / 1e6:>8.2f} {r['transfer_ms_median']:>8.2f} "
+              f"{r['bandwidth_gbps']:>10.2f} {r['memcpy_ms']:>10.2f} {r['memcpy_gbps']:>12.2f} {r['e2e_ms_median']:>9.0f} "
+              f"{r['transfer_share_pct']:>8.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+def measure(args: argparse.Namespace, transport: str) -> list[dict]:
+    rows = []
+    with LLM(args.model, mode="disaggregated", decode={"kv_cache_gb": 2.0}, prefill={"kv_cache_gb": 2.0},
+             kv_transport=transport) as llm:
         vocab = llm.controller.model_config.vocab_size
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         llm.generate({"prompt_token_ids": [100] * 16}, params, use_tqdm=False)  # warm up both instances
@@ -60,6 +80,7 @@ def main() -> None:
             copy = memcpy_seconds(num_bytes)
             share = [o.metrics.transfer_seconds / o.metrics.e2e_latency for o in outputs]
             rows.append({
+                "transport": transport,
                 "prompt_tokens": length,
                 "kv_bytes": num_bytes,
                 "transfer_ms_median": 1e3 * statistics.median(seconds),
@@ -70,14 +91,7 @@ def main() -> None:
                 "e2e_ms_median": 1e3 * statistics.median(o.metrics.e2e_latency for o in outputs),
                 "transfer_share_pct": 100 * statistics.median(share),
             })
-    header = f"{'prompt':>7} {'KV MB':>8} {'pull ms':>8} {'pull GB/s':>10} {'memcpy ms':>10} {'memcpy GB/s':>12} {'e2e ms':>9} {'share %':>8}"
-    print(header)
-    for r in rows:
-        print(f"{r['prompt_tokens']:>7} {r['kv_bytes'] / 1e6:>8.2f} {r['transfer_ms_median']:>8.2f} {r['bandwidth_gbps']:>10.2f} "
-              f"{r['memcpy_ms']:>10.2f} {r['memcpy_gbps']:>12.2f} {r['e2e_ms_median']:>9.0f} {r['transfer_share_pct']:>8.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -161,8 +162,15 @@ def decode_floor(model: Path) -> dict:
     deployment = DeploymentConfig(model=str(model), mode="colocated")
     deployment.colocated.kv_cache_gb = 2.0
     instance = Instance(config, resolve_instances(deployment, config)[0])
-    linear_params = sum(p.numel() for name, p in instance.runner.model.named_parameters() if "embed" not in name and "wte" not in name)
-    weight_bytes = 4 * (linear_params + config.vocab_size * config.hidden_size)  # the LM head reads the whole embedding
+    # from the checkpoint (the runner may hold some weights twice, packed and plain): every
+    # weight but the embedding, plus the LM head, which reads the whole (tied) embedding
+    from safetensors import safe_open
+
+    linear_params = 0
+    for file in model.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            linear_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "embed" not in k)
+    weight_bytes = 4 * (linear_params + config.vocab_size * config.hidden_size)
     rows = []
     for batch in (1, 32):
         for i in range(batch):

@@ -29,6 +29,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 DEFAULT_KV_CACHE_GB = 1.0
+KV_TRANSPORTS = ("auto", "shm", "torch")
 DEFAULT_CHUNK_SIZE = 512
 # Prompt tokens batched into one prefill step (a longer prompt runs alone). Batches past a
 # few thousand tokens only make the matmuls and activations slower on CPU.
@@ -105,6 +106,9 @@ class DeploymentConfig:
     # Ray: prefill instance i and decode instance i on one node (low node affinity, the
     # planner's Algorithm 2); otherwise each instance is packed alone and instances spread
     pair_placement: bool = False
+    # how decode workers pull KV: auto (shared memory on one machine, torch.distributed across
+    # machines), shm, or torch (torch.distributed point to point even on one machine)
+    kv_transport: str = "auto"
     swap_space_gb: float = 1.0
 
     def validate(self) -> None:
@@ -116,6 +120,8 @@ class DeploymentConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}.")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}.")
         if self.backend not in ("local", "ray"):
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -233,6 +239,8 @@ class InstanceConfig:
     swap_space_gb: float
     chunked_prefill: bool = False
     gpu_ids: list[int] | None = None  # one per worker, on CUDA
+    kv_transport: str = "auto"
+    kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
 
     @property
     def num_workers(self) -> int:
@@ -329,6 +337,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             seed=config.seed,
             swap_space_gb=config.swap_space_gb,
             chunked_prefill=config.mode == "chunked",
+            kv_transport=config.kv_transport,
         )
         if device == "cuda":
             # workers take the GPUs in turn (instances share them when there are fewer)

@@ -44,6 +44,7 @@ class BenchSettings:
     target: float = 0.9
     search_iterations: int = 0  # bisection steps after the rate grid
     progress: bool = True
+    max_extensions: int = 3  # with a search: rates x1.5 above the grid while all of it passes
 
 
 @dataclass
@@ -155,6 +156,12 @@ def benchmark_system(base_url: str, model: str | None, requests: list[BenchReque
     tested: dict[float, float] = {}
     for rate in sorted(settings.rates):
         tested[rate] = attainment_at(rate)
+    # every rate met the target: the goodput lies above the grid, go up until one fails
+    for _ in range(settings.max_extensions if settings.search_iterations else 0):
+        top = max(tested)
+        if tested[top] < settings.target:
+            break
+        tested[top * 1.5] = attainment_at(top * 1.5)
     passing = [r for r in sorted(tested) if tested[r] >= settings.target]
     failing = [r for r in sorted(tested) if tested[r] < settings.target and (not passing or r > passing[-1])]
     if settings.search_iterations and passing and failing:

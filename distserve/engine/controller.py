@@ -13,6 +13,7 @@ Thread-safe: `AsyncLLM` adds and aborts from its event loop while a thread polls
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -111,6 +112,7 @@ class Controller:
         self.eos_token_ids = eos_token_ids(self.model_config, self.tokenizer)
         self.instance_configs = resolve_instances(deployment, self.model_config)
         self.backend = make_backend(deployment)
+        self._kv_store = self._kv_transfer_group()
         try:
             ready = self.backend.start(self.model_config, self.instance_configs, start_timeout)
         except BaseException:  # a failed start, or Ctrl-C / SIGTERM while models load
@@ -131,6 +133,23 @@ class Controller:
     @property
     def disaggregated(self) -> bool:
         return self.deployment.mode == "disaggregated"
+
+    def _kv_transfer_group(self) -> object | None:
+        """Host the store of the KV transfer group (torch.distributed pulls) when KV may move
+        between machines (Ray) or the deployment asks for it, and give every worker its rank."""
+        d = self.deployment
+        if not self.disaggregated or not (d.kv_transport == "torch" or (d.backend == "ray" and d.kv_transport == "auto")):
+            return None
+        from distserve.kv.torch_transport import KVGroupSpec, host_store
+
+        host = self.backend.advertise_host()
+        store = host_store(host)
+        world = sum(c.num_workers for c in self.instance_configs)
+        first = 0
+        for i, config in enumerate(self.instance_configs):
+            self.instance_configs[i] = dataclasses.replace(config, kv_group=KVGroupSpec(host, store.port, world, first))
+            first += config.num_workers
+        return store
 
     @property
     def max_model_len(self) -> int:
@@ -420,3 +439,4 @@ class Controller:
             return
         self._closed = True
         self.backend.shutdown()
+        self._kv_store = None

@@ -9,7 +9,10 @@ returns the samples to the driver. A single-worker instance skips all communicat
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from distserve.config import InstanceConfig, ModelConfig
 from distserve.distributed.group import (
@@ -25,7 +28,8 @@ from distserve.distributed.group import (
 from distserve.engine.model_runner import ModelRunner
 from distserve.engine.scheduler import ScheduledBatch
 from distserve.kv.cache import KVCacheHandle
-from distserve.kv.transfer import KVTransport, make_transport
+from distserve.kv.torch_transport import KVServer, TorchDistributedTransport, join_kv_group
+from distserve.kv.transfer import KVTransport, RoutingTransport, SharedMemoryTransport
 from distserve.layers.sampler import SampleResult
 
 
@@ -50,11 +54,32 @@ class Worker:
 
     def __init__(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec | None, rank: int) -> None:
         self.config = config
+        if config.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(config.device))  # NCCL works on the current device
         self.state = init_worker_group(group, rank)
-        self.runner = ModelRunner(model_config, config, shared_cache=config.role == "prefill")
-        self.transport: KVTransport | None = make_transport(config) if config.role == "decode" else None
+        self.host = os.environ.get("DISTSERVE_HOST", "127.0.0.1")  # this machine, as peers reach it
+        shared = config.role == "prefill" and config.kv_transport != "torch"
+        self.runner = ModelRunner(model_config, config, shared_cache=shared)
+        self.kv_group = self.kv_server = None
+        kv_rank = None
+        if config.kv_group is not None:
+            kv_rank = config.kv_group.first_rank + rank
+            self.kv_group = join_kv_group(config.kv_group, kv_rank, self.host)
+            if config.role == "prefill":
+                self.kv_server = KVServer(self.kv_group, self.runner.kv_cache)
+        self.transport: KVTransport | None = None
+        if config.role == "decode":
+            remote = TorchDistributedTransport(self.kv_group) if self.kv_group is not None else None
+            if config.kv_transport == "torch":
+                if remote is None:
+                    raise ValueError("kv_transport='torch' needs the KV transfer group (disaggregated mode)")
+                self.transport = remote
+            else:
+                self.transport = RoutingTransport(self.host, SharedMemoryTransport(), remote)
         # every worker's cache handle, in rank order (what a decode instance pulls from)
-        self.handles: list[KVCacheHandle] = all_gather_object(self.runner.kv_cache.handle(config.name, rank))
+        self.handles: list[KVCacheHandle] = all_gather_object(
+            self.runner.kv_cache.handle(config.name, rank, self.host, kv_rank)
+        )
         self.sampler_rank = self.state.stage_rank(self.state.pp_size - 1, 0)
 
     @property
@@ -113,5 +138,7 @@ class Worker:
                 pass  # a worker is gone already
         if self.transport is not None:
             self.transport.close()
+        if self.kv_group is not None:
+            self.kv_group.abort()  # ends the KV server's wait
         self.runner.close()
         destroy_worker_group()

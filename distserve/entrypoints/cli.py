@@ -44,6 +44,11 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap-space", type=float, default=None, dest="swap_space_gb", metavar="GIB", help="swap space per instance, GiB")
     parser.add_argument("--backend", choices=("local", "ray"), default=None, help="where instances run")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (--backend ray)")
+    parser.add_argument("--kv-transport", choices=("auto", "shm", "torch"), default=None,
+                        help="how decode instances pull KV: auto (shared memory on one machine, torch.distributed "
+                        "across machines), shm, or torch")
+    parser.add_argument("--pair-placement", action="store_true", default=None,
+                        help="Ray: place prefill instance i and decode instance i on one node")
     group = parser.add_argument_group("colocated and chunked modes")
     group.add_argument("--num-instances", type=int, default=None, metavar="N", help="colocated instances (data parallel)")
     for flag, (field, kind, metavar, text) in PHASE_FLAGS.items():
@@ -59,7 +64,8 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     config = DeploymentConfig.load(args.config) if args.config else DeploymentConfig(mode="disaggregated")
     if args.model is not None:
         config.model = args.model
-    for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address"):
+    for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
+                  "kv_transport", "pair_placement"):
         value = getattr(args, field)
         if value is not None:
             setattr(config, field, value)

@@ -59,6 +59,8 @@ class KVCacheHandle:
     layout: KVLayout
     shm_name: str | None  # named shared memory, for peers on this machine
     device: str
+    host: str = "127.0.0.1"  # the machine it lives on
+    kv_rank: int | None = None  # its rank in the deployment's KV transfer group, if there is one
 
 
 class KVCache:
@@ -81,8 +83,8 @@ class KVCache:
         """K and V of local layer `index`: [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.tensor[index, 0], self.tensor[index, 1]
 
-    def handle(self, instance: str, rank: int) -> KVCacheHandle:
-        return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device)
+    def handle(self, instance: str, rank: int, host: str = "127.0.0.1", kv_rank: int | None = None) -> KVCacheHandle:
+        return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank)
 
     def close(self) -> None:
         """Remove the shared-memory name; the memory goes when the last mapping does."""

@@ -92,11 +92,14 @@ class KVTransport(abc.ABC):
 
     name: str = "abstract"
 
+    def pull(self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        """Copy `src_blocks` of the sources into `dst_blocks` of `dst`, taking from each source
+        worker only the layers and heads this worker holds; returns bytes moved."""
+        return sum(self.copy(handle, ov, src_blocks, dst, dst_blocks) for handle, ov in needed_sources(sources, dst.layout))
+
     @abc.abstractmethod
-    def pull(
-        self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]
-    ) -> int:
-        """Copy `src_blocks` of the sources into `dst_blocks` of `dst`; returns bytes moved."""
+    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        """Copy the overlap of one source worker's blocks; returns bytes moved."""
 
     def close(self) -> None:
         """Let go of any peer memory this transport holds."""
@@ -116,18 +119,31 @@ class SharedMemoryTransport(KVTransport):
             self._peers[handle.shm_name] = attach_shared(handle)
         return self._peers[handle.shm_name][0]
 
-    def pull(
-        self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]
-    ) -> int:
-        moved = 0
-        for handle, ov in needed_sources(sources, dst.layout):
-            moved += copy_blocks(self._tensor(handle), src_blocks, dst.tensor, dst_blocks, ov)
-        return moved
+    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        return copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
 
     def close(self) -> None:
         self._peers.clear()
 
 
-def make_transport(config: object) -> KVTransport:
-    """The transport a decode worker pulls with (shared memory: every instance on one machine)."""
-    return SharedMemoryTransport()
+class RoutingTransport(KVTransport):
+    """Each source by the best way to reach it: shared memory when it is on this machine and
+    in shared memory, else `remote` (torch.distributed point to point)."""
+
+    name = "auto"
+
+    def __init__(self, host: str, local: KVTransport, remote: KVTransport | None) -> None:
+        self.host, self.local, self.remote = host, local, remote
+
+    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        if source.shm_name is not None and source.host == self.host:
+            return self.local.copy(source, ov, src_blocks, dst, dst_blocks)
+        if self.remote is None:
+            raise RuntimeError(f"KV of {source.instance} (on {source.host}) is out of reach: no shared memory with it "
+                               "and no KV transfer group; use kv_transport='torch'.")
+        return self.remote.copy(source, ov, src_blocks, dst, dst_blocks)
+
+    def close(self) -> None:
+        self.local.close()
+        if self.remote is not None:
+            self.remote.close()

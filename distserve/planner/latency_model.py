@@ -55,6 +55,7 @@ class FittedLatencyModel(LatencyModel):
     pp: int = 1
     fit_error: dict[str, float] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
+    samples: dict[str, list] = field(default_factory=dict)  # the measured steps it was fitted to
 
     def prefill_time(self, prompt_lens: Sequence[int]) -> float:
         if not prompt_lens:
@@ -82,16 +83,18 @@ class FittedLatencyModel(LatencyModel):
         threshold: int | None = None,
         meta: dict[str, object] | None = None,
     ) -> FittedLatencyModel:
-        """Least-squares coefficients from measured steps; `fit_error` is the mean
-        absolute relative error of each part on its samples."""
+        """Coefficients from measured steps, by least squares on the *relative* error (each
+        sample weighted by 1 / its time: a 16-token prefill matters as much as a 4096-token
+        one); `fit_error` is the mean absolute relative error of each part on its samples.
+        The samples are kept in the model, so a saved profile can be refitted."""
         x = np.array([[1.0, sum(l), sum(v * v for v in l)] for l, _ in prefill_samples])
         y = np.array([t for _, t in prefill_samples])
-        prefill = tuple(np.linalg.lstsq(x, y, rcond=None)[0].tolist())
+        prefill = _relative_lstsq(x, y)
 
         def fit_decode(samples: Sequence[tuple[Sequence[int], float]]) -> tuple[float, float, float]:
             xd = np.array([[1.0, sum(c), len(c)] for c, _ in samples])
             yd = np.array([t for _, t in samples])
-            return tuple(np.linalg.lstsq(xd, yd, rcond=None)[0].tolist())
+            return _relative_lstsq(xd, yd)
 
         if threshold is None:
             small = large = fit_decode(decode_samples)
@@ -102,6 +105,10 @@ class FittedLatencyModel(LatencyModel):
             small = fit_decode(below) if len(below) >= 3 else fit_decode(decode_samples)
             large = fit_decode(above) if len(above) >= 3 else small
         model = cls(prefill, small, large, threshold, meta=dict(meta or {}))
+        model.samples = {
+            "prefill": [[list(map(int, l)), float(t)] for l, t in prefill_samples],
+            "decode": [[list(map(int, c)), float(t)] for c, t in decode_samples],
+        }
         model.fit_error = {
             "prefill": _mean_relative_error([(model.prefill_time(l), t) for l, t in prefill_samples]),
             "decode": _mean_relative_error([(model.decode_time(c), t) for c, t in decode_samples]),
@@ -121,6 +128,7 @@ class FittedLatencyModel(LatencyModel):
             pp=int(data.get("pp", 1)),
             fit_error=dict(data.get("fit_error", {})),
             meta=dict(data.get("meta", {})),
+            samples=dict(data.get("samples", {})),
         )
 
     def save(self, path: str | Path) -> None:
@@ -129,6 +137,11 @@ class FittedLatencyModel(LatencyModel):
     @classmethod
     def load(cls, path: str | Path) -> FittedLatencyModel:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _relative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    w = 1.0 / np.maximum(y, 1e-9)
+    return tuple(np.linalg.lstsq(x * w[:, None], y * w, rcond=None)[0].tolist())
 
 
 def _mean_relative_error(pairs: list[tuple[float, float]]) -> float:

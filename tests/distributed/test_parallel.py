@@ -71,3 +71,26 @@ def test_micro_batches_split_by_tokens() -> None:
     assert micro_batches(batch, 1) == [[0, 1, 2, 3, 4]]
     assert micro_batches(ScheduledBatch([object()] * 2, [1, 1]), 4) == [[0], [1]]  # type: ignore[list-item]
     assert micro_batches(ScheduledBatch([object()] * 3, [100, 1, 1]), 2) == [[0], [1, 2]]  # type: ignore[list-item]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill,decode", [(dict(), dict()), (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2))],
+                         ids=["1P1D", "P-tp2_D-pp2"])
+def test_torch_distributed_transport_without_shared_memory(checkpoints, prefill: dict, decode: dict) -> None:
+    """Prefill and decode as if on two machines: no shared memory between them, the KV moves
+    over the deployment's torch.distributed (gloo) transfer group."""
+    import os
+
+    path = checkpoints("llama-gqa")
+    prompts = mixed_prompts(8, seed=9)
+    colocated, _, _ = generate(path, prompts)
+    with LLM(str(path), mode="disaggregated", num_kv_blocks=96, kv_transport="torch", prefill=prefill, decode=decode) as engine:
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith("ds-")], "a KV cache was placed in shared memory"
+        outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        stats = engine.get_stats()
+    assert [o.outputs[0].token_ids for o in outputs] == colocated
+    assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats)
+    cfg = load_reference(path).config
+    per_block = 2 * cfg.num_hidden_layers * 16 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    for out, prompt in zip(outputs, prompts):
+        assert out.metrics.transfer_bytes == -(-len(prompt) // 16) * per_block

@@ -48,6 +48,10 @@ class Backend(abc.ABC):
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop every instance and release what the backend holds."""
 
+    def advertise_host(self) -> str:
+        """The address workers reach this (the controller's) machine at."""
+        return "127.0.0.1"
+
     def wait_ready(self, names: list[str], timeout: float) -> dict[str, InstanceReady]:
         ready: dict[str, InstanceReady] = {}
         deadline = time.monotonic() + timeout

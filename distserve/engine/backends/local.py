@@ -40,9 +40,11 @@ def configure_process(config: InstanceConfig) -> None:
 
 
 def instance_main(
-    model_config: ModelConfig, config: InstanceConfig, inbox: Any, outbox: Any, parent: int, group: GroupSpec | None = None
+    model_config: ModelConfig, config: InstanceConfig, inbox: Any, outbox: Any, parent: int | None,
+    group: GroupSpec | None = None,
 ) -> None:
-    """Entry point of an instance process (its driver, worker 0)."""
+    """Entry point of an instance process (its driver, worker 0); with a `parent` pid, it
+    also ends when that process is gone."""
     configure_process(config)
     from distserve.engine.instance import Instance
 
@@ -53,7 +55,7 @@ def instance_main(
         return
     outbox.put([instance.ready_message(os.getpid())])
     try:
-        serve_instance(instance, inbox.get, outbox.put, lambda: _alive(parent))
+        serve_instance(instance, inbox.get, outbox.put, lambda: parent is None or _alive(parent))
     except BaseException:
         outbox.put([InstanceFailed(config.name, traceback.format_exc())])
     finally:

@@ -19,14 +19,13 @@ import os
 import queue
 import threading
 import time
-import traceback
 from typing import Any
 
 from distserve.config import InstanceConfig, ModelConfig, available_cores
 from distserve.distributed.group import GroupSpec, free_port
 from distserve.engine.backends.base import Backend, InstanceDied
-from distserve.engine.backends.local import OPENMP_SPIN, configure_process, group_spec, serve_instance
-from distserve.engine.messages import InstanceFailed, InstanceReady, Shutdown
+from distserve.engine.backends.local import OPENMP_SPIN, group_spec, instance_main
+from distserve.engine.messages import InstanceReady, Shutdown
 
 # Ray routes its own traffic over the machine's first interface unless told; this keeps a
 # local cluster on 127.0.0.1 (see docs/multi_node.md)
@@ -57,21 +56,11 @@ class InstanceDriver:
             self.ended.set()
 
     def _serve(self, model_config: ModelConfig, config: InstanceConfig, outbox: Any, group: GroupSpec | None) -> None:
-        configure_process(config)
-        from distserve.engine.instance import Instance
+        import ray
 
-        try:
-            instance = Instance(model_config, config, group)
-        except BaseException:
-            outbox.put([InstanceFailed(config.name, traceback.format_exc())])
-            return
-        outbox.put([instance.ready_message(os.getpid())])
-        try:
-            serve_instance(instance, self.inbox.get, outbox.put, lambda: True)
-        except BaseException:
-            outbox.put([InstanceFailed(config.name, traceback.format_exc())])
-        finally:
-            instance.close()
+        os.environ["DISTSERVE_HOST"] = ray.util.get_node_ip_address()
+        # Ray ends the actor when the controller's job ends: no parent to watch
+        instance_main(model_config, config, self.inbox, outbox, None, group)
 
     def send(self, message: object) -> None:
         self.inbox.put(message)
@@ -85,8 +74,11 @@ class InstanceWorker:
     """Ray actor: a worker other than the driver; `run` serves the driver's steps until stop."""
 
     def run(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
+        import ray
+
         from distserve.engine.backends.local import worker_main
 
+        os.environ["DISTSERVE_HOST"] = ray.util.get_node_ip_address()
         worker_main(model_config, config, group, rank)
 
 
@@ -109,6 +101,10 @@ class RayBackend(Backend):
         self._pids: dict[str, int] = {}
         self._stopping = False
         self._pair_placement = pair_placement
+
+    def advertise_host(self) -> str:
+        # 127.0.0.1 for a local cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), else this node's address
+        return self.ray.util.get_node_ip_address()
 
     # -- start ---------------------------------------------------------------------------------
     def _bundle(self, config: InstanceConfig) -> dict[str, float]:
