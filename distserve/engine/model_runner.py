@@ -231,8 +231,11 @@ class ModelRunner:
         self.swap(batch)
         results: list[SampleResult | None] = [None] * len(batch)
         sends = []
-        for part in micro_batches(batch, self.pp_size):
-            sub = ScheduledBatch([batch.requests[i] for i in part], [batch.num_new_tokens[i] for i in part])
+        parts = micro_batches(batch, self.pp_size)
+        for part in parts:
+            # one part (no pipeline stages): the batch itself, no per-step copy
+            sub = batch if len(parts) == 1 else ScheduledBatch([batch.requests[i] for i in part],
+                                                               [batch.num_new_tokens[i] for i in part])
             input_ids, positions, meta, rows, flat = self.prepare(sub)
             hidden = None
             if not self.is_first_stage:

@@ -119,9 +119,10 @@ class Worker:
 
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         """Run a batch on every worker; the samples."""
-        # workers need only what the step computes; the preempted requests stay here
-        _, samples = self._drive(WorkerStep(batch=ScheduledBatch(batch.requests, batch.num_new_tokens,
-                                                                 batch.swap_out, batch.swap_in)))
+        if self.state.world_size > 1:
+            # other workers need only what the step computes; the preempted requests stay here
+            batch = ScheduledBatch(batch.requests, batch.num_new_tokens, batch.swap_out, batch.swap_in)
+        _, samples = self._drive(WorkerStep(batch=batch))
         assert samples is not None
         return samples
 
