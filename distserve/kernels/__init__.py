@@ -25,6 +25,8 @@ FUNCTIONS = [
     "linear_small_batch",
     "rotary_embedding",
     "reshape_and_cache",
+    "llama_decode_layer",
+    "argmax_rows",
 ]
 
 

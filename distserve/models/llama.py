@@ -10,6 +10,8 @@ q/k/v biases only).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -17,7 +19,8 @@ from transformers import PretrainedConfig
 from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from distserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distserve.kernels import native_ops
+from distserve.layers.linear import SMALL_BATCH, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distserve.layers.norm import RMSNorm
 from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
@@ -69,6 +72,32 @@ class LlamaDecoderLayer(nn.Module):
         h = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def prepare_fused_decode(self) -> bool:
+        """Whether `decode_fused` computes exactly what `forward` does for a few decodes (no
+        tensor parallelism, so no all-reduce inside, and every projection keeps the plain
+        weight the small-batch kernel streams); if so, gather its arguments once (looking up
+        two dozen submodule attributes per layer and step costs more than the layer's norms
+        and rotary embedding together)."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if attn.o_proj.tp_size != 1 or not all(m.packed is not None and m.weight.numel() for m in linears):
+            return False
+        self.fused_weights = (
+            self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+            attn.o_proj.bias, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+            mlp.down_proj.weight, mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
+        )
+        self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
+                            self.input_layernorm.eps, attn.attn.scale)
+        return True
+
+    def decode_fused(self, ops: ModuleType, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor,
+                     meta: AttentionMetadata) -> torch.Tensor:
+        """`forward` for a pure decode step of at most SMALL_BATCH sequences, as one native
+        call (cos/sin: [T, head_dim])."""
+        return ops.llama_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
+                                      meta.decode_seq_lens, cos, sin, *self.fused_shape)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, lm: CausalLM, max_model_len: int) -> None:
@@ -95,6 +124,7 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         self.model = LlamaModel(config, self, max_model_len)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.fused_decode: bool | None = None
         if self.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
             if self.tied and self.is_first_stage:
@@ -111,9 +141,22 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) if self.is_first_stage else hidden_states
         rope = self.model.rotary.cos_sin(positions, x.dtype)
-        for layer in self.model.layers[self.start_layer : self.end_layer]:
-            x = layer(rope, x, meta)
+        layers = self.model.layers[self.start_layer : self.end_layer]
+        ops = native_ops(x)
+        if ops is not None and not meta.prefill_query_lens and len(x) <= SMALL_BATCH and self._fused_decode(layers):
+            cos, sin = (t.view(t.shape[0], -1) for t in rope)
+            x = x.contiguous()
+            for layer in layers:
+                x = layer.decode_fused(ops, cos, sin, x, meta)
+        else:
+            for layer in layers:
+                x = layer(rope, x, meta)
         return self.model.norm(x) if self.is_last_stage else x
+
+    def _fused_decode(self, layers: nn.ModuleList) -> bool:
+        if self.fused_decode is None:  # decided once, after the weights are loaded and packed
+            self.fused_decode = all(layer.prepare_fused_decode() for layer in layers)
+        return self.fused_decode
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)

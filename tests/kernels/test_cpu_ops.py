@@ -47,9 +47,42 @@ def test_elementwise_ops() -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 96, generator=g), torch.randn(96, generator=g)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (96,), w, 1e-5))
-    gate_up = torch.randn(7, 64, generator=g)
+    gate_up = torch.randn(7, 2 * 69, generator=g) * 30  # vector body and scalar tail; exp near its limits
+    gate_up[0, :8] = torch.tensor([-100.0, -88.0, -87.0, -20.0, 0.0, 20.0, 88.0, 100.0])
     gate, up = gate_up.chunk(2, -1)
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+def test_argmax_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 49152), (5, 1001), (2, 7)]:
+        x = torch.randn(*shape, generator=g)
+        assert torch.equal(ops.argmax_rows(x), x.argmax(-1))
+    x = torch.zeros(3, 40)
+    x[0, [5, 30]] = 1.0  # ties: the first
+    x[1, [3, 20]] = torch.tensor([5.0, float("nan")])  # a NaN is the largest
+    x[2, 39] = float("nan")
+    assert ops.argmax_rows(x).tolist() == x.argmax(-1).tolist() == [5, 20, 39]
+    assert ops.argmax_rows(x[:, :33]).tolist() == [5, 20, 0]  # row views with a longer stride
+
+
+@pytest.mark.parametrize("variant", ["llama-bias", "qwen2"])
+def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str) -> None:
+    """Decode steps of up to 8 sequences run each LLaMA layer as one native call; it gives the
+    layer-by-layer path's tokens (and so transformers')."""
+    from distserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+    path = checkpoints(variant)
+    prompts = mixed_prompts(6)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    calls = []
+    fused = LlamaDecoderLayer.decode_fused
+    monkeypatch.setattr(LlamaDecoderLayer, "decode_fused", lambda self, *a: calls.append(1) or fused(self, *a))
+    got, _ = run_in_process(path, prompts, params, num_kv_blocks=64)
+    assert calls, "the fused path never ran"
+    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", lambda self, layers: False)
+    unfused, _ = run_in_process(path, prompts, params, num_kv_blocks=64)
+    assert got == unfused == [hf_greedy(load_reference(path), p, 24) for p in prompts]
 
 
 def test_rotary_in_place_on_fused_qkv() -> None:
