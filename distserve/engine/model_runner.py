@@ -25,6 +25,7 @@ from distserve.engine.scheduler import ScheduledBatch
 from distserve.kernels import cpu_ops
 from distserve.kv.cache import KVCache, KVLayout
 from distserve.layers.attention import AttentionMetadata
+from distserve.layers.linear import kv_head_range
 from distserve.layers.sampler import SampleResult, SamplingBatch, sample
 from distserve.models.base import CausalLM
 from distserve.models.registry import model_class
@@ -63,17 +64,14 @@ def load_model(model_config: ModelConfig, device: torch.device) -> CausalLM:
 def kv_layout(model_config: ModelConfig, config: InstanceConfig, num_blocks: int) -> KVLayout:
     """The slice of the model's KV this worker holds, for its TP and PP rank."""
     layer_start, layer_end = pp_layer_range(model_config.num_layers)
-    tp, rank = get_tp_size(), get_tp_rank()
-    kv_heads = model_config.num_kv_heads
-    local_heads = max(1, kv_heads // tp)
-    head_start = (rank // max(1, tp // kv_heads)) * local_heads if tp > kv_heads else rank * local_heads
+    head_start, head_end = kv_head_range(model_config.num_kv_heads, get_tp_size(), get_tp_rank())
     return KVLayout(
         num_blocks=num_blocks,
         block_size=config.block_size,
         layer_start=layer_start,
         layer_end=layer_end,
         head_start=head_start,
-        head_end=head_start + local_heads,
+        head_end=head_end,
         head_dim=model_config.head_dim,
         dtype=model_config.dtype,
     )

@@ -132,7 +132,7 @@ def _quick(args: argparse.Namespace) -> None:
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="sharegpt",
-                   help="sharegpt[:PATH] | humaneval[:PATH] | longbench:PATH | trace:CSV | synthetic:SPEC "
+                   help="sharegpt[:PATH] | sharegpt-multiturn[:PATH] | humaneval[:PATH] | longbench:PATH | trace:CSV | synthetic:SPEC "
                    "(SPEC: fixed:IN:OUT, uniform:IN_LO:IN_HI:OUT_LO:OUT_HI, lognormal:IN_MEAN:OUT_MEAN)")
     g.add_argument("--num-requests", type=int, default=100)
     g.add_argument("--max-model-len", type=int, default=2048, help="drop requests whose prompt + output exceed this")

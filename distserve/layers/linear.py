@@ -52,6 +52,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     return F.linear(x, weight, bias)
 
 
+def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The KV heads tensor-parallel rank `tp_rank` holds: an equal share of them, or, with more
+    ranks than heads, one head replicated on tp_size / num_kv_heads consecutive ranks."""
+    local = max(1, num_kv_heads // tp_size)
+    start = tp_rank // max(1, tp_size // num_kv_heads) * local
+    return start, start + local
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -142,8 +150,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             )
         self.head_dim = head_dim
         self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)
+        self.kv_heads = kv_head_range(num_kv_heads, tp, get_tp_rank())
+        self.num_kv_heads = self.kv_heads[1] - self.kv_heads[0]
         local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, local * tp, bias)
 
@@ -158,11 +166,11 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         assert shard_id in ("q", "k", "v")
         if shard_id == "q":
-            offset, rows, rank_index = 0, self.q_size, self.tp_rank
+            offset, rows, start = 0, self.q_size, self.tp_rank * self.q_size
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            rows, rank_index = self.kv_size, self.tp_rank // self.kv_replicas
-        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, rank_index * rows, rows))
+            rows, start = self.kv_size, self.kv_heads[0] * self.head_dim
+        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, start, rows))
 
 
 class RowParallelLinear(LinearBase):

@@ -35,6 +35,24 @@ def test_sharegpt_reads_the_complete_records_of_a_cut_file(tmp_path, tokenizer) 
         assert r.prompt_len == len(r.prompt_token_ids) >= 4 and r.output_len >= 4
 
 
+def test_sharegpt_multiturn_prompts_are_the_turns_before_a_reply(tmp_path, tokenizer) -> None:
+    turns = ["one two three four", "five six seven eight nine", "ten eleven twelve", "the the the the the the"]
+    records = [{"conversations": [{"from": "human" if j % 2 == 0 else "gpt", "value": t} for j, t in enumerate(turns)]},
+               conversation(0)]  # two turns: too short for the multi-turn workload
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records * 20))
+    requests = load_workload(WorkloadSpec.parse(f"sharegpt-multiturn:{path}", num_requests=100), tokenizer)
+    assert len(requests) == 20  # only the four-turn conversations
+    ids = [tokenizer("\n".join(turns[:k]), add_special_tokens=False)["input_ids"] for k in (1, 2, 3)]
+    outputs = [len(tokenizer(turns[k], add_special_tokens=False)["input_ids"]) for k in (1, 2, 3)]
+    seen = set()
+    for r in requests:
+        k = ids.index(r.prompt_token_ids)  # the first k turns, joined by newlines
+        assert r.output_len == outputs[k]  # the reply is turn k + 1
+        seen.add(k)
+    assert seen == {0, 1, 2}  # k is drawn, not fixed
+
+
 def test_filters_drop_pairs_longer_than_the_context(tmp_path, tokenizer) -> None:
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps([conversation(i) for i in range(6)]))
