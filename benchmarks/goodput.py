@@ -37,6 +37,16 @@ WORKLOADS = {
         "rates": ["0.3", "0.6", "0.9", "1.2", "1.8"],
         "slo_multiple": "5",
     },
+    # the planner's fidelity at a finer grain: the chatbot workload with 3x the requests (one
+    # request = 1.4 points of attainment), fixed rates, only the two systems it simulates
+    "chatbot-fidelity": {
+        "workload": ["--workload", "sharegpt", "--num-requests", "72", "--max-model-len", "1024", "--max-prompt-len", "768"],
+        "rates": ["0.3", "0.6", "0.9", "1.2", "1.8"],
+        "slo_multiple": "5",
+        "systems": ["colocated", "disaggregated"],
+        "search": "0",
+        "vllm": False,
+    },
     # long prompts, short outputs, as the paper's LongBench summarization workload
     "summarization": {
         "workload": ["--workload", "synthetic:uniform:384:768:16:48", "--num-requests", "16", "--max-model-len", "1024"],
@@ -60,10 +70,14 @@ def profile(model: Path, threads: int) -> Path:
 
 def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     out = RESULTS / name
-    command = DISTSERVE + ["bench", "compare", str(model), "--systems", "colocated", "disaggregated", "chunked",
+    systems = spec.get("systems", ["colocated", "disaggregated", "chunked"])
+    command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems,
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
-                           "--search", "1", "--slo-multiple", spec["slo_multiple"], "--devices", "2", "--out", str(out)]
-    if Path(vllm_python).exists():
+                           "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
+                           "--out", str(out)]
+    if not spec.get("vllm", True):
+        pass
+    elif Path(vllm_python).exists():
         vllm = (f"{VLLM_ENV} {vllm_python} -m vllm.entrypoints.openai.api_server --model {model} --dtype float32 "
                 f"--max-model-len 2048 --port {{port}}")
         command += ["--vllm-command", vllm]
