@@ -19,7 +19,8 @@ def _tokenizer(args: argparse.Namespace):  # noqa: ANN202 - a transformers token
 
     # the planner builds lengths with the built-in tokenizer unless told otherwise: the model
     # it plans for may be a shape only (a hub id with no network here)
-    return load_tokenizer(load_model_config(getattr(args, "tokenizer_model", args.model)))
+    model = args.tokenizer_model if hasattr(args, "tokenizer_model") else args.model
+    return load_tokenizer(load_model_config(model))
 
 
 def _workload(args: argparse.Namespace):  # noqa: ANN202 - (requests, description)
@@ -321,14 +322,19 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     instances = []
     for phase in deployment.phases():
         cfg = getattr(deployment, phase)
+        # KV capacity: what the file sets; else, on the modelled devices, what fits beside the
+        # weights (as the planner counts it); else this engine's CPU default budget
+        capacity = (cfg.num_kv_blocks * deployment.block_size if cfg.num_kv_blocks
+                    else int(cfg.kv_cache_gb * (1 << 30) // kv_bytes) if cfg.kv_cache_gb else None)
         if args.latency.startswith("fitted:"):
             files = dict(item.split("=", 1) for item in args.latency[len("fitted:"):].split(","))
             latency = FittedLatencyModel.load(files.get(phase, files.get("all")))
+            capacity = capacity or int(DEFAULT_KV_CACHE_GB * (1 << 30) // kv_bytes)
         else:
             problem = _problem(argparse.Namespace(**{**vars(args), "plan_model": shape.name}), lengths)
-            latency = problem.latency_model(Parallelism(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
-        capacity = (cfg.num_kv_blocks * deployment.block_size if cfg.num_kv_blocks
-                    else int((cfg.kv_cache_gb or DEFAULT_KV_CACHE_GB) * (1 << 30) // kv_bytes))
+            par = Parallelism(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+            latency = problem.latency_model(par)
+            capacity = capacity or problem.kv_capacity(par)
         for _ in range(cfg.num_instances):
             instances.append(InstanceSpec(phase, latency, capacity, cfg.max_num_seqs, cfg.max_num_batched_tokens or 2048,
                                           cfg.policy, deployment.mode == "chunked", deployment.block_size))

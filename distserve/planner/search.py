@@ -164,9 +164,10 @@ def _evaluate(args: tuple[PlanProblem, Candidate]) -> Candidate:
     if cand.kind == "prefill":  # a prefill instance alone: decode costs nothing
         spec = ClusterSpec([problem.instance("prefill", cand.prefill), problem.instance("decode", Parallelism(1, 1), INSTANT, big)])
         cand.goodput = problem.goodput(spec, "ttft")
-    elif cand.kind == "decode":  # a decode instance alone: prompts arrive prefilled
+    elif cand.kind == "decode":  # a decode instance alone: prompts arrive prefilled, over the slowest link there is
+        link = "network" if problem.cluster.num_nodes > 1 else "node"
         spec = ClusterSpec([problem.instance("prefill", Parallelism(1, 1), INSTANT, big), problem.instance("decode", cand.decode)],
-                           problem.transfer("network"))
+                           problem.transfer(link))
         cand.goodput = problem.goodput(spec, "tpot")
     elif cand.kind == "pair":
         spec = ClusterSpec([problem.instance("prefill", cand.prefill), problem.instance("decode", cand.decode)], problem.transfer("node"))

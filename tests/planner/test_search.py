@@ -64,6 +64,16 @@ def test_placement_file_round_trips_into_serve(tmp_path) -> None:
     served = deployment_from_args(serve_args)
     assert served.prefill == deployment.prefill and served.decode.max_num_seqs == 64
     assert served.decode.tensor_parallel_size == deployment.decode.tensor_parallel_size
+    # and `simulate` runs the same file (workload lengths from the built-in tokenizer)
+    sim_out = tmp_path / "simulated.json"
+    sim_args = build_parser().parse_args([
+        "simulate", "--config", str(out), "--latency", "published", "--cluster", "1x4xa100-80gb", "--ttft", "0.4",
+        "--tpot", "0.1", "--workload", "synthetic:uniform:100:600:20:200", "--num-requests", "50", "--rates", "0.5", "1",
+        "--out", str(sim_out),
+    ])
+    sim_args.func(sim_args)
+    rows = json.loads(sim_out.read_text())["rows"]
+    assert [r["rate"] for r in rows] == [0.5, 1.0] and all(0.0 <= r["attainment"] <= 1.0 for r in rows)
 
 
 @pytest.mark.slow
