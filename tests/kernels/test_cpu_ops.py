@@ -32,6 +32,10 @@ def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int) -> Non
     expected = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=True)
     got = ops.paged_attention_decode(q, k, v, tables, lens, 0.3)
     torch.testing.assert_close(got, expected.squeeze(2), atol=2e-6, rtol=1e-5)
+    # a batch splits over threads by sequence, a single sequence by head: the same numbers
+    for b in range(batch):
+        alone = ops.paged_attention_decode(q[b : b + 1], k, v, tables[b : b + 1], lens[b : b + 1], 0.3)
+        assert torch.equal(alone[0], got[b])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
