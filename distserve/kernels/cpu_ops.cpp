@@ -117,7 +117,7 @@ inline void axpy(float p, const float* v, float* acc, int64_t D) {
 
 // Scratch space of one thread of the decode attention.
 struct AttentionScratch {
-  std::vector<const float*> k_tokens, v_tokens, rows;
+  std::vector<const float*> k_tokens, v_tokens;
   std::vector<float> scores, acc;
 };
 
@@ -134,7 +134,6 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
   const int64_t ahead = heads * k_sh <= 256 ? kPrefetchAhead : 0;
   w.k_tokens.resize(len);
   w.v_tokens.resize(len);
-  w.rows.resize(len);
   for (int64_t t = 0; t < len; ++t) {
     w.k_tokens[t] = kp + table[t / bs] * k_sb + (t % bs) * k_st;
     w.v_tokens[t] = vp + table[t / bs] * v_sb + (t % bs) * v_st;
@@ -146,9 +145,10 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
     if (ahead)
       for (int64_t t = t0 + ahead; t < std::min(len, t1 + ahead); ++t) prefetch_row(w.k_tokens[t] + h0 * k_sh, heads * k_sh);
     for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t t = t0; t < t1; ++t) w.rows[t] = w.k_tokens[t] + h * k_sh;
+      const float* rows[8];  // this head's key rows of the eight tokens
+      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = w.k_tokens[t] + h * k_sh;
       for (int64_t g = 0; g < G; ++g)
-        score_rows(q + (h * G + g) * D, w.rows.data() + t0, t1 - t0, D, scale,
+        score_rows(q + (h * G + g) * D, rows, t1 - t0, D, scale,
                    w.scores.data() + ((h - h0) * G + g) * len + t0);
     }
   }
