@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distserve.layers.sampler import SamplingBatch, sample
+from distserve.layers.sampler import NUCLEUS_CANDIDATES, SamplingBatch, _inverse_cdf, _top_k, _top_p, sample
 from distserve.sampling_params import SamplingParams
 
 
@@ -51,6 +51,49 @@ def test_top_p_keeps_the_nucleus_only() -> None:
     for seed in range(300):
         seen.add(sample(x, batch([SamplingParams(temperature=1.0, top_p=0.7, seed=seed)]), None)[0].token_id)
     assert seen == {0, 1}
+
+
+def test_inverse_cdf_never_picks_a_token_without_probability() -> None:
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.8, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    lowest, highest = torch.zeros(2, 1), torch.full((2, 1), 1.0 - 2.0**-24)
+    assert _inverse_cdf(probs, lowest).tolist() == [1, 2]
+    assert _inverse_cdf(probs, highest).tolist() == [3, 2]
+    assert _inverse_cdf(probs, torch.tensor([[0.1999], [0.5]])).tolist() == [1, 2]
+    assert _inverse_cdf(probs, torch.tensor([[0.2001], [0.5]])).tolist() == [3, 2]
+
+
+def test_unseeded_sampling_follows_the_distribution() -> None:
+    p = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+    x = torch.log(p).expand(2000, 5)
+    results = sample(x, batch([SamplingParams(temperature=1.0)] * 2000), torch.Generator().manual_seed(3))
+    freq = torch.bincount(torch.tensor([r.token_id for r in results]), minlength=5) / 2000
+    assert torch.allclose(freq, p, atol=0.035)
+
+
+def test_top_k_per_row_in_one_batch() -> None:
+    x = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]] * 3)
+    kept = _top_k(x, [2, -1, 4]) > float("-inf")
+    assert kept.tolist() == [[True, True, False, False, False], [True] * 5, [True, True, True, True, False]]
+
+
+def reference_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    values, order = probs.sort(dim=-1, descending=True)
+    drop = (values.cumsum(dim=-1) - values) >= top_p
+    return torch.zeros_like(probs).scatter(1, order, values.masked_fill(drop, 0.0))
+
+
+@pytest.mark.parametrize("spread", [6.0, 0.01])  # a peaked row (nucleus in the candidates), a flat one (sorted whole)
+def test_top_p_matches_sorting_the_whole_row(spread: float) -> None:
+    vocab = 4 * NUCLEUS_CANDIDATES
+    probs = torch.softmax(torch.randn(3, vocab, generator=torch.Generator().manual_seed(1)) * spread, dim=-1)
+    probs[2] = torch.softmax(torch.arange(vocab, dtype=torch.float32), dim=-1)  # the nucleus is one token
+    got = _top_p(probs, [0.9, 1.0, 0.5])
+    assert torch.equal(got[0:1], reference_top_p(probs[0:1], 0.9))
+    assert torch.equal(got[1], probs[1])
+    assert torch.equal(got[2:3], reference_top_p(probs[2:3], 0.5))
+    assert int((got[2] > 0).sum()) == 1
+    if spread < 1:  # flat: the nucleus holds more tokens than the candidates
+        assert int((got[0] > 0).sum()) > NUCLEUS_CANDIDATES
 
 
 def test_min_p_drops_unlikely_tokens() -> None:
