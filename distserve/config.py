@@ -110,6 +110,9 @@ class DeploymentConfig:
     # machines), shm, or torch (torch.distributed point to point even on one machine)
     kv_transport: str = "auto"
     swap_space_gb: float = 1.0
+    # a folder: each instance appends one JSON line per step to <folder>/<instance>.jsonl
+    # (when it ran, how long, the prompt chunks and decode contexts it computed)
+    step_log: str | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -241,6 +244,7 @@ class InstanceConfig:
     gpu_ids: list[int] | None = None  # one per worker, on CUDA
     kv_transport: str = "auto"
     kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
+    step_log: str | None = None  # folder of the per-step log (DeploymentConfig.step_log)
 
     @property
     def num_workers(self) -> int:
@@ -338,6 +342,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             swap_space_gb=config.swap_space_gb,
             chunked_prefill=config.mode == "chunked",
             kv_transport=config.kv_transport,
+            step_log=config.step_log,
         )
         if device == "cuda":
             # workers take the GPUs in turn (instances share them when there are fewer)

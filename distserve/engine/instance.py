@@ -10,7 +10,9 @@ The instance knows nothing of processes; `backends` host it and carry its messag
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from distserve.config import InstanceConfig, ModelConfig
 from distserve.distributed.group import GroupSpec
@@ -26,7 +28,7 @@ from distserve.engine.messages import (
     StepOutput,
     TokenOutput,
 )
-from distserve.engine.scheduler import Scheduler, admission_capacity
+from distserve.engine.scheduler import ScheduledBatch, Scheduler, admission_capacity
 from distserve.engine.worker import KVPull, Worker
 from distserve.kv.block_manager import BlockManager
 from distserve.kv.cache import KVCacheHandle
@@ -62,6 +64,10 @@ class Instance:
         self.scheduler = Scheduler(config, self.blocks, self.swap)
         self._sources: dict[str, tuple[str, list[KVCacheHandle], list[int]]] = {}
         self._started: set[str] = set()
+        self._step_log = None
+        if config.step_log:
+            Path(config.step_log).mkdir(parents=True, exist_ok=True)
+            self._step_log = open(Path(config.step_log) / f"{self.name}.jsonl", "a", buffering=1)
         self.stats = InstanceStats(
             name=self.name,
             role=config.role,
@@ -118,10 +124,13 @@ class Instance:
         if not batch.requests:
             self._update_stats()
             return events
+        shape = self._batch_shape(batch) if self._step_log else None
         start = time.time()
         samples = self.worker.execute(batch)
         finished = self.scheduler.update(batch, samples)
         end = time.time()
+        if shape is not None:
+            self._step_log.write(json.dumps({"start": start, "seconds": end - start, **shape}) + "\n")
         out = StepOutput(instance=self.name, step_start=start, step_end=end)
         done = {r.request_id for r in finished}
         for request, sample in zip(batch.requests, samples):
@@ -162,6 +171,19 @@ class Instance:
         out.stats = self.stats
         # the step's tokens go first: a PrefillDone refers to the first token they carry
         return [out, *events]
+
+    @staticmethod
+    def _batch_shape(batch: ScheduledBatch) -> dict[str, list[int]]:
+        """What a latency model is a function of: the prompt tokens each prefill (or chunk)
+        computes with the context before it, and each decode's context."""
+        prefill, prefill_context, decode = [], [], []
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            if n == 1 and request.num_tokens > request.num_prompt_tokens:
+                decode.append(request.num_computed_tokens + n)
+            else:
+                prefill.append(n)
+                prefill_context.append(request.num_computed_tokens)
+        return {"prefill": prefill, "prefill_context": prefill_context, "decode": decode}
 
     def _pull_migrations(self) -> list[Event]:
         """Decode role: admit the prefilled requests there is room for and pull their KV."""
@@ -206,4 +228,6 @@ class Instance:
         return self._update_stats()
 
     def close(self) -> None:
+        if self._step_log:
+            self._step_log.close()
         self.worker.close()

@@ -49,6 +49,8 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
                         "across machines), shm, or torch")
     parser.add_argument("--pair-placement", action="store_true", default=None,
                         help="Ray: place prefill instance i and decode instance i on one node")
+    parser.add_argument("--step-log", default=None, metavar="DIR",
+                        help="write every engine step (start, seconds, prompt chunks, decode contexts) to DIR/<instance>.jsonl")
     group = parser.add_argument_group("colocated and chunked modes")
     group.add_argument("--num-instances", type=int, default=None, metavar="N", help="colocated instances (data parallel)")
     for flag, (field, kind, metavar, text) in PHASE_FLAGS.items():
@@ -65,7 +67,7 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if args.model is not None:
         config.model = args.model
     for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
-                  "kv_transport", "pair_placement"):
+                  "kv_transport", "pair_placement", "step_log"):
         value = getattr(args, field)
         if value is not None:
             setattr(config, field, value)

@@ -3,6 +3,8 @@ this machine, and fit the latency model the planner simulates with.
 
 Decode steps are timed on sequences whose KV slots are allocated but not computed: a step
 costs the same whatever numbers sit in the cache, and this skips prefilling long contexts.
+Tokens are chosen greedily, as the benchmark's requests ask (`temperature` 0); sampling
+with a temperature adds a few percent to a step.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def profile_engine(
         return [rng.randrange(3, vocab) for _ in range(n)]
 
     # warm up both paths
-    instance.handle(AddRequest("warmup", tokens(64), SamplingParams(max_tokens=4, ignore_eos=True), time.time(), frozenset()))
+    instance.handle(AddRequest("warmup", tokens(64), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), time.time(), frozenset()))
     while instance.has_work():
         instance.step()
 
@@ -76,14 +78,14 @@ def profile_engine(
         times = []
         for _ in range(grid.repeats):
             for _ in range(k):
-                instance.handle(AddRequest(f"p{next(ids)}", tokens(l), SamplingParams(max_tokens=1), time.time(), frozenset()))
+                instance.handle(AddRequest(f"p{next(ids)}", tokens(l), SamplingParams(max_tokens=1, temperature=0), time.time(), frozenset()))
             times.append(_time_step(instance))
             assert not instance.has_work(), "a profiled prefill batch did not fit one step"
         prefill.append(([l] * k, statistics.median(times)))
         bar.update(1)
 
     decode: list[tuple[list[int], float]] = []
-    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0)
     for batch, context in decode_jobs:
         scheduler, blocks = instance.scheduler, instance.blocks
         requests = []
