@@ -73,6 +73,9 @@ def profile_engine(
     prefill: list[tuple[list[int], float]] = []
     jobs = [(k, l) for l in grid.prefill_lens for k in grid.prefill_batches if k * l <= max(grid.max_prefill_tokens, l)]
     decode_jobs = [(b, c) for b in grid.decode_batches for c in grid.decode_contexts]
+    # in random order: a machine whose speed drifts then blurs the fit instead of bending it
+    rng.shuffle(jobs)
+    rng.shuffle(decode_jobs)
     bar = tqdm(total=len(jobs) + len(decode_jobs), desc="profiling", unit="shape")
     for k, l in jobs:
         times = []
