@@ -38,7 +38,9 @@ WORKLOADS = {
         "slo_multiple": "5",
     },
     # the planner's fidelity at a finer grain: the chatbot workload with 3x the requests (one
-    # request = 1.4 points of attainment), fixed rates, only the two systems it simulates
+    # request = 1.4 points of attainment), fixed rates, only the two systems it simulates; also
+    # simulated with latency models fitted to a calibration run's step logs (other requests:
+    # workload seed 1, one rate)
     "chatbot-fidelity": {
         "workload": ["--workload", "sharegpt", "--num-requests", "72", "--max-model-len", "1024", "--max-prompt-len", "768"],
         "rates": ["0.3", "0.6", "0.9", "1.2", "1.8"],
@@ -46,6 +48,7 @@ WORKLOADS = {
         "systems": ["colocated", "disaggregated"],
         "search": "0",
         "vllm": False,
+        "calibration": {"seed": "1", "rate": "1.2"},
     },
     # long prompts, short outputs, as the paper's LongBench summarization workload
     "summarization": {
@@ -70,7 +73,7 @@ def profile(model: Path, threads: int) -> Path:
 
 def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     out = RESULTS / name
-    systems = spec.get("systems", ["colocated", "disaggregated", "chunked"])
+    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in spec.get("systems", ["colocated", "disaggregated", "chunked"])]
     command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems,
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
                            "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
@@ -85,21 +88,36 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     return out / "results.json"
 
 
-def fidelity(model: Path, name: str, spec: dict, measured: Path, profiles: dict[int, Path]) -> dict:
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float]) -> dict[str, Path]:
+    """Latency models fitted to the steps each system logged serving the calibration run."""
+    out = RESULTS / name / "calibration"
+    cal = spec["calibration"]
+    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in spec["systems"]]
+    workload = [v if spec["workload"][i - 1] != "--seed" else cal["seed"] for i, v in enumerate(spec["workload"])]
+    run(DISTSERVE + ["bench", "compare", str(model), "--systems", *systems, "--server-args", "--max-model-len 2048",
+                     *workload, "--seed", cal["seed"], "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]),
+                     "--devices", "2", "--out", str(out)])
+    models = {}
+    for system in spec["systems"]:
+        models[system] = out / f"fitted-{system}.json"
+        run(DISTSERVE + ["profile", "--step-log", *map(str, sorted((out / f"steps-{system}").glob("*.jsonl"))),
+                         "--out", str(models[system])])
+    return models
+
+
+def fidelity(model: Path, name: str, spec: dict, measured: Path, latency: dict[str, str], label: str) -> dict:
     """Simulated vs measured attainment at every rate the benchmark ran, for 1P+1D and colocated."""
     data = json.loads(measured.read_text())
     ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
     out: dict = {}
-    for system, mode, latency in (
-        ("disaggregated", "disaggregated", f"fitted:prefill={profiles[1]},decode={profiles[1]}"),
-        ("colocated", "colocated", f"fitted:all={profiles[2]}"),
-    ):
+    for system in ("disaggregated", "colocated"):
+        mode = system
         runs = data["systems"][system]["runs"]
         rates = sorted(r["rate"] for r in runs)
         config = RESULTS / f"{name}-{mode}.json"
         build_deployment(str(model), mode, max_model_len=2048).save(config)
-        sim_out = RESULTS / f"{name}-{mode}-simulated.json"
-        run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency, "--cluster", "1x2xcpu",
+        sim_out = RESULTS / f"{name}-{mode}-simulated{label}.json"
+        run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency[system], "--cluster", "1x2xcpu",
                          "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
                          "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
         simulated = {row["rate"]: row["attainment"] for row in json.loads(sim_out.read_text())["rows"]}
@@ -107,7 +125,7 @@ def fidelity(model: Path, name: str, spec: dict, measured: Path, profiles: dict[
                 for r in sorted(runs, key=lambda r: r["rate"])]
         worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
         out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
-        print(f"{name} {system}: " + ", ".join(f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%"
+        print(f"{name}{label} {system}: " + ", ".join(f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%"
                                                 for r in rows) + f" (max error {100 * worst:.1f} points)")
     return out
 
@@ -127,7 +145,13 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         measured = RESULTS / name / "results.json" if args.fidelity_only else compare(model, name, spec, args.vllm_python)
-        summary[name] = fidelity(model, name, spec, measured, profiles)
+        grid = {"disaggregated": f"fitted:prefill={profiles[1]},decode={profiles[1]}", "colocated": f"fitted:all={profiles[2]}"}
+        summary[name] = fidelity(model, name, spec, measured, grid, "")
+        if "calibration" in spec:
+            settings = json.loads(measured.read_text())["settings"]
+            fitted = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]))
+            calibrated = {system: f"fitted:all={path}" for system, path in fitted.items()}
+            summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, measured, calibrated, "-calibrated")
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **summary}, indent=2))

@@ -204,10 +204,13 @@ def _lengths(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from distserve.planner.profile import ProfileGrid, profile_engine
+    from distserve.planner.profile import ProfileGrid, fit_step_logs, profile_engine
 
-    grid = ProfileGrid.quick() if args.quick else ProfileGrid()
-    model = profile_engine(args.model, args.threads, grid, args.max_model_len)
+    if args.step_log:
+        model = fit_step_logs(args.step_log)
+    else:
+        grid = ProfileGrid.quick() if args.quick else ProfileGrid()
+        model = profile_engine(args.model, args.threads, grid, args.max_model_len)
     model.save(args.out)
     print(f"prefill: {model.prefill}, decode below {model.threshold}: {model.decode_small}, above: {model.decode_large}")
     print(f"fit error (mean relative): prefill {model.fit_error['prefill']:.1%}, decode {model.fit_error['decode']:.1%}")
@@ -375,6 +378,8 @@ def register_planner(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--threads", type=int, default=len(available_cores()), help="torch threads (cores of one instance)")
     profile.add_argument("--max-model-len", type=int, default=None)
     profile.add_argument("--quick", action="store_true", help="a small grid")
+    profile.add_argument("--step-log", nargs="+", metavar="JSONL", default=None,
+                         help="fit to the steps a server ran (files `serve --step-log` wrote) instead of timing a grid")
     profile.add_argument("--out", default="profile.json")
     profile.set_defaults(func=cmd_profile)
 

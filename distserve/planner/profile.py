@@ -9,10 +9,12 @@ with a temperature adds a few percent to a step.
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance import Instance
 from distserve.engine.messages import AddRequest
+from distserve.layers.linear import SMALL_BATCH
 from distserve.planner.latency_model import FittedLatencyModel
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
@@ -107,5 +110,34 @@ def profile_engine(
     bar.close()
     instance.close()
     meta = {"model": config.name, "threads": threads, "device": str(instance.runner.device), "dtype": str(config.dtype)}
-    candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in (None, 8, 16, 32)]
+    return fit_best(prefill, decode, meta)
+
+
+def fit_best(
+    prefill: list[tuple[list[int], float]], decode: list[tuple[list[int], float]], meta: dict[str, object]
+) -> FittedLatencyModel:
+    """The fit whose decode batch-size split fits best: none, or one of a few thresholds (the
+    native one-call decode layer runs up to SMALL_BATCH sequences, so a step's cost per
+    sequence changes there)."""
+    thresholds = (None, 8, SMALL_BATCH + 1, 16, 32)
+    candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in thresholds]
     return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])
+
+
+def fit_step_logs(paths: list[str | Path], meta: dict[str, object] | None = None) -> FittedLatencyModel:
+    """A latency model fitted to the steps serving instances logged (`serve --step-log`):
+    the prefill-only steps (whole prompts) and the decode-only steps; the mixed steps of
+    chunked prefill are left out."""
+    prefill: list[tuple[list[int], float]] = []
+    decode: list[tuple[list[int], float]] = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            step = json.loads(line)
+            if step["prefill"] and not step["decode"] and not any(step["prefill_context"]):
+                prefill.append((step["prefill"], step["seconds"]))
+            elif step["decode"] and not step["prefill"]:
+                decode.append((step["decode"], step["seconds"]))
+    if len(prefill) < 3 or len(decode) < 3:
+        raise ValueError(f"{', '.join(map(str, paths))}: {len(prefill)} prefill and {len(decode)} decode steps; "
+                         "a fit needs at least 3 of each (log both phases, e.g. one prefill and one decode instance's log).")
+    return fit_best(prefill, decode, {"source": "step logs", "files": [str(p) for p in paths], **(meta or {})})

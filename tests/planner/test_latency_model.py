@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -58,3 +59,30 @@ def test_kv_transfer_time_by_link() -> None:
     per_token = 2 * 64 * 72 * 128 * 2
     assert kv_transfer_time(shape, a100, 1000, "network") == pytest.approx(per_token * 1000 / (25e9 / 8))
     assert kv_transfer_time(shape, a100, 1000, "node") < kv_transfer_time(shape, a100, 1000, "network") / 50
+
+
+def test_fit_from_step_logs_uses_whole_prefills_and_pure_decodes(tmp_path) -> None:
+    from distserve.planner.profile import fit_step_logs
+
+    rng = random.Random(1)
+    prefill_true, decode_true = (0.03, 2e-3, 4e-7), (0.02, 5e-6, 3e-3)
+    lines = []
+    for _ in range(30):
+        lens = [rng.randint(4, 700) for _ in range(rng.randint(1, 3))]
+        seconds = prefill_true[0] + prefill_true[1] * sum(lens) + prefill_true[2] * sum(v * v for v in lens)
+        lines.append({"start": 1.0, "seconds": seconds, "prefill": lens, "prefill_context": [0] * len(lens), "decode": []})
+        ctx = [rng.randint(10, 900) for _ in range(rng.randint(1, 40))]
+        seconds = decode_true[0] + decode_true[1] * sum(ctx) + decode_true[2] * len(ctx)
+        lines.append({"start": 1.0, "seconds": seconds, "prefill": [], "prefill_context": [], "decode": ctx})
+        # a chunked step (a chunk after context, with decodes) fits neither form: left out
+        lines.append({"start": 1.0, "seconds": 99.0, "prefill": [16], "prefill_context": [32], "decode": ctx})
+    half = len(lines) // 2
+    for name, part in (("prefill-0", lines[:half]), ("decode-0", lines[half:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in part))
+    model = fit_step_logs(sorted(tmp_path.glob("*.jsonl")))
+    assert model.prefill == pytest.approx(prefill_true, rel=1e-6)
+    assert model.decode_time([300] * 7) == pytest.approx(decode_true[0] + decode_true[1] * 2100 + decode_true[2] * 7, rel=1e-6)
+    assert model.fit_error["prefill"] < 1e-9 and model.fit_error["decode"] < 1e-9
+    (tmp_path / "short.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_step_logs([tmp_path / "short.jsonl"])
