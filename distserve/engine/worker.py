@@ -29,7 +29,7 @@ from distserve.engine.model_runner import ModelRunner
 from distserve.engine.scheduler import ScheduledBatch
 from distserve.kv.cache import KVCacheHandle
 from distserve.kv.torch_transport import KVServer, TorchDistributedTransport, join_kv_group
-from distserve.kv.transfer import KVTransport, RoutingTransport, SharedMemoryTransport
+from distserve.kv.transfer import CudaIpcTransport, KVTransport, RoutingTransport, SharedMemoryTransport
 from distserve.layers.sampler import SampleResult
 
 
@@ -75,7 +75,8 @@ class Worker:
                     raise ValueError("kv_transport='torch' needs the KV transfer group (disaggregated mode)")
                 self.transport = remote
             else:
-                self.transport = RoutingTransport(self.host, SharedMemoryTransport(), remote)
+                gpu = CudaIpcTransport() if config.device.startswith("cuda") else None
+                self.transport = RoutingTransport(self.host, SharedMemoryTransport(), remote, gpu)
         # every worker's cache handle, in rank order (what a decode instance pulls from)
         self.handles: list[KVCacheHandle] = all_gather_object(
             self.runner.kv_cache.handle(config.name, rank, self.host, kv_rank)

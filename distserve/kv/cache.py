@@ -2,7 +2,9 @@
 
 One tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (K and V of
 every local layer). On CPU a prefill instance places it in named shared memory so that a
-decode instance on the same machine can pull blocks straight out of it.
+decode instance on the same machine can pull blocks straight out of it; on a GPU it exports
+a CUDA IPC handle of it (torch's, as `torch.multiprocessing` shares CUDA tensors), through
+which a decode worker on the same node maps it and copies device to device.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class KVCacheHandle:
     device: str
     host: str = "127.0.0.1"  # the machine it lives on
     kv_rank: int | None = None  # its rank in the deployment's KV transfer group, if there is one
+    cuda_ipc: tuple | None = None  # what rebuilds the cache tensor in a process of its node (GPU)
 
 
 class KVCache:
@@ -78,13 +81,15 @@ class KVCache:
             self.tensor.zero_()
         else:
             self.tensor = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+        self._cuda_ipc = cuda_ipc_handle(self.tensor) if shared and self.tensor.is_cuda else None
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of local layer `index`: [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.tensor[index, 0], self.tensor[index, 1]
 
     def handle(self, instance: str, rank: int, host: str = "127.0.0.1", kv_rank: int | None = None) -> KVCacheHandle:
-        return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank)
+        return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank,
+                             self._cuda_ipc)
 
     def close(self) -> None:
         """Remove the shared-memory name; the memory goes when the last mapping does."""
@@ -112,3 +117,20 @@ def attach_shared(handle: KVCacheHandle) -> tuple[torch.Tensor, mmap.mmap]:
         numel *= dim
     tensor = torch.frombuffer(buf, dtype=layout.dtype, count=numel).view(layout.shape)
     return tensor, buf
+
+
+def cuda_ipc_handle(tensor: torch.Tensor) -> tuple:
+    """The arguments that rebuild `tensor` in another process of this node: its allocation's
+    CUDA IPC handle, offsets, shape and dtype (what `torch.multiprocessing` pickles)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(tensor)
+    return args
+
+
+def attach_cuda(handle: KVCacheHandle) -> torch.Tensor:
+    """A peer's KV cache tensor on its GPU, mapped into this process through CUDA IPC."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    assert handle.cuda_ipc is not None
+    return rebuild_cuda_tensor(*handle.cuda_ipc)

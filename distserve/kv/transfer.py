@@ -4,7 +4,9 @@ The decode side pulls: it names the source worker's cache (a `KVCacheHandle`), t
 blocks and its own destination blocks. Prefill and decode may shard the cache differently
 (other TP or PP); each destination worker copies, from every source worker, only the layers
 and KV heads both hold (`overlap`). Transports differ in how they reach the source memory;
-this one maps it from named shared memory on the same machine.
+`SharedMemoryTransport` maps it from named shared memory on the same machine,
+`CudaIpcTransport` from a CUDA IPC handle on the same node, and `torch_transport` asks the
+source over torch.distributed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import mmap
 
 import torch
 
-from distserve.kv.cache import KVCache, KVCacheHandle, KVLayout, attach_shared
+from distserve.kv.cache import KVCache, KVCacheHandle, KVLayout, attach_cuda, attach_shared
 
 
 @dataclass(frozen=True)
@@ -126,16 +128,43 @@ class SharedMemoryTransport(KVTransport):
         self._peers.clear()
 
 
+class CudaIpcTransport(KVTransport):
+    """Same node, on GPUs: the source cache is mapped through its CUDA IPC handle once, and
+    blocks are copied device to device (over NVLink or PCIe between two GPUs)."""
+
+    name = "cuda-ipc"
+
+    def __init__(self) -> None:
+        self._peers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _tensor(self, handle: KVCacheHandle) -> torch.Tensor:
+        key = (handle.instance, handle.rank)
+        if key not in self._peers:
+            self._peers[key] = attach_cuda(handle)
+        return self._peers[key]
+
+    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        moved = copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
+        # the source may reuse these blocks as soon as the pull is reported done
+        torch.cuda.current_stream(dst.tensor.device).synchronize()
+        return moved
+
+    def close(self) -> None:
+        self._peers.clear()
+
+
 class RoutingTransport(KVTransport):
-    """Each source by the best way to reach it: shared memory when it is on this machine and
-    in shared memory, else `remote` (torch.distributed point to point)."""
+    """Each source by the best way to reach it: CUDA IPC or shared memory when it is on this
+    machine and exported that way, else `remote` (torch.distributed point to point)."""
 
     name = "auto"
 
-    def __init__(self, host: str, local: KVTransport, remote: KVTransport | None) -> None:
-        self.host, self.local, self.remote = host, local, remote
+    def __init__(self, host: str, local: KVTransport, remote: KVTransport | None, gpu: KVTransport | None = None) -> None:
+        self.host, self.local, self.remote, self.gpu = host, local, remote, gpu
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        if source.cuda_ipc is not None and source.host == self.host and self.gpu is not None:
+            return self.gpu.copy(source, ov, src_blocks, dst, dst_blocks)
         if source.shm_name is not None and source.host == self.host:
             return self.local.copy(source, ov, src_blocks, dst, dst_blocks)
         if self.remote is None:
@@ -145,5 +174,6 @@ class RoutingTransport(KVTransport):
 
     def close(self) -> None:
         self.local.close()
-        if self.remote is not None:
-            self.remote.close()
+        for transport in (self.remote, self.gpu):
+            if transport is not None:
+                transport.close()
