@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,10 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
+def run_quiet(command: list[str]) -> None:
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
 def profile(model: Path, threads: int) -> Path:
     out = RESULTS / f"profile-{threads}thread.json"
     if not out.exists():
@@ -73,7 +78,10 @@ def profile(model: Path, threads: int) -> Path:
 
 def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     out = RESULTS / name
-    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in spec.get("systems", ["colocated", "disaggregated", "chunked"])]
+    names = spec.get("systems", ["colocated", "disaggregated", "chunked"])
+    for system in names:
+        shutil.rmtree(out / f"steps-{system}", ignore_errors=True)  # the logs append
+    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in names]
     command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems,
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
                            "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
@@ -88,21 +96,83 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     return out / "results.json"
 
 
-def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float]) -> dict[str, Path]:
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool) -> dict[str, Path]:
     """Latency models fitted to the steps each system logged serving the calibration run."""
     out = RESULTS / name / "calibration"
     cal = spec["calibration"]
     systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in spec["systems"]]
-    workload = [v if spec["workload"][i - 1] != "--seed" else cal["seed"] for i, v in enumerate(spec["workload"])]
-    run(DISTSERVE + ["bench", "compare", str(model), "--systems", *systems, "--server-args", "--max-model-len 2048",
-                     *workload, "--seed", cal["seed"], "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]),
-                     "--devices", "2", "--out", str(out)])
+    if rerun or not (out / "results.json").exists():
+        for system in spec["systems"]:
+            shutil.rmtree(out / f"steps-{system}", ignore_errors=True)  # the logs append
+        run(DISTSERVE + ["bench", "compare", str(model), "--systems", *systems, "--server-args", "--max-model-len 2048",
+                         *spec["workload"], "--seed", cal["seed"], "--rates", cal["rate"], "--ttft", str(slos[0]),
+                         "--tpot", str(slos[1]), "--devices", "2", "--out", str(out)])
     models = {}
     for system in spec["systems"]:
         models[system] = out / f"fitted-{system}.json"
         run(DISTSERVE + ["profile", "--step-log", *map(str, sorted((out / f"steps-{system}").glob("*.jsonl"))),
                          "--out", str(models[system])])
     return models
+
+
+def split_by_run(steps: list[dict], runs: list[dict]) -> list[list[dict]]:
+    """One instance's logged steps cut into the benchmark's runs (they run one after another):
+    walking back from the end, a run's decode steps hold one token per output token after the
+    first of each of its requests; the steps before the first run (SLO calibration) are dropped."""
+    parts, end = [], len(steps)
+    for run in reversed(runs):
+        tokens, start = sum(max(0, r["output_len"] - 1) for r in run["requests"]), end
+        while start > 0 and tokens > 0:
+            start -= 1
+            tokens -= len(steps[start]["decode"])
+        while start > 0 and not steps[start - 1]["decode"]:
+            start -= 1  # the run's first prefills
+        parts.append(steps[start:end])
+        end = start
+    return parts[::-1]
+
+
+def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
+    """Each rate simulated with latency models fitted to the steps logged at the other rates."""
+    data = json.loads(measured.read_text())
+    ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
+    out: dict = {}
+    for system, logs in (("colocated", ["colocated-0"]), ("disaggregated", ["prefill-0", "decode-0"])):
+        runs = sorted(data["systems"][system]["runs"], key=lambda r: r["rate"])
+        per_log = []
+        for log in logs:
+            steps = [json.loads(line) for line in (RESULTS / name / f"steps-{system}" / f"{log}.jsonl").read_text().splitlines()]
+            if log == "prefill-0":  # no decodes to count: cut where the decode instance's runs start
+                per_log.append(steps)
+            else:
+                per_log.append(split_by_run(steps, runs))
+        if system == "disaggregated":
+            starts = [part[0]["start"] for part in per_log[1]] + [float("inf")]
+            prefill = per_log[0]
+            # a run's prefills come before its first decode by at most one TTFT SLO and a pull
+            per_log[0] = [[s for s in prefill if starts[k] - 10 <= s["start"] < starts[k + 1] - 10] for k in range(len(runs))]
+        rows = []
+        for k, run in enumerate(runs):
+            folder = RESULTS / name / "cross-validated" / system / f"without-{run['rate']:g}"
+            folder.mkdir(parents=True, exist_ok=True)
+            files = []
+            for log, parts in zip(logs, per_log):
+                path = folder / f"{log}.jsonl"
+                path.write_text("".join(json.dumps(step) + "\n" for m, part in enumerate(parts) if m != k for step in part))
+                files.append(str(path))
+            fitted = folder / "fitted.json"
+            run_quiet(DISTSERVE + ["profile", "--step-log", *files, "--out", str(fitted)])
+            sim_out = folder / "simulated.json"
+            run_quiet(DISTSERVE + ["simulate", "--config", str(RESULTS / f"{name}-{system}.json"), "--latency", f"fitted:all={fitted}",
+                                   "--cluster", "1x2xcpu", "--dtype-bytes", "4", *spec["workload"], "--rates", str(run["rate"]),
+                                   "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
+            simulated = json.loads(sim_out.read_text())["rows"][0]["attainment"]
+            rows.append({"rate": run["rate"], "measured": run["attainment"], "simulated": simulated})
+        worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
+        out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
+        print(f"{name} (cross-validated) {system}: " + ", ".join(
+            f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%" for r in rows) + f" (max error {100 * worst:.1f} points)")
+    return out
 
 
 def fidelity(model: Path, name: str, spec: dict, measured: Path, latency: dict[str, str], label: str) -> dict:
@@ -149,9 +219,10 @@ def main() -> None:
         summary[name] = fidelity(model, name, spec, measured, grid, "")
         if "calibration" in spec:
             settings = json.loads(measured.read_text())["settings"]
-            fitted = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]))
+            fitted = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), not args.fidelity_only)
             calibrated = {system: f"fitted:all={path}" for system, path in fitted.items()}
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, measured, calibrated, "-calibrated")
+            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, measured)
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **summary}, indent=2))
