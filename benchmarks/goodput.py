@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -153,8 +154,7 @@ def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
             per_log[0] = [[s for s in prefill if starts[k] - 10 <= s["start"] < starts[k + 1] - 10] for k in range(len(runs))]
         rows = []
         for k, run in enumerate(runs):
-            folder = RESULTS / name / "cross-validated" / system / f"without-{run['rate']:g}"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix=f"cross-validated-{system}-"))  # the logs of 4 runs: not kept
             files = []
             for log, parts in zip(logs, per_log):
                 path = folder / f"{log}.jsonl"
@@ -167,6 +167,7 @@ def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
                                    "--cluster", "1x2xcpu", "--dtype-bytes", "4", *spec["workload"], "--rates", str(run["rate"]),
                                    "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
             simulated = json.loads(sim_out.read_text())["rows"][0]["attainment"]
+            shutil.rmtree(folder)
             rows.append({"rate": run["rate"], "measured": run["attainment"], "simulated": simulated})
         worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
         out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
