@@ -55,7 +55,7 @@ def prompts(vocab: int) -> list[list[int]]:
 def hf_tokens(path: Path, dtype: torch.dtype, batch: list[list[int]]) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
     out = []
     with torch.inference_mode():
         for p in batch:

@@ -45,7 +45,7 @@ def model_logits(count: int) -> torch.Tensor:
 
     folder = smollm2_folder(Path("/tmp/distserve-bench-models"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     requests = load_workload(WorkloadSpec("sharegpt", num_requests=count, max_prompt_len=256, max_model_len=1024), tokenizer)
     rows = []
     with torch.inference_mode():
