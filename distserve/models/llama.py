@@ -20,7 +20,7 @@ from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.kernels import native_ops
-from distserve.layers.linear import SMALL_BATCH, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distserve.layers.linear import FUSED_DECODE_BATCH, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distserve.layers.norm import RMSNorm
 from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
@@ -93,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def decode_fused(self, ops: ModuleType, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor,
                      meta: AttentionMetadata) -> torch.Tensor:
-        """`forward` for a pure decode step of at most SMALL_BATCH sequences, as one native
+        """`forward` for a pure decode step of at most FUSED_DECODE_BATCH sequences, as one native
         call (cos/sin: [T, head_dim])."""
         return ops.llama_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
                                       meta.decode_seq_lens, cos, sin, *self.fused_shape)
@@ -143,7 +143,7 @@ class LlamaForCausalLM(CausalLM):
         rope = self.model.rotary.cos_sin(positions, x.dtype)
         layers = self.model.layers[self.start_layer : self.end_layer]
         ops = native_ops(x)
-        if ops is not None and not meta.prefill_query_lens and len(x) <= SMALL_BATCH and self._fused_decode(layers):
+        if ops is not None and not meta.prefill_query_lens and len(x) <= FUSED_DECODE_BATCH and self._fused_decode(layers):
             cos, sin = (t.view(t.shape[0], -1) for t in rope)
             x = x.contiguous()
             for layer in layers:

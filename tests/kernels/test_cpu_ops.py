@@ -70,22 +70,29 @@ def test_argmax_rows() -> None:
     assert ops.argmax_rows(x[:, :33]).tolist() == [5, 20, 0]  # row views with a longer stride
 
 
-@pytest.mark.parametrize("variant", ["llama-bias", "qwen2"])
-def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str) -> None:
-    """Decode steps of up to 8 sequences run each LLaMA layer as one native call; it gives the
-    layer-by-layer path's tokens (and so transformers')."""
+@pytest.mark.parametrize("variant, count", [("llama-bias", 6), ("qwen2", 6), ("llama-gqa", 20)])
+def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str, count: int) -> None:
+    """Decode steps of up to FUSED_DECODE_BATCH sequences run each LLaMA layer as one native
+    call; it gives the layer-by-layer path's tokens (and so transformers'), also past the 8
+    rows where layer by layer switches its matmuls to oneDNN."""
     from distserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
     path = checkpoints(variant)
-    prompts = mixed_prompts(6)
+    prompts = mixed_prompts(count)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    calls = []
+    rows = []
     fused = LlamaDecoderLayer.decode_fused
-    monkeypatch.setattr(LlamaDecoderLayer, "decode_fused", lambda self, *a: calls.append(1) or fused(self, *a))
-    got, _ = run_in_process(path, prompts, params, num_kv_blocks=64)
-    assert calls, "the fused path never ran"
+
+    def counted(self, ops, cos, sin, x, meta):  # noqa: ANN001, ANN202
+        rows.append(len(x))
+        return fused(self, ops, cos, sin, x, meta)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "decode_fused", counted)
+    got, _ = run_in_process(path, prompts, params, num_kv_blocks=128)
+    assert rows, "the fused path never ran"
+    assert max(rows) == count  # every sequence decoding in one fused step
     monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", lambda self, layers: False)
-    unfused, _ = run_in_process(path, prompts, params, num_kv_blocks=64)
+    unfused, _ = run_in_process(path, prompts, params, num_kv_blocks=128)
     assert got == unfused == [hf_greedy(load_reference(path), p, 24) for p in prompts]
 
 

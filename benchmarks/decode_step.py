@@ -1,0 +1,84 @@
+"""Decode step time by batch size: LLaMA layers as one native call each (the streaming matmul
+kernel) against layer by layer (oneDNN's packed matmuls), interleaved step by step in one
+process so that both see the same minutes of this machine. This is what sets
+`FUSED_DECODE_BATCH`.
+
+SmolLM2-135M float32, 2 threads, contexts drawn from 64-600 tokens, greedy.
+
+    python benchmarks/decode_step.py
+
+Prints a table and writes benchmarks/results/decode_step.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_throughput import smollm2_folder  # noqa: E402
+
+import distserve.models.llama as llama  # noqa: E402
+from distserve.config import DeploymentConfig, resolve_instances  # noqa: E402
+from distserve.engine.instance import Instance  # noqa: E402
+from distserve.request import Request  # noqa: E402
+from distserve.sampling_params import SamplingParams  # noqa: E402
+from distserve.weights.source import load_model_config  # noqa: E402
+
+RESULTS = Path("benchmarks/results")
+BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64)
+STEPS = 24  # per batch size, alternating the two paths
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model = str(smollm2_folder(Path("/tmp/distserve-bench-models")))
+    config = load_model_config(model, max_model_len=2048)
+    deployment = DeploymentConfig(model=model, mode="colocated", max_model_len=2048)
+    deployment.colocated.num_kv_blocks = max(BATCHES) * 48
+    instance = Instance(config, resolve_instances(deployment, config)[0])
+    rng, ids = random.Random(0), iter(range(1 << 30))
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0)
+    limit = llama.FUSED_DECODE_BATCH
+    rows = []
+    for batch in tqdm(BATCHES, desc="batch sizes"):
+        requests = []
+        for _ in range(batch):
+            context = rng.randrange(64, 600)
+            r = Request(f"d{next(ids)}", [rng.randrange(3, 1000) for _ in range(context)], params, time.time(), max_model_len=1 << 30)
+            r.append_token(5)
+            instance.blocks.grow(r.block_table, r.num_tokens + STEPS + 1)
+            r.num_computed_tokens = context
+            instance.scheduler.start_running(r)
+            requests.append(r)
+        times: dict[str, list[float]] = {"one call": [], "layer by layer": []}
+        for i in range(STEPS):
+            path = "one call" if i % 2 else "layer by layer"
+            llama.FUSED_DECODE_BATCH = 1 << 30 if path == "one call" else 0
+            start = time.perf_counter()
+            instance.step()
+            times[path].append(time.perf_counter() - start)
+        fused, plain = (statistics.median(times[k][2:]) for k in ("one call", "layer by layer"))
+        rows.append({"batch": batch, "one_call_ms": 1e3 * fused, "layer_by_layer_ms": 1e3 * plain, "ratio": fused / plain})
+        for r in requests:
+            instance.scheduler.abort(r.request_id)
+    llama.FUSED_DECODE_BATCH = limit
+    instance.close()
+    print(f"{'batch':>5} {'one call':>10} {'layer by layer':>15} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['one_call_ms']:>8.1f}ms {r['layer_by_layer_ms']:>13.1f}ms {r['ratio']:>6.3f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "decode_step.json"
+    out.write_text(json.dumps({"model": "SmolLM2-135M", "threads": 2, "fused_decode_batch": limit, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
