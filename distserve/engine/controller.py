@@ -24,6 +24,7 @@ from distserve.engine.backends.base import Backend
 from distserve.engine.messages import (
     AbortRequest,
     AddRequest,
+    ConnectSources,
     InstanceFailed,
     InstanceReady,
     InstanceStats,
@@ -119,6 +120,10 @@ class Controller:
             self.backend.shutdown()
             raise
         self.instances = {c.name: InstanceView(c, ready[c.name]) for c in self.instance_configs}
+        sources = [h for view in self.instances.values() if view.role == "prefill" for h in view.ready.kv_handles]
+        for view in self.instances.values():
+            if view.role == "decode":
+                self.backend.send(view.config.name, ConnectSources(sources))
         self.requests: dict[str, RequestState] = {}
         self.dead: dict[str, str] = {}
         self._lock = threading.RLock()

@@ -19,6 +19,7 @@ from distserve.distributed.group import GroupSpec
 from distserve.engine.messages import (
     AbortRequest,
     AddRequest,
+    ConnectSources,
     InstanceReady,
     InstanceStats,
     MigrateRequest,
@@ -104,6 +105,8 @@ class Instance:
             self.scheduler.add_migration(request)
         elif isinstance(msg, ReleaseKV):
             self.scheduler.release(msg.request_id)
+        elif isinstance(msg, ConnectSources):
+            self.worker.connect(msg.handles)
         elif isinstance(msg, AbortRequest):
             self.scheduler.abort(msg.request_id)
             self._sources.pop(msg.request_id, None)

@@ -46,6 +46,7 @@ class KVPull:
 class WorkerStep:
     pulls: list[KVPull] = field(default_factory=list)
     batch: ScheduledBatch | None = None
+    connect: list[KVCacheHandle] = field(default_factory=list)  # sources to map ahead of pulls
     stop: bool = False
 
 
@@ -90,6 +91,9 @@ class Worker:
     # -- what every worker does with a step -------------------------------------------------
     def _run(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
         moved = 0
+        if step.connect:
+            assert self.transport is not None, f"{self.config.name} is not a decode instance"
+            self.transport.connect(step.connect, self.runner.kv_cache.layout)
         if step.pulls:
             assert self.transport is not None, f"{self.config.name} is not a decode instance"
             for pull in step.pulls:
@@ -126,6 +130,10 @@ class Worker:
         _, samples = self._drive(WorkerStep(batch=batch))
         assert samples is not None
         return samples
+
+    def connect(self, sources: list[KVCacheHandle]) -> None:
+        """Map the source caches every worker will pull from, now."""
+        self._drive(WorkerStep(connect=sources))
 
     def pull(self, pulls: list[KVPull]) -> int:
         """Pull KV shards on every worker; the bytes all of them moved."""

@@ -103,6 +103,14 @@ class KVTransport(abc.ABC):
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
         """Copy the overlap of one source worker's blocks; returns bytes moved."""
 
+    def connect(self, sources: list[KVCacheHandle], dst: KVLayout) -> None:
+        """Get ready to pull from the source workers this worker needs (map their memory)."""
+        for handle, _ in needed_sources(sources, dst):
+            self.attach(handle)
+
+    def attach(self, source: KVCacheHandle) -> None:
+        """Reach one source worker's cache ahead of its first pull, where that costs anything."""
+
     def close(self) -> None:
         """Let go of any peer memory this transport holds."""
 
@@ -120,6 +128,9 @@ class SharedMemoryTransport(KVTransport):
         if handle.shm_name not in self._peers:
             self._peers[handle.shm_name] = attach_shared(handle)
         return self._peers[handle.shm_name][0]
+
+    def attach(self, source: KVCacheHandle) -> None:
+        self._tensor(source)
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
         return copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
@@ -143,6 +154,9 @@ class CudaIpcTransport(KVTransport):
             self._peers[key] = attach_cuda(handle)
         return self._peers[key]
 
+    def attach(self, source: KVCacheHandle) -> None:
+        self._tensor(source)
+
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
         moved = copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
         # the source may reuse these blocks as soon as the pull is reported done
@@ -162,15 +176,21 @@ class RoutingTransport(KVTransport):
     def __init__(self, host: str, local: KVTransport, remote: KVTransport | None, gpu: KVTransport | None = None) -> None:
         self.host, self.local, self.remote, self.gpu = host, local, remote, gpu
 
-    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+    def _route(self, source: KVCacheHandle) -> KVTransport:
         if source.cuda_ipc is not None and source.host == self.host and self.gpu is not None:
-            return self.gpu.copy(source, ov, src_blocks, dst, dst_blocks)
+            return self.gpu
         if source.shm_name is not None and source.host == self.host:
-            return self.local.copy(source, ov, src_blocks, dst, dst_blocks)
+            return self.local
         if self.remote is None:
             raise RuntimeError(f"KV of {source.instance} (on {source.host}) is out of reach: no shared memory with it "
                                "and no KV transfer group; use kv_transport='torch'.")
-        return self.remote.copy(source, ov, src_blocks, dst, dst_blocks)
+        return self.remote
+
+    def attach(self, source: KVCacheHandle) -> None:
+        self._route(source).attach(source)
+
+    def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+        return self._route(source).copy(source, ov, src_blocks, dst, dst_blocks)
 
     def close(self) -> None:
         self.local.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,16 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_decode_instance_maps_the_prefill_cache_before_any_request(engine_1p1d) -> None:
+    """The first pull pays no mapping: the decode process maps the prefill instance's
+    shared-memory cache at start."""
+    shm = engine_1p1d.controller.instances["prefill-0"].ready.kv_handles[0].shm_name
+    assert shm is not None
+    maps = Path(f"/proc/{pids(engine_1p1d)['decode-0']}/maps")
+    wait_for(lambda: shm in maps.read_text())
+    assert all(s.num_transfers == 0 for s in engine_1p1d.get_stats())
 
 
 def poll_until(engine: LLM, predicate, timeout: float = 20.0) -> None:
