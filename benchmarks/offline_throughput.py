@@ -6,7 +6,7 @@ ignored), float32, the same 2 cores for every system. Models: the built-in SmolL
 (its GGUF dequantized once into a Hugging Face folder so that every system reads the same
 weights) and an OPT-125m-shaped random checkpoint.
 
-    python benchmarks/offline_throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf]
+    python benchmarks/offline_throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf] [--workload chat]
 
 vLLM runs in its own virtual environment (see ../shared/ENVIRONMENT.md for the recipe); it is
 skipped, and said so, when that interpreter is missing.
@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path("benchmarks/results")
-NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = 64, 128, 512, 128
+# prompts, prompt lengths (uniform), output tokens
+WORKLOADS = {
+    "long": (64, 128, 512, 128),  # the issue's offline workload
+    "chat": (24, 40, 120, 273),  # chatbot lengths (ShareGPT means), all at once: a burst of the goodput benchmark
+}
+NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = WORKLOADS["long"]
 
 VLLM_SCRIPT = r'''
 import json, sys, time
@@ -194,8 +199,13 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
-    parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="long",
+                        help="long: 64 prompts of 128-512 tokens, 128 out; chat: 24 prompts of 40-120 tokens, 273 out")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/offline_throughput[-WORKLOAD].json")
     args = parser.parse_args()
+    global NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN
+    NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = WORKLOADS[args.workload]
+    args.out = args.out or str(RESULTS / ("offline_throughput.json" if args.workload == "long" else f"offline_throughput-{args.workload}.json"))
     root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
     report: dict = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": [MIN_LEN, MAX_LEN], "output_len": OUTPUT_LEN}, "models": {}}
