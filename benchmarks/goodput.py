@@ -15,6 +15,7 @@ colocated server (the first system), K given per workload below.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import smollm2_folder  # noqa: E402 - the same float32 checkpoint for every system
 
 from distserve.config import build_deployment  # noqa: E402
+from distserve.planner.profile import read_step_log  # noqa: E402
 
 RESULTS = Path("benchmarks/results/goodput")
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
@@ -77,12 +79,24 @@ def profile(model: Path, threads: int) -> Path:
     return out
 
 
+def logged_systems(out: Path, names: list[str]) -> list[str]:
+    """`bench compare` systems that log every step to out/steps-<system>/ (emptied first: the
+    logs append)."""
+    for system in names:
+        shutil.rmtree(out / f"steps-{system}", ignore_errors=True)
+    return [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in names]
+
+
+def compress_step_logs(out: Path) -> None:
+    """Keep the step logs gzipped (a run's log is megabytes of JSON lines)."""
+    for path in out.glob("steps-*/*.jsonl"):
+        path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+
+
 def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     out = RESULTS / name
-    names = spec.get("systems", ["colocated", "disaggregated", "chunked"])
-    for system in names:
-        shutil.rmtree(out / f"steps-{system}", ignore_errors=True)  # the logs append
-    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in names]
+    systems = logged_systems(out, spec.get("systems", ["colocated", "disaggregated", "chunked"]))
     command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems,
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
                            "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
@@ -94,6 +108,7 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     elif spec.get("vllm", True):
         print(f"vLLM skipped: {vllm_python} not found")
     run(command)
+    compress_step_logs(out)
     return out / "results.json"
 
 
@@ -101,17 +116,16 @@ def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rer
     """Latency models fitted to the steps each system logged serving the calibration run."""
     out = RESULTS / name / "calibration"
     cal = spec["calibration"]
-    systems = [f"{s}=--mode {s} --step-log {out / f'steps-{s}'}" for s in spec["systems"]]
     if rerun or not (out / "results.json").exists():
-        for system in spec["systems"]:
-            shutil.rmtree(out / f"steps-{system}", ignore_errors=True)  # the logs append
-        run(DISTSERVE + ["bench", "compare", str(model), "--systems", *systems, "--server-args", "--max-model-len 2048",
-                         *spec["workload"], "--seed", cal["seed"], "--rates", cal["rate"], "--ttft", str(slos[0]),
-                         "--tpot", str(slos[1]), "--devices", "2", "--out", str(out)])
+        run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, spec["systems"]),
+                         "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
+                         "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]), "--devices", "2",
+                         "--out", str(out)])
+        compress_step_logs(out)
     models = {}
     for system in spec["systems"]:
         models[system] = out / f"fitted-{system}.json"
-        run(DISTSERVE + ["profile", "--step-log", *map(str, sorted((out / f"steps-{system}").glob("*.jsonl"))),
+        run(DISTSERVE + ["profile", "--step-log", *map(str, sorted((out / f"steps-{system}").glob("*.jsonl.gz"))),
                          "--out", str(models[system])])
     return models
 
@@ -142,7 +156,7 @@ def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
         runs = sorted(data["systems"][system]["runs"], key=lambda r: r["rate"])
         per_log = []
         for log in logs:
-            steps = [json.loads(line) for line in (RESULTS / name / f"steps-{system}" / f"{log}.jsonl").read_text().splitlines()]
+            steps = read_step_log(RESULTS / name / f"steps-{system}" / f"{log}.jsonl.gz")
             if log == "prefill-0":  # no decodes to count: cut where the decode instance's runs start
                 per_log.append(steps)
             else:
@@ -169,11 +183,16 @@ def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
             simulated = json.loads(sim_out.read_text())["rows"][0]["attainment"]
             shutil.rmtree(folder)
             rows.append({"rate": run["rate"], "measured": run["attainment"], "simulated": simulated})
-        worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
-        out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
-        print(f"{name} (cross-validated) {system}: " + ", ".join(
-            f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%" for r in rows) + f" (max error {100 * worst:.1f} points)")
+        out[system] = summarize(f"{name} (cross-validated) {system}", rows)
     return out
+
+
+def summarize(title: str, rows: list[dict]) -> dict:
+    """Measured against simulated attainment by rate, printed, and the largest gap in points."""
+    worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
+    print(f"{title}: " + ", ".join(f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%" for r in rows)
+          + f" (max error {100 * worst:.1f} points)")
+    return {"rows": rows, "max_abs_error_points": 100 * worst}
 
 
 def fidelity(model: Path, name: str, spec: dict, measured: Path, latency: dict[str, str], label: str) -> dict:
@@ -181,23 +200,19 @@ def fidelity(model: Path, name: str, spec: dict, measured: Path, latency: dict[s
     data = json.loads(measured.read_text())
     ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
     out: dict = {}
-    for system in ("disaggregated", "colocated"):
-        mode = system
+    for system in ("disaggregated", "colocated"):  # each system is the distserve mode of its name
         runs = data["systems"][system]["runs"]
         rates = sorted(r["rate"] for r in runs)
-        config = RESULTS / f"{name}-{mode}.json"
-        build_deployment(str(model), mode, max_model_len=2048).save(config)
-        sim_out = RESULTS / f"{name}-{mode}-simulated{label}.json"
+        config = RESULTS / f"{name}-{system}.json"
+        build_deployment(str(model), system, max_model_len=2048).save(config)
+        sim_out = RESULTS / f"{name}-{system}-simulated{label}.json"
         run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency[system], "--cluster", "1x2xcpu",
                          "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
                          "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
         simulated = {row["rate"]: row["attainment"] for row in json.loads(sim_out.read_text())["rows"]}
         rows = [{"rate": r["rate"], "measured": r["attainment"], "simulated": simulated[r["rate"]]}
                 for r in sorted(runs, key=lambda r: r["rate"])]
-        worst = max(abs(r["measured"] - r["simulated"]) for r in rows)
-        out[system] = {"rows": rows, "max_abs_error_points": 100 * worst}
-        print(f"{name}{label} {system}: " + ", ".join(f"{r['rate']:g}: {100 * r['measured']:.0f}% vs {100 * r['simulated']:.0f}%"
-                                                for r in rows) + f" (max error {100 * worst:.1f} points)")
+        out[system] = summarize(f"{name}{label} {system}", rows)
     return out
 
 

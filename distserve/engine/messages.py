@@ -1,8 +1,9 @@
 """Messages between the controller and its instances (plain dataclasses, pickled over pipes).
 
 Controller -> instance: AddRequest, MigrateRequest (decode), ReleaseKV (prefill),
-ConnectSources (decode), AbortRequest, Shutdown. Instance -> controller: InstanceReady, StepOutput (tokens and
-stage stamps), PrefillDone (a request's KV is ready to pull), MigrationDone, InstanceFailed.
+ConnectSources (decode), AbortRequest, Shutdown. Instance -> controller: InstanceReady,
+StepOutput (tokens and stage stamps), PrefillDone (a request's KV is ready to pull),
+MigrationDone, InstanceFailed.
 """
 
 from __future__ import annotations

@@ -91,11 +91,11 @@ class Worker:
     # -- what every worker does with a step -------------------------------------------------
     def _run(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
         moved = 0
-        if step.connect:
+        if step.connect or step.pulls:
             assert self.transport is not None, f"{self.config.name} is not a decode instance"
+        if step.connect:
             self.transport.connect(step.connect, self.runner.kv_cache.layout)
         if step.pulls:
-            assert self.transport is not None, f"{self.config.name} is not a decode instance"
             for pull in step.pulls:
                 moved += self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks)
             moved = group_sum(moved)  # also waits until every worker has its shards

@@ -115,19 +115,22 @@ class KVTransport(abc.ABC):
         """Let go of any peer memory this transport holds."""
 
 
-class SharedMemoryTransport(KVTransport):
-    """Same machine: the source cache is mapped from its named shared memory once."""
-
-    name = "shm"
+class MappedTransport(KVTransport):
+    """A transport that maps each source cache into this process once (`_map`), then copies
+    runs of blocks straight out of it."""
 
     def __init__(self) -> None:
-        self._peers: dict[str, tuple[torch.Tensor, mmap.mmap]] = {}
+        self._peers: dict[tuple[str, int], object] = {}  # (instance, rank) -> what _map returned
+
+    @abc.abstractmethod
+    def _map(self, handle: KVCacheHandle) -> tuple[torch.Tensor, object]:
+        """The source's cache tensor, and whatever must stay alive while it is used."""
 
     def _tensor(self, handle: KVCacheHandle) -> torch.Tensor:
-        assert handle.shm_name is not None, f"{handle.instance} has no shared-memory KV cache"
-        if handle.shm_name not in self._peers:
-            self._peers[handle.shm_name] = attach_shared(handle)
-        return self._peers[handle.shm_name][0]
+        key = (handle.instance, handle.rank)
+        if key not in self._peers:
+            self._peers[key] = self._map(handle)
+        return self._peers[key][0]
 
     def attach(self, source: KVCacheHandle) -> None:
         self._tensor(source)
@@ -139,32 +142,30 @@ class SharedMemoryTransport(KVTransport):
         self._peers.clear()
 
 
-class CudaIpcTransport(KVTransport):
-    """Same node, on GPUs: the source cache is mapped through its CUDA IPC handle once, and
-    blocks are copied device to device (over NVLink or PCIe between two GPUs)."""
+class SharedMemoryTransport(MappedTransport):
+    """Same machine: the source cache is mapped from its named shared memory."""
+
+    name = "shm"
+
+    def _map(self, handle: KVCacheHandle) -> tuple[torch.Tensor, mmap.mmap]:
+        assert handle.shm_name is not None, f"{handle.instance} has no shared-memory KV cache"
+        return attach_shared(handle)
+
+
+class CudaIpcTransport(MappedTransport):
+    """Same node, on GPUs: the source cache is mapped through its CUDA IPC handle, and blocks
+    are copied device to device (over NVLink or PCIe between two GPUs)."""
 
     name = "cuda-ipc"
 
-    def __init__(self) -> None:
-        self._peers: dict[tuple[str, int], torch.Tensor] = {}
-
-    def _tensor(self, handle: KVCacheHandle) -> torch.Tensor:
-        key = (handle.instance, handle.rank)
-        if key not in self._peers:
-            self._peers[key] = attach_cuda(handle)
-        return self._peers[key]
-
-    def attach(self, source: KVCacheHandle) -> None:
-        self._tensor(source)
+    def _map(self, handle: KVCacheHandle) -> tuple[torch.Tensor, None]:
+        return attach_cuda(handle), None
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
-        moved = copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
+        moved = super().copy(source, ov, src_blocks, dst, dst_blocks)
         # the source may reuse these blocks as soon as the pull is reported done
         torch.cuda.current_stream(dst.tensor.device).synchronize()
         return moved
-
-    def close(self) -> None:
-        self._peers.clear()
 
 
 class RoutingTransport(KVTransport):

@@ -97,7 +97,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generat
 
 
 def _top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Keep each row's k largest logits (k = 0: all); ties at the k-th value are kept."""
+    """Keep each row's k largest logits (k <= 0: all of them); ties at the k-th value are kept."""
     vocab = logits.shape[1]
     widest = min(vocab, max(top_k))
     k = torch.tensor([min(k, vocab) if k > 0 else widest for k in top_k], device=logits.device)

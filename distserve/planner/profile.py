@@ -9,6 +9,7 @@ with a temperature adds a few percent to a step.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import statistics
@@ -124,6 +125,13 @@ def fit_best(
     return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])
 
 
+def read_step_log(path: str | Path) -> list[dict]:
+    """The steps of one instance's log (`serve --step-log`), plain or gzipped (`.gz`)."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def fit_step_logs(paths: list[str | Path], meta: dict[str, object] | None = None) -> FittedLatencyModel:
     """A latency model fitted to the steps serving instances logged (`serve --step-log`):
     the prefill-only steps (whole prompts) and the decode-only steps; the mixed steps of
@@ -131,8 +139,7 @@ def fit_step_logs(paths: list[str | Path], meta: dict[str, object] | None = None
     prefill: list[tuple[list[int], float]] = []
     decode: list[tuple[list[int], float]] = []
     for path in paths:
-        for line in Path(path).read_text().splitlines():
-            step = json.loads(line)
+        for step in read_step_log(path):
             if step["prefill"] and not step["decode"] and not any(step["prefill_context"]):
                 prefill.append((step["prefill"], step["seconds"]))
             elif step["decode"] and not step["prefill"]:

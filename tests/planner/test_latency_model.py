@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -77,9 +78,10 @@ def test_fit_from_step_logs_uses_whole_prefills_and_pure_decodes(tmp_path) -> No
         # a chunked step (a chunk after context, with decodes) fits neither form: left out
         lines.append({"start": 1.0, "seconds": 99.0, "prefill": [16], "prefill_context": [32], "decode": ctx})
     half = len(lines) // 2
-    for name, part in (("prefill-0", lines[:half]), ("decode-0", lines[half:])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in part))
-    model = fit_step_logs(sorted(tmp_path.glob("*.jsonl")))
+    text = ["".join(json.dumps(x) + "\n" for x in part) for part in (lines[:half], lines[half:])]
+    (tmp_path / "prefill-0.jsonl").write_text(text[0])
+    (tmp_path / "decode-0.jsonl.gz").write_bytes(gzip.compress(text[1].encode()))  # kept compressed, as benchmarks do
+    model = fit_step_logs([tmp_path / "prefill-0.jsonl", tmp_path / "decode-0.jsonl.gz"])
     assert model.prefill == pytest.approx(prefill_true, rel=1e-6)
     assert model.decode_time([300] * 7) == pytest.approx(decode_true[0] + decode_true[1] * 2100 + decode_true[2] * 7, rel=1e-6)
     assert model.fit_error["prefill"] < 1e-9 and model.fit_error["decode"] < 1e-9
