@@ -1,7 +1,12 @@
-"""Decode step time by batch size: LLaMA layers as one native call each (the streaming matmul
-kernel) against layer by layer (oneDNN's packed matmuls), interleaved step by step in one
-process so that both see the same minutes of this machine. This is what sets
-`FUSED_DECODE_BATCH`.
+"""Decode step time by batch size, three ways interleaved step by step in one process (so that
+all see the same minutes of this machine):
+
+- one call: each LLaMA layer as one native call, its matmuls streaming the plain weight up to
+  `FUSED_STREAM_ROWS` rows and on oneDNN's packed weight above (the engine's path);
+- one call, streamed: the same with every matmul streamed;
+- layer by layer: torch modules, oneDNN's packed matmuls past `SMALL_BATCH` rows.
+
+This is what sets `FUSED_DECODE_BATCH` and `FUSED_STREAM_ROWS`.
 
 SmolLM2-135M float32, 2 threads, contexts drawn from 64-600 tokens, greedy.
 
@@ -33,8 +38,15 @@ from distserve.sampling_params import SamplingParams  # noqa: E402
 from distserve.weights.source import load_model_config  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
-BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64)
-STEPS = 24  # per batch size, alternating the two paths
+BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
+STEPS = 30  # per batch size, the three paths in turn
+PATHS = ("one call", "one call, streamed", "layer by layer")
+
+
+def set_stream_rows(layers: list, rows: int) -> None:
+    """The matmul rows up to which the one-call layers stream the plain weight."""
+    for layer in layers:
+        layer.fused_shape = (*layer.fused_shape[:-1], rows)
 
 
 def main() -> None:
@@ -47,6 +59,9 @@ def main() -> None:
     rng, ids = random.Random(0), iter(range(1 << 30))
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0)
     limit = llama.FUSED_DECODE_BATCH
+    model = instance.worker.runner.model
+    assert model._fused_decode(model.model.layers), "SmolLM2 runs the one-call decode layer"
+    layers = list(model.model.layers)
     rows = []
     for batch in tqdm(BATCHES, desc="batch sizes"):
         requests = []
@@ -58,25 +73,30 @@ def main() -> None:
             r.num_computed_tokens = context
             instance.scheduler.start_running(r)
             requests.append(r)
-        times: dict[str, list[float]] = {"one call": [], "layer by layer": []}
+        times: dict[str, list[float]] = {path: [] for path in PATHS}
         for i in range(STEPS):
-            path = "one call" if i % 2 else "layer by layer"
-            llama.FUSED_DECODE_BATCH = 1 << 30 if path == "one call" else 0
+            path = PATHS[i % len(PATHS)]
+            llama.FUSED_DECODE_BATCH = 0 if path == "layer by layer" else 1 << 30
+            set_stream_rows(layers, 1 << 30 if path == "one call, streamed" else llama.FUSED_STREAM_ROWS)
             start = time.perf_counter()
             instance.step()
             times[path].append(time.perf_counter() - start)
-        fused, plain = (statistics.median(times[k][2:]) for k in ("one call", "layer by layer"))
-        rows.append({"batch": batch, "one_call_ms": 1e3 * fused, "layer_by_layer_ms": 1e3 * plain, "ratio": fused / plain})
+        ms = {path: 1e3 * statistics.median(times[path][1:]) for path in PATHS}
+        rows.append({"batch": batch, "one_call_ms": ms["one call"], "one_call_streamed_ms": ms["one call, streamed"],
+                     "layer_by_layer_ms": ms["layer by layer"], "ratio": ms["one call"] / ms["layer by layer"]})
         for r in requests:
             instance.scheduler.abort(r.request_id)
     llama.FUSED_DECODE_BATCH = limit
+    set_stream_rows(layers, llama.FUSED_STREAM_ROWS)
     instance.close()
-    print(f"{'batch':>5} {'one call':>10} {'layer by layer':>15} {'ratio':>6}")
+    print(f"{'batch':>5} {'one call':>10} {'one call, streamed':>19} {'layer by layer':>15} {'one call / layer by layer':>26}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['one_call_ms']:>8.1f}ms {r['layer_by_layer_ms']:>13.1f}ms {r['ratio']:>6.3f}")
+        print(f"{r['batch']:>5} {r['one_call_ms']:>8.1f}ms {r['one_call_streamed_ms']:>17.1f}ms "
+              f"{r['layer_by_layer_ms']:>13.1f}ms {r['ratio']:>26.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "decode_step.json"
-    out.write_text(json.dumps({"model": "SmolLM2-135M", "threads": 2, "fused_decode_batch": limit, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"model": "SmolLM2-135M", "threads": 2, "fused_decode_batch": limit,
+                               "fused_stream_rows": llama.FUSED_STREAM_ROWS, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -83,14 +83,20 @@ inline float exp_shifted(float* s, int64_t n, float m) {
   return total;
 }
 
-// KV rows this many tokens ahead are prefetched while the current ones are read, when a
-// token's row is short (SmolLM2's 3 KV heads: 768 bytes); longer rows the hardware follows.
-constexpr int64_t kPrefetchAhead = 64;
+// The next KV block's rows are prefetched while the current block is computed on, when they
+// are at most this many bytes (they then fit L1 beside the current block); the hardware
+// prefetchers follow long token rows, not the short pieces of a block scattered in the cache.
+constexpr int64_t kPrefetchBlockBytes = 16 << 10;
 
 inline void prefetch_row(const float* row, int64_t D) {
 #ifdef __AVX2__
   for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
 #endif
+}
+
+// prefetch_row for n tokens' rows, `width` floats from `offset`
+inline void prefetch_tokens(const float* const* rows, int64_t n, int64_t offset, int64_t width) {
+  for (int64_t t = 0; t < n; ++t) prefetch_row(rows[t] + offset, width);
 }
 
 // scores[t] = q . k_t * scale for the tokens [0, n) of one head; k_t = rows[t]
@@ -115,6 +121,55 @@ inline void axpy(float p, const float* v, float* acc, int64_t D) {
   for (; d < D; ++d) acc[d] = std::fma(p, v[d], acc[d]);
 }
 
+#ifdef __AVX2__
+// out[0, 8R) += sum_t p[t] * rows[t][0, 8R), the 8R sums held in registers over the tokens
+// (each element accumulated in token order with one fma a token, as axpy does: the same result)
+template <int R>
+inline void weighted_sum(const float* p, const float* const* rows, int64_t offset, int64_t len, float* out) {
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_loadu_ps(out + 8 * i);
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256 pv = _mm256_set1_ps(p[t]);
+    const float* v = rows[t] + offset;
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+// weighted_sum over D floats (D a multiple of 8), 64 at a time
+inline void weighted_rows(const float* p, const float* const* rows, int64_t offset, int64_t len, int64_t D, float* out) {
+  int64_t c = 0;
+  for (; c + 64 <= D; c += 64) weighted_sum<8>(p, rows, offset + c, len, out + c);
+  switch ((D - c) / 8) {
+    case 1: weighted_sum<1>(p, rows, offset + c, len, out + c); break;
+    case 2: weighted_sum<2>(p, rows, offset + c, len, out + c); break;
+    case 3: weighted_sum<3>(p, rows, offset + c, len, out + c); break;
+    case 4: weighted_sum<4>(p, rows, offset + c, len, out + c); break;
+    case 5: weighted_sum<5>(p, rows, offset + c, len, out + c); break;
+    case 6: weighted_sum<6>(p, rows, offset + c, len, out + c); break;
+    case 7: weighted_sum<7>(p, rows, offset + c, len, out + c); break;
+    default: break;
+  }
+}
+#endif
+
+// the largest of s[0, n), n >= 1
+inline float max_of(const float* s, int64_t n) {
+  int64_t t = 0;
+  float m = s[0];
+#ifdef __AVX2__
+  if (n >= 8) {
+    __m256 mv = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (float l : lanes) m = l > m ? l : m;
+  }
+#endif
+  for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+  return m;
+}
+
 // Scratch space of one thread of the decode attention.
 struct AttentionScratch {
   std::vector<const float*> k_tokens, v_tokens;
@@ -122,16 +177,16 @@ struct AttentionScratch {
 };
 
 // Attention of one sequence's query heads for the KV heads [h0, h1) over its `len` cached
-// tokens. Keys and values are read token by token, all the heads [h0, h1) of a token
-// together (they are contiguous in the cache), each once. Every head's arithmetic is the same
-// whichever heads are done together, so the result does not depend on how the batch is split
-// over threads. Short token rows are prefetched ahead (the hardware prefetchers follow long
-// ones, not 256-byte pieces scattered over the blocks).
+// tokens, block by block: the scores of a block's tokens (all the heads [h0, h1) of a token
+// together: they are contiguous in the cache), then after the softmax the values, each block's
+// rows read once from memory for all the query rows, while the next block is prefetched. Every
+// head's arithmetic is the same whichever heads are done together, so the result does not
+// depend on how the batch is split over threads.
 inline void attend(const float* q, float* out, const int64_t* table, int64_t len, const float* kp, const float* vp,
                    int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh,
                    int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, AttentionScratch& w) {
   const int64_t heads = h1 - h0, rows_per_token = heads * G;
-  const int64_t ahead = heads * k_sh <= 256 ? kPrefetchAhead : 0;
+  const bool prefetch = bs * heads * std::max(k_sh, v_sh) * static_cast<int64_t>(sizeof(float)) <= kPrefetchBlockBytes;
   w.k_tokens.resize(len);
   w.v_tokens.resize(len);
   for (int64_t t = 0; t < len; ++t) {
@@ -140,30 +195,44 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
   }
   // scores[(h, g), t] = q_(h, g) . k_(h, t) * scale, eight tokens at a time
   w.scores.resize(rows_per_token * len);
-  for (int64_t t0 = 0; t0 < len; t0 += 8) {
-    const int64_t t1 = std::min(len, t0 + 8);
-    if (ahead)
-      for (int64_t t = t0 + ahead; t < std::min(len, t1 + ahead); ++t) prefetch_row(w.k_tokens[t] + h0 * k_sh, heads * k_sh);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* rows[8];  // this head's key rows of the eight tokens
-      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = w.k_tokens[t] + h * k_sh;
-      for (int64_t g = 0; g < G; ++g)
-        score_rows(q + (h * G + g) * D, rows, t1 - t0, D, scale,
-                   w.scores.data() + ((h - h0) * G + g) * len + t0);
+  for (int64_t b0 = 0; b0 < len; b0 += bs) {
+    const int64_t b1 = std::min(len, b0 + bs);
+    if (prefetch && b1 < len) prefetch_tokens(w.k_tokens.data() + b1, std::min(bs, len - b1), h0 * k_sh, heads * k_sh);
+    for (int64_t t0 = b0; t0 < b1; t0 += 8) {
+      const int64_t t1 = std::min(b1, t0 + 8);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* rows[8];  // this head's key rows of the eight tokens
+        for (int64_t t = t0; t < t1; ++t) rows[t - t0] = w.k_tokens[t] + h * k_sh;
+        for (int64_t g = 0; g < G; ++g)
+          score_rows(q + (h * G + g) * D, rows, t1 - t0, D, scale, w.scores.data() + ((h - h0) * G + g) * len + t0);
+      }
     }
   }
   for (int64_t r = 0; r < rows_per_token; ++r) {  // softmax over t
     float* sr = w.scores.data() + r * len;
-    float m = sr[0];
-    for (int64_t t = 1; t < len; ++t) m = sr[t] > m ? sr[t] : m;
+    const float m = max_of(sr, len);
     const float inv = 1.f / exp_shifted(sr, len, m);
 #pragma omp simd
     for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
   }
   // out_(h, g) = sum_t p_(h, g), t v_(h, t)
+#ifdef __AVX2__
+  if (D % 8 == 0) {  // a block at a time; each query row's sums in registers over the block's tokens
+    std::fill(out + h0 * G * D, out + h1 * G * D, 0.f);
+    for (int64_t b0 = 0; b0 < len; b0 += bs) {
+      const int64_t n = std::min(bs, len - b0);
+      if (prefetch && b0 + n < len) prefetch_tokens(w.v_tokens.data() + b0 + n, std::min(bs, len - b0 - n), h0 * v_sh, heads * v_sh);
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (h - h0) * G + g;
+          weighted_rows(w.scores.data() + r * len + b0, w.v_tokens.data() + b0, h * v_sh, n, D, out + (h * G + g) * D);
+        }
+    }
+    return;
+  }
+#endif
   w.acc.assign(rows_per_token * D, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    if (ahead && t + ahead < len) prefetch_row(w.v_tokens[t + ahead] + h0 * v_sh, heads * v_sh);
     for (int64_t h = h0; h < h1; ++h) {
       const float* v = w.v_tokens[t] + h * v_sh;
       for (int64_t g = 0; g < G; ++g) {
@@ -343,30 +412,44 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
   });
 }
 
-// One LLaMA-family decoder layer for a decode step of a few sequences (one new token each),
-// in one call: the same kernels as the layer-by-layer path, in the same order, so the result
-// is identical; what it saves is a dozen Python-level calls per layer, which at batch 1 cost
-// about as much as the attention itself.
+// x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the
+// streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
+// layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
+                      const torch::Tensor& packed, int64_t stream_rows) {
+  if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
+  static const auto onednn = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                   c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                                   std::optional<c10::string_view>)>();
+  return onednn.call(x, packed, b, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
+}
+
+// One LLaMA-family decoder layer for a decode step (one new token a sequence), in one call:
+// the same kernels as the layer-by-layer path, in the same order; what it saves is a dozen
+// Python-level calls per layer, which at batch 1 cost about as much as the attention itself.
 //   h = x + o_proj(attn(rope(q), rope(k), v)), q, k, v = qkv_proj(rms_norm(x))
 //   y = h + down_proj(silu(gate) * up),        gate, up = gate_up_proj(rms_norm(h))
-torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor qkv_w,
-                                 c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w,
+// Each projection takes its plain weight (w) and oneDNN's packed one (p); see `project`.
+torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor qkv_w, torch::Tensor qkv_p,
+                                 c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, torch::Tensor o_p,
                                  c10::optional<torch::Tensor> o_b, torch::Tensor ln2, torch::Tensor gate_up_w,
-                                 c10::optional<torch::Tensor> gate_up_b, torch::Tensor down_w,
-                                 c10::optional<torch::Tensor> down_b, torch::Tensor k_cache, torch::Tensor v_cache,
-                                 torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor seq_lens,
-                                 torch::Tensor cos, torch::Tensor sin, int64_t num_heads, int64_t num_kv_heads,
-                                 int64_t head_dim, double eps, double scale) {
+                                 torch::Tensor gate_up_p, c10::optional<torch::Tensor> gate_up_b, torch::Tensor down_w,
+                                 torch::Tensor down_p, c10::optional<torch::Tensor> down_b, torch::Tensor k_cache,
+                                 torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                 torch::Tensor seq_lens, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+                                 int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows) {
   const int64_t B = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  auto qkv = linear_small_batch(rms_norm(x, ln1, eps), qkv_w, qkv_b);
+  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows);
   rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
   reshape_and_cache(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), k_cache, v_cache,
                     slot_mapping);
   auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, num_heads, head_dim});
   auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, q_size});
-  auto h = linear_small_batch(attn, o_w, o_b).add_(x);
-  auto mlp = linear_small_batch(silu_and_mul(linear_small_batch(rms_norm(h, ln2, eps), gate_up_w, gate_up_b)),
-                                down_w, down_b);
+  auto h = project(attn, o_w, o_b, o_p, stream_rows).add_(x);
+  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows)),
+                     down_w, down_b, down_p, stream_rows);
   return mlp.add_(h);
 }
 

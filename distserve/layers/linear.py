@@ -27,11 +27,13 @@ _PACK_BATCH_HINT = 32
 # Up to this many rows, a streaming kernel over the plain weight beats oneDNN (decode steps
 # are bound by reading the weights: ~25% faster at 1-4 rows here).
 SMALL_BATCH = 8
-# Decode steps of up to this many sequences run a LLaMA-family layer as one native call (its
-# matmuls on the streaming kernel too): against layer by layer on oneDNN, interleaved in one
-# process (benchmarks/decode_step.py), 15-22% faster at 9-16 sequences, 6-8% at 24-48,
-# level at 64.
-FUSED_DECODE_BATCH = 64
+# Decode steps of up to this many sequences (the default max_num_seqs) run a LLaMA-family
+# layer as one native call: against layer by layer, interleaved in one process
+# (benchmarks/decode_step.py), 10-25% faster at 1-32 sequences and 7-11% at 64-128.
+FUSED_DECODE_BATCH = 256
+# Inside that call, matmuls of up to this many rows stream the plain weight; larger ones run
+# on oneDNN's packed weight (4-8% faster a step at 64-128 sequences, level at 32-48).
+FUSED_STREAM_ROWS = 32
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:

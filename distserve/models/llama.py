@@ -20,7 +20,7 @@ from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.kernels import native_ops
-from distserve.layers.linear import FUSED_DECODE_BATCH, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distserve.layers.linear import FUSED_DECODE_BATCH, FUSED_STREAM_ROWS, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distserve.layers.norm import RMSNorm
 from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
@@ -83,12 +83,13 @@ class LlamaDecoderLayer(nn.Module):
         if attn.o_proj.tp_size != 1 or not all(m.packed is not None and m.weight.numel() for m in linears):
             return False
         self.fused_weights = (
-            self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-            attn.o_proj.bias, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-            mlp.down_proj.weight, mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
+            self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.packed, attn.qkv_proj.bias,
+            attn.o_proj.weight, attn.o_proj.packed, attn.o_proj.bias, self.post_attention_layernorm.weight,
+            mlp.gate_up_proj.weight, mlp.gate_up_proj.packed, mlp.gate_up_proj.bias, mlp.down_proj.weight,
+            mlp.down_proj.packed, mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
         )
         self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
-                            self.input_layernorm.eps, attn.attn.scale)
+                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS)
         return True
 
     def decode_fused(self, ops: ModuleType, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor,

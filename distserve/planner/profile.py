@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance import Instance
 from distserve.engine.messages import AddRequest
-from distserve.layers.linear import FUSED_DECODE_BATCH, SMALL_BATCH
+from distserve.layers.linear import FUSED_STREAM_ROWS, SMALL_BATCH
 from distserve.planner.latency_model import FittedLatencyModel
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
@@ -118,9 +118,10 @@ def fit_best(
     prefill: list[tuple[list[int], float]], decode: list[tuple[list[int], float]], meta: dict[str, object]
 ) -> FittedLatencyModel:
     """The fit whose decode batch-size split fits best: none, or one of a few thresholds (the
-    streaming matmul kernel takes up to SMALL_BATCH rows and the one-call LLaMA decode layer
-    up to FUSED_DECODE_BATCH sequences, so a step's cost per sequence changes there)."""
-    thresholds = (None, 8, SMALL_BATCH + 1, 16, 32, FUSED_DECODE_BATCH + 1)
+    streaming matmul kernel takes up to SMALL_BATCH rows layer by layer and up to
+    FUSED_STREAM_ROWS in the one-call LLaMA decode layer, so a step's cost per sequence changes
+    there)."""
+    thresholds = (None, 8, SMALL_BATCH + 1, 16, FUSED_STREAM_ROWS + 1, 64)
     candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in thresholds]
     return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])
 

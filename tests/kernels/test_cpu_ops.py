@@ -16,7 +16,7 @@ ops = kernels.cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the native kernels")
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 40)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 40), (4, 2, 80), (2, 1, 36)])
 def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int) -> None:
     g = torch.Generator().manual_seed(heads + head_dim)
     num_blocks, bs, batch = 64, 16, 5
@@ -70,13 +70,18 @@ def test_argmax_rows() -> None:
     assert ops.argmax_rows(x[:, :33]).tolist() == [5, 20, 0]  # row views with a longer stride
 
 
-@pytest.mark.parametrize("variant, count", [("llama-bias", 6), ("qwen2", 6), ("llama-gqa", 20)])
-def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str, count: int) -> None:
-    """Decode steps of up to FUSED_DECODE_BATCH sequences run each LLaMA layer as one native
-    call; it gives the layer-by-layer path's tokens (and so transformers'), also past the 8
-    rows where layer by layer switches its matmuls to oneDNN."""
+@pytest.mark.parametrize("variant, count, stream_rows", [("llama-bias", 6, None), ("qwen2", 6, None), ("llama-gqa", 20, None),
+                                                        ("llama-gqa", 20, 8)])
+def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str, count: int,
+                                                            stream_rows: int | None) -> None:
+    """Decode steps run each LLaMA layer as one native call; it gives the layer-by-layer path's
+    tokens (and so transformers'), also past the 8 rows where layer by layer switches its
+    matmuls to oneDNN, and with the call's own matmuls on oneDNN past `stream_rows`."""
+    from distserve.models import llama
     from distserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
+    if stream_rows is not None:
+        monkeypatch.setattr(llama, "FUSED_STREAM_ROWS", stream_rows)
     path = checkpoints(variant)
     prompts = mixed_prompts(count)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -1,0 +1,92 @@
+"""Decode attention alone: the native paged kernel over SmolLM2's shape (9 query / 3 KV heads,
+head dim 64, 30 layers, blocks of 16 scattered over the cache), by batch size, with the KV it
+reads per second. With `--against OLD.cpp` (e.g. `git show REV:distserve/kernels/cpu_ops.cpp`),
+that source's kernel is built too and the two alternate call by call; their outputs must be
+equal bit for bit.
+
+    python benchmarks/decode_attention.py [--against /tmp/old_cpu_ops.cpp]
+
+Prints a table and writes benchmarks/results/decode_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distserve.kernels import FUNCTIONS, cpu_ops
+from distserve.weights.gguf import cache_root
+
+RESULTS = Path("benchmarks/results")
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+BATCHES = (1, 8, 16, 64)
+REPEATS = 12
+
+
+def build(source: Path):  # noqa: ANN201 - the compiled module
+    from torch.utils.cpp_extension import load_inline
+
+    folder = cache_root() / "kernels" / "benchmark-against"
+    folder.mkdir(parents=True, exist_ok=True)
+    return load_inline(name="distserve_cpu_ops_against", cpp_sources=[source.read_text()], functions=FUNCTIONS,
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), verbose=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", type=Path, default=None, help="an older cpu_ops.cpp to compare with")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    kernels = {"current": cpu_ops()}
+    if args.against:
+        kernels["against"] = build(args.against)
+    rng = random.Random(0)
+    num_blocks = max(BATCHES) * 40
+    cache = torch.randn(LAYERS, 2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    rows = []
+    for batch in BATCHES:
+        lens = [rng.randrange(64, 600) for _ in range(batch)]
+        free = list(range(num_blocks))
+        rng.shuffle(free)  # as a cache looks after some churn
+        tables = []
+        for n in lens:
+            tables.append([free.pop() for _ in range(-(-n // BLOCK))])
+        width = max(map(len, tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        seq_lens = torch.tensor(lens)
+        q = torch.randn(batch, HEADS, HEAD_DIM)
+        outs = {name: m.paged_attention_decode(q, cache[0, 0], cache[0, 1], block_tables, seq_lens, 0.125) for name, m in kernels.items()}
+        if "against" in outs:
+            assert torch.equal(outs["current"], outs["against"]), "the two kernels disagree"
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for _ in range(REPEATS):
+            for name, m in kernels.items():
+                start = time.perf_counter()
+                for layer in range(LAYERS):
+                    m.paged_attention_decode(q, cache[layer, 0], cache[layer, 1], block_tables, seq_lens, 0.125)
+                times[name].append(time.perf_counter() - start)
+        kv_bytes = sum(lens) * KV_HEADS * HEAD_DIM * 4 * 2 * LAYERS
+        row = {"batch": batch, "kv_mb": kv_bytes / 1e6}
+        for name in kernels:
+            seconds = statistics.median(times[name])
+            row[f"{name}_ms"], row[f"{name}_gbps"] = 1e3 * seconds, kv_bytes / seconds / 1e9
+        rows.append(row)
+    print(f"{'batch':>5} {'KV MB':>7} " + " ".join(f"{name + ' ms':>12} {'GB/s':>6}" for name in kernels))
+    for r in rows:
+        print(f"{r['batch']:>5} {r['kv_mb']:>7.0f} " + " ".join(f"{r[name + '_ms']:>12.2f} {r[name + '_gbps']:>6.1f}" for name in kernels))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "decode_attention.json"
+    out.write_text(json.dumps({"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS},
+                               "against": str(args.against) if args.against else None, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
