@@ -83,22 +83,6 @@ inline float exp_shifted(float* s, int64_t n, float m) {
   return total;
 }
 
-// The next KV block's rows are prefetched while the current block is computed on, when they
-// are at most this many bytes (they then fit L1 beside the current block); the hardware
-// prefetchers follow long token rows, not the short pieces of a block scattered in the cache.
-constexpr int64_t kPrefetchBlockBytes = 16 << 10;
-
-inline void prefetch_row(const float* row, int64_t D) {
-#ifdef __AVX2__
-  for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
-#endif
-}
-
-// prefetch_row for n tokens' rows, `width` floats from `offset`
-inline void prefetch_tokens(const float* const* rows, int64_t n, int64_t offset, int64_t width) {
-  for (int64_t t = 0; t < n; ++t) prefetch_row(rows[t] + offset, width);
-}
-
 // scores[t] = q . k_t * scale for the tokens [0, n) of one head; k_t = rows[t]
 inline void score_rows(const float* q, const float* const* rows, int64_t n, int64_t D, float scale, float* out) {
   int64_t t = 0;
@@ -179,14 +163,13 @@ struct AttentionScratch {
 // Attention of one sequence's query heads for the KV heads [h0, h1) over its `len` cached
 // tokens, block by block: the scores of a block's tokens (all the heads [h0, h1) of a token
 // together: they are contiguous in the cache), then after the softmax the values, each block's
-// rows read once from memory for all the query rows, while the next block is prefetched. Every
-// head's arithmetic is the same whichever heads are done together, so the result does not
+// rows read once from memory for all the query rows (software prefetching of the next block
+// measured no gain: benchmarks/decode_attention.py). Every head's arithmetic is the same whichever heads are done together, so the result does not
 // depend on how the batch is split over threads.
 inline void attend(const float* q, float* out, const int64_t* table, int64_t len, const float* kp, const float* vp,
                    int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh,
                    int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, AttentionScratch& w) {
   const int64_t heads = h1 - h0, rows_per_token = heads * G;
-  const bool prefetch = bs * heads * std::max(k_sh, v_sh) * static_cast<int64_t>(sizeof(float)) <= kPrefetchBlockBytes;
   w.k_tokens.resize(len);
   w.v_tokens.resize(len);
   for (int64_t t = 0; t < len; ++t) {
@@ -197,7 +180,6 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
   w.scores.resize(rows_per_token * len);
   for (int64_t b0 = 0; b0 < len; b0 += bs) {
     const int64_t b1 = std::min(len, b0 + bs);
-    if (prefetch && b1 < len) prefetch_tokens(w.k_tokens.data() + b1, std::min(bs, len - b1), h0 * k_sh, heads * k_sh);
     for (int64_t t0 = b0; t0 < b1; t0 += 8) {
       const int64_t t1 = std::min(b1, t0 + 8);
       for (int64_t h = h0; h < h1; ++h) {
@@ -221,7 +203,6 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
     std::fill(out + h0 * G * D, out + h1 * G * D, 0.f);
     for (int64_t b0 = 0; b0 < len; b0 += bs) {
       const int64_t n = std::min(bs, len - b0);
-      if (prefetch && b0 + n < len) prefetch_tokens(w.v_tokens.data() + b0 + n, std::min(bs, len - b0 - n), h0 * v_sh, heads * v_sh);
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = (h - h0) * G + g;
@@ -415,7 +396,7 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
 // x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the
 // streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
 // layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
-torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
+static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
                       const torch::Tensor& packed, int64_t stream_rows) {
   if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
   static const auto onednn = c10::Dispatcher::singleton()
