@@ -39,7 +39,7 @@ from distserve.weights.source import load_model_config  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
-STEPS = 30  # per batch size, the three paths in turn
+STEPS = 36  # per batch size, the three paths in turn
 PATHS = ("one call", "one call, streamed", "layer by layer")
 
 
@@ -75,7 +75,7 @@ def main() -> None:
             requests.append(r)
         times: dict[str, list[float]] = {path: [] for path in PATHS}
         for i in range(STEPS):
-            path = PATHS[i % len(PATHS)]
+            path = PATHS[(i + i // len(PATHS)) % len(PATHS)]  # each path in each place of the round in turn
             llama.FUSED_DECODE_BATCH = 0 if path == "layer by layer" else 1 << 30
             set_stream_rows(layers, 1 << 30 if path == "one call, streamed" else llama.FUSED_STREAM_ROWS)
             start = time.perf_counter()

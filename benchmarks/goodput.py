@@ -246,8 +246,10 @@ def main() -> None:
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, measured, calibrated, "-calibrated")
             summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, measured)
             # the runs' own steps: what is left is the simulator's error, not the latency model's
-            own = fit_logged(RESULTS / name, spec["systems"], Path(tempfile.mkdtemp(prefix="own-steps-")))  # megabytes: not kept
+            folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
+            own = fit_logged(RESULTS / name, spec["systems"], folder)
             summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, measured, own, "-own-steps")
+            shutil.rmtree(folder)
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **summary}, indent=2))

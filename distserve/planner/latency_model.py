@@ -85,16 +85,16 @@ class FittedLatencyModel(LatencyModel):
     ) -> FittedLatencyModel:
         """Coefficients from measured steps, each sample weighted by 1 / its predicted time (a
         16-token prefill matters as much as a 4096-token one) and the fit unbiased in the mean
-        (see `_relative_lstsq`); `fit_error` is the mean absolute relative error of each part
+        (see `_relative_fit`); `fit_error` is the mean absolute relative error of each part
         on its samples. The samples are kept in the model, so a saved profile can be refitted."""
         x = np.array([[1.0, sum(l), sum(v * v for v in l)] for l, _ in prefill_samples])
         y = np.array([t for _, t in prefill_samples])
-        prefill = _relative_lstsq(x, y)
+        prefill = _relative_fit(x, y)
 
         def fit_decode(samples: Sequence[tuple[Sequence[int], float]]) -> tuple[float, float, float]:
             xd = np.array([[1.0, sum(c), len(c)] for c, _ in samples])
             yd = np.array([t for _, t in samples])
-            return _relative_lstsq(xd, yd)
+            return _relative_fit(xd, yd)
 
         if threshold is None:
             small = large = fit_decode(decode_samples)
@@ -139,7 +139,7 @@ class FittedLatencyModel(LatencyModel):
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def _relative_lstsq(x: np.ndarray, y: np.ndarray, iterations: int = 20) -> tuple[float, float, float]:
+def _relative_fit(x: np.ndarray, y: np.ndarray, iterations: int = 20) -> tuple[float, float, float]:
     """Least squares with each sample's error relative to its *predicted* time (iteratively
     reweighted: a gamma GLM with identity link), whose residuals sum to zero: the model is
     unbiased in the mean, which is what a simulator summing step times needs. Weighting by the
