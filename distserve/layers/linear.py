@@ -29,10 +29,10 @@ _PACK_BATCH_HINT = 32
 SMALL_BATCH = 8
 # Decode steps of up to this many sequences (the default max_num_seqs) run a LLaMA-family
 # layer as one native call: against layer by layer, interleaved in one process
-# (benchmarks/decode_step.py), 10-25% faster at 1-32 sequences and 7-11% at 64-128.
+# (benchmarks/decode_step.py), 8-29% faster a step at 1-32 sequences and 5-11% at 48-128.
 FUSED_DECODE_BATCH = 256
 # Inside that call, matmuls of up to this many rows stream the plain weight; larger ones run
-# on oneDNN's packed weight (4-8% faster a step at 64-128 sequences, level at 32-48).
+# on oneDNN's packed weight (3-7% faster a step at 48-128 sequences than streaming them).
 FUSED_STREAM_ROWS = 32
 
 
