@@ -12,7 +12,7 @@ Prints a table and writes benchmarks/results/decode_attention.json.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import random
 import statistics
 import time
@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
-from distserve.kernels import FUNCTIONS, cpu_ops
-from distserve.weights.gguf import cache_root
+sys.path.insert(0, str(Path(__file__).parent))
+from report import report  # noqa: E402
+
+from distserve.kernels import FUNCTIONS, cpu_ops  # noqa: E402
+from distserve.weights.gguf import cache_root  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
@@ -55,14 +58,13 @@ def main() -> None:
         lens = [rng.randrange(64, 600) for _ in range(batch)]
         free = list(range(num_blocks))
         rng.shuffle(free)  # as a cache looks after some churn
-        tables = []
-        for n in lens:
-            tables.append([free.pop() for _ in range(-(-n // BLOCK))])
+        tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in lens]
         width = max(map(len, tables))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         seq_lens = torch.tensor(lens)
         q = torch.randn(batch, HEADS, HEAD_DIM)
-        outs = {name: m.paged_attention_decode(q, cache[0, 0], cache[0, 1], block_tables, seq_lens, 0.125) for name, m in kernels.items()}
+        outs = {name: m.paged_attention_decode(q, cache[0, 0], cache[0, 1], block_tables, seq_lens, 0.125)
+                for name, m in kernels.items()}
         if "against" in outs:
             assert torch.equal(outs["current"], outs["against"]), "the two kernels disagree"
         times: dict[str, list[float]] = {name: [] for name in kernels}
@@ -78,14 +80,12 @@ def main() -> None:
             seconds = statistics.median(times[name])
             row[f"{name}_ms"], row[f"{name}_gbps"] = 1e3 * seconds, kv_bytes / seconds / 1e9
         rows.append(row)
-    print(f"{'batch':>5} {'KV MB':>7} " + " ".join(f"{name + ' ms':>12} {'GB/s':>6}" for name in kernels))
-    for r in rows:
-        print(f"{r['batch']:>5} {r['kv_mb']:>7.0f} " + " ".join(f"{r[name + '_ms']:>12.2f} {r[name + '_gbps']:>6.1f}" for name in kernels))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "decode_attention.json"
-    out.write_text(json.dumps({"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS},
-                               "against": str(args.against) if args.against else None, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    columns = [("batch", "batch", "d"), ("KV MB", "kv_mb", ".0f")]
+    for name in kernels:
+        columns += [(f"{name} ms", f"{name}_ms", ".2f"), (f"{name} GB/s", f"{name}_gbps", ".1f")]
+    report(rows, columns, RESULTS / "decode_attention.json",
+           shape={"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS},
+           against=str(args.against) if args.against else None)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/decode_step.json.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import smollm2_folder  # noqa: E402
+from report import report  # noqa: E402
 
 import distserve.models.llama as llama  # noqa: E402
 from distserve.config import DeploymentConfig, resolve_instances  # noqa: E402
@@ -89,15 +89,11 @@ def main() -> None:
     llama.FUSED_DECODE_BATCH = limit
     set_stream_rows(layers, llama.FUSED_STREAM_ROWS)
     instance.close()
-    print(f"{'batch':>5} {'one call':>10} {'one call, streamed':>19} {'layer by layer':>15} {'one call / layer by layer':>26}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['one_call_ms']:>8.1f}ms {r['one_call_streamed_ms']:>17.1f}ms "
-              f"{r['layer_by_layer_ms']:>13.1f}ms {r['ratio']:>26.3f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "decode_step.json"
-    out.write_text(json.dumps({"model": "SmolLM2-135M", "threads": 2, "fused_decode_batch": limit,
-                               "fused_stream_rows": llama.FUSED_STREAM_ROWS, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    report(rows, [("batch", "batch", "d"), ("one call ms", "one_call_ms", ".1f"),
+                  ("one call, streamed ms", "one_call_streamed_ms", ".1f"), ("layer by layer ms", "layer_by_layer_ms", ".1f"),
+                  ("one call / layer by layer", "ratio", ".3f")],
+           RESULTS / "decode_step.json", model="SmolLM2-135M", threads=2, fused_decode_batch=limit,
+           fused_stream_rows=llama.FUSED_STREAM_ROWS)
 
 
 if __name__ == "__main__":

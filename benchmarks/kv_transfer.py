@@ -13,14 +13,17 @@ loopback).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from distserve import LLM, SamplingParams
+sys.path.insert(0, str(Path(__file__).parent))
+from report import report  # noqa: E402
+
+from distserve import LLM, SamplingParams  # noqa: E402
 
 LENGTHS = (128, 512, 2048)
 
@@ -50,16 +53,10 @@ def main() -> None:
     rows = []
     for transport in args.transports:
         rows.extend(measure(args, transport))
-    header = (f"{'transport':>9} {'prompt':>7} {'KV MB':>8} {'pull ms':>8} {'pull GB/s':>10} {'memcpy ms':>10} "
-              f"{'memcpy GB/s':>12} {'e2e ms':>9} {'share %':>8}")
-    print(header)
-    for r in rows:
-        print(f"{r['transport']:>9} {r['prompt_tokens']:>7} {r['kv_bytes'] / 1e6:>8.2f} {r['transfer_ms_median']:>8.2f} "
-              f"{r['bandwidth_gbps']:>10.2f} {r['memcpy_ms']:>10.2f} {r['memcpy_gbps']:>12.2f} {r['e2e_ms_median']:>9.0f} "
-              f"{r['transfer_share_pct']:>8.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    report(rows, [("transport", "transport", ""), ("prompt", "prompt_tokens", "d"), ("KV bytes", "kv_bytes", ","),
+                  ("pull ms", "transfer_ms_median", ".2f"), ("pull GB/s", "bandwidth_gbps", ".2f"), ("memcpy ms", "memcpy_ms", ".2f"),
+                  ("memcpy GB/s", "memcpy_gbps", ".2f"), ("e2e ms", "e2e_ms_median", ".0f"), ("share %", "transfer_share_pct", ".3f")],
+           args.out, model=args.model or "SmolLM2-135M-Instruct", max_tokens=args.max_tokens)
 
 
 def measure(args: argparse.Namespace, transport: str) -> list[dict]:

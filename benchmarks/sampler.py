@@ -13,7 +13,6 @@ Prints a table and writes benchmarks/results/sampler.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import smollm2_folder  # noqa: E402
+from report import report  # noqa: E402
 
 from distserve.layers.sampler import SamplingBatch, sample  # noqa: E402
 from distserve.sampling_params import SamplingParams  # noqa: E402
@@ -112,14 +112,9 @@ def main() -> None:
                 "transformers_ms": 1e3 * timed(lambda: transformers_sample(x, **kwargs)),
                 "exponential_race_ms": 1e3 * timed(lambda: exponential_race(x, **kwargs)),
             })
-    print(f"{'setting':<30} {'batch':>5} {'distserve':>10} {'transformers':>13} {'previous (exp. race)':>21}")
-    for r in rows:
-        print(f"{r['setting']:<30} {r['batch']:>5} {r['distserve_ms']:>8.2f}ms {r['transformers_ms']:>11.2f}ms "
-              f"{r['exponential_race_ms']:>19.2f}ms")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "sampler.json"
-    out.write_text(json.dumps({"vocab": logits.shape[1], "threads": 2, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    report(rows, [("setting", "setting", "<30"), ("batch", "batch", "d"), ("distserve ms", "distserve_ms", ".2f"),
+                  ("transformers ms", "transformers_ms", ".2f"), ("previous (exp. race) ms", "exponential_race_ms", ".2f")],
+           RESULTS / "sampler.json", vocab=logits.shape[1], threads=2)
 
 
 if __name__ == "__main__":

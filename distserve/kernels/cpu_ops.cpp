@@ -164,8 +164,9 @@ struct AttentionScratch {
 // tokens, block by block: the scores of a block's tokens (all the heads [h0, h1) of a token
 // together: they are contiguous in the cache), then after the softmax the values, each block's
 // rows read once from memory for all the query rows (software prefetching of the next block
-// measured no gain: benchmarks/decode_attention.py). Every head's arithmetic is the same whichever heads are done together, so the result does not
-// depend on how the batch is split over threads.
+// measured no gain: benchmarks/decode_attention.py). Every head's arithmetic is the same
+// whichever heads are done together, so the result does not depend on how the batch is split
+// over threads.
 inline void attend(const float* q, float* out, const int64_t* table, int64_t len, const float* kp, const float* vp,
                    int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh,
                    int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, AttentionScratch& w) {
@@ -397,7 +398,7 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
 // streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
 // layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
 static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
-                      const torch::Tensor& packed, int64_t stream_rows) {
+                             const torch::Tensor& packed, int64_t stream_rows) {
   if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
   static const auto onednn = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("mkldnn::_linear_pointwise", "")

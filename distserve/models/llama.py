@@ -20,7 +20,13 @@ from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.kernels import native_ops
-from distserve.layers.linear import FUSED_DECODE_BATCH, FUSED_STREAM_ROWS, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from distserve.layers.linear import (
+    FUSED_DECODE_BATCH,
+    FUSED_STREAM_ROWS,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from distserve.layers.norm import RMSNorm
 from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
