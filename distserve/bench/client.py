@@ -50,7 +50,7 @@ async def send_request(
                     break
                 now = time.perf_counter()
                 choices = chunk.get("choices") or []
-                if choices and (choices[0].get("text") or choices[0].get("finish_reason")):
+                if choices:  # a step's tokens, its text possibly empty (held back), as vLLM counts them
                     record.token_times.append(now)
                 if chunk.get("usage"):
                     record.num_tokens = chunk["usage"].get("completion_tokens", 0)

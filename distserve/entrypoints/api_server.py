@@ -383,7 +383,10 @@ async def _stream_completions(
                 prompt_tokens += len(out.prompt_token_ids)
                 completion_tokens += len(c.token_ids)
                 chunk["metrics"] = _timeline(out)
-            if out.delta_text or out.finished or logprobs:
+            # a chunk for every step that made tokens, also when their text is held back (a
+            # partial character, a special token, the tail of a possible stop string): the
+            # client sees each token when it is made, as vLLM streams
+            if out.delta_token_ids or out.delta_text or out.finished:
                 yield _sse(chunk)
         if include_usage:
             yield _sse({"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -415,7 +418,7 @@ async def _stream_chat(
                 final = out
                 yield chunk({"content": out.delta_text} if out.delta_text else {}, c.finish_reason, logprobs=logprobs,
                             stop_reason=c.stop_reason, metrics=_timeline(out))
-            elif out.delta_text or logprobs:
+            elif out.delta_token_ids or out.delta_text:  # as for completions: a chunk per step
                 yield chunk({"content": out.delta_text}, logprobs=logprobs)
     except EngineDeadError as exc:
         yield _sse({"error": {"message": str(exc), "type": "ServiceUnavailableError", "param": None, "code": None}})

@@ -104,6 +104,19 @@ def test_streaming_completion_matches_non_streaming(client) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_stream_sends_tokens_whose_text_is_held_back(client) -> None:
+    """A stop string that never matches holds the text back until the end; the tokens still
+    stream as they are made (empty text), so the first chunk marks the first token, as in vLLM."""
+    never = "~" * 60
+    kwargs = dict(model=MODEL, prompt="the café", max_tokens=24, temperature=0, stop=[never], extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    assert 0 < len(full) < len(never)  # every token's text held back to the end
+    chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert len(chunks) > 1 and chunks[0].choices[0].text == ""
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_chat_completion_and_stream(client) -> None:
     messages = [{"role": "user", "content": "the café"}]
     out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0, extra_body={"ignore_eos": True})
