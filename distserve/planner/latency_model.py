@@ -29,6 +29,10 @@ PUBLISHED = Path(__file__).with_name("data") / "distserve_a100_profiles.json"
 
 
 class LatencyModel(abc.ABC):
+    # seconds the engine spends between two steps of a busy instance (scheduling, sending
+    # the tokens out), measured from serving logs; none in a roofline or a published profile
+    step_gap: float = 0.0
+
     @abc.abstractmethod
     def prefill_time(self, prompt_lens: Sequence[int]) -> float:
         """Seconds of one prefill step over prompts of these lengths."""
@@ -53,6 +57,7 @@ class FittedLatencyModel(LatencyModel):
     decode_large: tuple[float, float, float]
     threshold: int = 1 << 30
     pp: int = 1
+    step_gap: float = 0.0
     fit_error: dict[str, float] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
     samples: dict[str, list] = field(default_factory=dict)  # the measured steps it was fitted to
@@ -126,6 +131,7 @@ class FittedLatencyModel(LatencyModel):
             decode_large=tuple(data["decode_large"]),
             threshold=int(data.get("threshold", 1 << 30)),
             pp=int(data.get("pp", 1)),
+            step_gap=float(data.get("step_gap", 0.0)),
             fit_error=dict(data.get("fit_error", {})),
             meta=dict(data.get("meta", {})),
             samples=dict(data.get("samples", {})),

@@ -9,6 +9,7 @@ with a temperature adds a few percent to a step.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import random
@@ -139,13 +140,35 @@ def fit_step_logs(paths: list[str | Path], meta: dict[str, object] | None = None
     chunked prefill are left out."""
     prefill: list[tuple[list[int], float]] = []
     decode: list[tuple[list[int], float]] = []
+    gaps: list[float] = []
     for path in paths:
-        for step in read_step_log(path):
+        steps = read_step_log(path)
+        for step in steps:
             if step["prefill"] and not step["decode"] and not any(step["prefill_context"]):
                 prefill.append((step["prefill"], step["seconds"]))
             elif step["decode"] and not step["prefill"]:
                 decode.append((step["decode"], step["seconds"]))
+        gaps.extend(_busy_gaps(steps))
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError(f"{', '.join(map(str, paths))}: {len(prefill)} prefill and {len(decode)} decode steps; "
                          "a fit needs at least 3 of each (log both phases, e.g. one prefill and one decode instance's log).")
-    return fit_best(prefill, decode, {"source": "step logs", "files": [str(p) for p in paths], **(meta or {})})
+    model = fit_best(prefill, decode, {"source": "step logs", "files": [str(p) for p in paths], **(meta or {})})
+    model.step_gap = statistics.fmean(gaps) if gaps else 0.0
+    return model
+
+
+def _busy_gaps(steps: list[dict]) -> list[float]:
+    """The engine's own time between two steps of one instance while it had work: the gaps
+    between consecutive decode steps whose every sequence carried on from the step before
+    (one token longer). A request that joins may have waited for its KV pull or come after
+    the instance idled: the simulator counts pulls and arrivals apart."""
+    gaps = []
+    for a, b in zip(steps, steps[1:]):
+        if not a["decode"] or not b["decode"] or b["prefill"]:
+            continue
+        if collections.Counter(b["decode"]) - collections.Counter(c + 1 for c in a["decode"]):
+            continue  # a sequence joined
+        gap = b["start"] - (a["start"] + a["seconds"])
+        if gap >= 0:
+            gaps.append(gap)
+    return gaps

@@ -12,6 +12,9 @@ It follows the engine's own policies (`engine/scheduler.py`, `engine/controller.
     chunked:    each step runs every decode and fills the rest of the token budget with
                 prompt chunks
 
+After a step, an instance waits the latency model's `step_gap` (the engine's own time between
+two steps, measured from serving logs) before it starts the next.
+
 Decoding is simulated in aggregate so that a step costs O(1), not O(batch): a running batch
 is its size and the sum of its contexts, and requests leave it from a heap keyed by the step
 that produces their last token. With pipeline parallelism a prefill batch takes `pp` stage
@@ -196,19 +199,23 @@ class Instance:
         seconds, latency, finish = plan
         self.busy = True
         start = self.sim.now
+        gap = spec.latency.step_gap  # the engine's own time before it starts the next step
+
+        def free() -> None:
+            self.busy = False
+            self.step()
+
         if latency == seconds:
             def done() -> None:
                 finish(self.sim.now)
-                self.busy = False
-                self.step()
+                if gap:
+                    self.sim.at(self.sim.now + gap, free)
+                else:
+                    free()
 
             self.sim.at(start + seconds, done)
         else:  # a pipelined prefill: the next batch may enter after one stage
-            def stage_free() -> None:
-                self.busy = False
-                self.step()
-
-            self.sim.at(start + seconds, stage_free)
+            self.sim.at(start + seconds + gap, free)
             self.sim.at(start + latency, lambda: (finish(self.sim.now), self.wake()))
 
     def _admit_prompts(self) -> list[SimRequest]:

@@ -106,3 +106,25 @@ def test_fit_from_step_logs_uses_whole_prefills_and_pure_decodes(tmp_path) -> No
     (tmp_path / "short.jsonl").write_text(json.dumps(lines[0]) + "\n")
     with pytest.raises(ValueError, match="at least 3"):
         fit_step_logs([tmp_path / "short.jsonl"])
+
+
+def test_step_gap_from_logs_is_the_time_between_busy_decode_steps(tmp_path) -> None:
+    from distserve.planner.profile import fit_step_logs
+
+    lines, now = [], 0.0
+    for i in range(40):
+        lens = [50 + i]
+        lines.append({"start": now, "seconds": 0.05, "prefill": lens, "prefill_context": [0], "decode": []})
+        now += 0.05 + 0.5  # idle after a prefill: not a busy gap
+        for step, batch in enumerate((3, 3, 2)):  # each sequence one token longer; one leaves: still busy
+            lines.append({"start": now, "seconds": 0.01 + 1e-3 * batch, "prefill": [], "prefill_context": [],
+                          "decode": [100 + i + step + k for k in range(batch)]})
+            now += 0.01 + 1e-3 * batch + 0.002
+        # one carries on while another joins (after its KV pull, or an idle wait): left out
+        lines.append({"start": now + 0.3, "seconds": 0.015, "prefill": [], "prefill_context": [],
+                      "decode": [100 + i + 3, 57]})
+        now += 0.4
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model = fit_step_logs([tmp_path / "log.jsonl"])
+    assert model.step_gap == pytest.approx(0.002)
+    assert type(model).from_json(model.to_json()).step_gap == model.step_gap

@@ -44,6 +44,15 @@ def test_colocated_prefill_stalls_decodes() -> None:
     assert first.token_times[-1] == pytest.approx(0.23)
 
 
+def test_step_gap_delays_each_next_step() -> None:
+    model = FittedLatencyModel((0.1, 0.0, 0.0), (0.01, 0.0, 0.0), (0.01, 0.0, 0.0), step_gap=0.002)
+    (r,) = simulate(ClusterSpec([InstanceSpec("colocated", model, 10_000)]), [0.0], [(100, 4)])
+    # prefill 0-0.1, then each decode step starts 2 ms after the last one ended
+    assert r.token_times == pytest.approx([0.1, 0.1 + 3 * 0.012])
+    (late,) = simulate(pair(), [0.0], [(100, 4)])  # no gap: the hand-computed timeline above
+    assert late.token_times == pytest.approx([0.1, 0.14])
+
+
 def test_md1_mean_ttft_matches_queueing_theory() -> None:
     service, rate = 0.1, 6.0
     model = FittedLatencyModel((service, 0.0, 0.0), (0.001, 0.0, 0.0), (0.001, 0.0, 0.0))
