@@ -42,6 +42,7 @@ class RequestMetrics:
     transfer_tokens: int = 0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    transfer_transport: str | None = None  # what moved the KV: shm, cuda-ipc or torch ("+" if several)
     prefill_instance: str | None = None
     decode_instance: str | None = None
     num_preemptions: int = 0

@@ -8,6 +8,7 @@ whatever the data backend (vLLM keeps such a CPU group too).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import ipaddress
 import os
@@ -121,9 +122,12 @@ def group_min(value: int) -> int:
     return min(all_gather_object(value))
 
 
-def group_sum(value: int) -> int:
-    """Sum of every rank's `value`; also a barrier."""
-    return sum(all_gather_object(value))
+def group_sum(counts: dict[str, int]) -> dict[str, int]:
+    """Every rank's `counts` added up key by key; also a barrier."""
+    total: collections.Counter = collections.Counter()
+    for part in all_gather_object(counts):
+        total.update(part)
+    return dict(total)
 
 
 # -- activations between pipeline stages (over the data backend) --------------------------------

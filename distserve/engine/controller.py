@@ -392,6 +392,7 @@ class Controller:
         m.transfer_tokens += done.num_tokens
         m.transfer_bytes += done.num_bytes
         m.transfer_seconds += done.end - done.start
+        m.transfer_transport = "+".join(done.transports) or None
 
     def _release(self, state: RequestState) -> None:
         """A finished request: tell every instance still holding it, and settle the books."""

@@ -194,8 +194,12 @@ class Instance:
         for request in self.scheduler.admit_migrations():
             source, handles, src_blocks = self._sources.pop(request.request_id)
             start = time.time()
-            moved = self.worker.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
+            by_transport = self.worker.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
             end = time.time()
+            moved = sum(by_transport.values())
+            counts = self.stats.transferred_bytes_by_transport
+            for name, n in by_transport.items():
+                counts[name] = counts.get(name, 0) + n
             request.num_computed_tokens = request.num_prompt_tokens
             self.scheduler.start_running(request)
             self.stats.num_transfers += 1
@@ -211,6 +215,7 @@ class Instance:
                     end=end,
                     num_tokens=request.num_prompt_tokens,
                     num_bytes=moved,
+                    transports=tuple(sorted(by_transport)),
                 )
             )
         return events

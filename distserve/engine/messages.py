@@ -87,6 +87,8 @@ class InstanceStats:
     transferred_bytes: int = 0
     transfer_seconds: float = 0.0
     busy_seconds: float = 0.0
+    # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
+    transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +145,7 @@ class MigrationDone:
     end: float
     num_tokens: int
     num_bytes: int
+    transports: tuple[str, ...] = ()  # the transports that moved its KV
 
 
 @dataclass

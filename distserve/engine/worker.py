@@ -59,6 +59,8 @@ class Worker:
             torch.cuda.set_device(torch.device(config.device))  # NCCL works on the current device
         self.state = init_worker_group(group, rank)
         self.host = os.environ.get("DISTSERVE_HOST", "127.0.0.1")  # this machine, as peers reach it
+        # what shares memory with this worker: its host, or its Ray node (a Ray node is a machine)
+        self.machine = os.environ.get("DISTSERVE_MACHINE", self.host)
         shared = config.role == "prefill" and config.kv_transport != "torch"
         self.runner = ModelRunner(model_config, config, shared_cache=shared)
         self.kv_group = self.kv_server = None
@@ -77,10 +79,10 @@ class Worker:
                 self.transport = remote
             else:
                 gpu = CudaIpcTransport() if config.device.startswith("cuda") else None
-                self.transport = RoutingTransport(self.host, SharedMemoryTransport(), remote, gpu)
+                self.transport = RoutingTransport(self.machine, SharedMemoryTransport(), remote, gpu)
         # every worker's cache handle, in rank order (what a decode instance pulls from)
         self.handles: list[KVCacheHandle] = all_gather_object(
-            self.runner.kv_cache.handle(config.name, rank, self.host, kv_rank)
+            self.runner.kv_cache.handle(config.name, rank, self.host, kv_rank, self.machine)
         )
         self.sampler_rank = self.state.stage_rank(self.state.pp_size - 1, 0)
 
@@ -89,15 +91,17 @@ class Worker:
         return self.state.rank == 0
 
     # -- what every worker does with a step -------------------------------------------------
-    def _run(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
-        moved = 0
+    def _run(self, step: WorkerStep) -> tuple[dict[str, int], list[SampleResult | None] | None]:
+        moved: dict[str, int] = {}
         if step.connect or step.pulls:
             assert self.transport is not None, f"{self.config.name} is not a decode instance"
         if step.connect:
             self.transport.connect(step.connect, self.runner.kv_cache.layout)
         if step.pulls:
             for pull in step.pulls:
-                moved += self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks)
+                got = self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks)
+                for name, n in got.items():
+                    moved[name] = moved.get(name, 0) + n
             moved = group_sum(moved)  # also waits until every worker has its shards
         samples = self.runner.execute(step.batch) if step.batch is not None else None
         if step.batch is not None and self.runner.is_sampler and not self.is_driver:
@@ -114,7 +118,7 @@ class Worker:
             self._run(step)
 
     # -- the driver's side ------------------------------------------------------------------
-    def _drive(self, step: WorkerStep) -> tuple[int, list[SampleResult | None] | None]:
+    def _drive(self, step: WorkerStep) -> tuple[dict[str, int], list[SampleResult | None] | None]:
         if self.state.world_size > 1:
             broadcast_object(step)
         moved, samples = self._run(step)
@@ -135,8 +139,8 @@ class Worker:
         """Map the source caches every worker will pull from, now."""
         self._drive(WorkerStep(connect=sources))
 
-    def pull(self, pulls: list[KVPull]) -> int:
-        """Pull KV shards on every worker; the bytes all of them moved."""
+    def pull(self, pulls: list[KVPull]) -> dict[str, int]:
+        """Pull KV shards on every worker; the bytes all of them moved, by transport."""
         moved, _ = self._drive(WorkerStep(pulls=pulls))
         return moved
 

@@ -37,8 +37,12 @@ class InstanceCollector(Collector):
             "transfer_seconds": CounterMetricFamily("distserve_kv_transfer_seconds", "Seconds spent pulling KV cache.", labels=labels),
             "num_preemptions": CounterMetricFamily("distserve_preemptions", "Requests preempted for lack of KV blocks.", labels=labels),
         }
+        by_transport = CounterMetricFamily("distserve_kv_transfer_transport_bytes", "Bytes of KV cache pulled, by transport.",
+                                           labels=[*labels, "transport"])
         for view in list(self.controller.instances.values()):
             stats, key = view.stats, [view.config.name, view.role]
+            for transport, n in (stats.transferred_bytes_by_transport if stats else {}).items():
+                by_transport.add_metric([*key, transport], n)
             total = view.ready.num_blocks
             free = stats.kv_blocks_free if stats else total
             waiting = (stats.num_waiting + stats.num_pending_migrations) if stats else 0
@@ -51,6 +55,7 @@ class InstanceCollector(Collector):
                 family.add_metric(key, getattr(stats, name) if stats else 0)
         yield from gauges.values()
         yield from counters.values()
+        yield by_transport
 
 
 class ServerMetrics:

@@ -61,9 +61,10 @@ class KVCacheHandle:
     layout: KVLayout
     shm_name: str | None  # named shared memory, for peers on this machine
     device: str
-    host: str = "127.0.0.1"  # the machine it lives on
+    host: str = "127.0.0.1"  # the address of the machine it lives on
     kv_rank: int | None = None  # its rank in the deployment's KV transfer group, if there is one
     cuda_ipc: tuple | None = None  # what rebuilds the cache tensor in a process of its node (GPU)
+    machine: str = "127.0.0.1"  # which machine it shares memory with: its host, or its Ray node
 
 
 class KVCache:
@@ -87,9 +88,11 @@ class KVCache:
         """K and V of local layer `index`: [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.tensor[index, 0], self.tensor[index, 1]
 
-    def handle(self, instance: str, rank: int, host: str = "127.0.0.1", kv_rank: int | None = None) -> KVCacheHandle:
+    def handle(
+        self, instance: str, rank: int, host: str = "127.0.0.1", kv_rank: int | None = None, machine: str | None = None
+    ) -> KVCacheHandle:
         return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank,
-                             self._cuda_ipc)
+                             self._cuda_ipc, machine or host)
 
     def close(self) -> None:
         """Remove the shared-memory name; the memory goes when the last mapping does."""

@@ -94,10 +94,21 @@ class KVTransport(abc.ABC):
 
     name: str = "abstract"
 
-    def pull(self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
+    def pull(
+        self, sources: list[KVCacheHandle], src_blocks: list[int], dst: KVCache, dst_blocks: list[int]
+    ) -> dict[str, int]:
         """Copy `src_blocks` of the sources into `dst_blocks` of `dst`, taking from each source
-        worker only the layers and heads this worker holds; returns bytes moved."""
-        return sum(self.copy(handle, ov, src_blocks, dst, dst_blocks) for handle, ov in needed_sources(sources, dst.layout))
+        worker only the layers and heads this worker holds; returns the bytes each transport
+        (by name) moved."""
+        moved: dict[str, int] = {}
+        for handle, ov in needed_sources(sources, dst.layout):
+            transport = self.route(handle)
+            moved[transport.name] = moved.get(transport.name, 0) + transport.copy(handle, ov, src_blocks, dst, dst_blocks)
+        return moved
+
+    def route(self, source: KVCacheHandle) -> KVTransport:
+        """The transport that reaches `source`: this one, unless it chooses among others."""
+        return self
 
     @abc.abstractmethod
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
@@ -170,17 +181,18 @@ class CudaIpcTransport(MappedTransport):
 
 class RoutingTransport(KVTransport):
     """Each source by the best way to reach it: CUDA IPC or shared memory when it is on this
-    machine and exported that way, else `remote` (torch.distributed point to point)."""
+    machine (`KVCacheHandle.machine`) and exported that way, else `remote` (torch.distributed
+    point to point)."""
 
     name = "auto"
 
-    def __init__(self, host: str, local: KVTransport, remote: KVTransport | None, gpu: KVTransport | None = None) -> None:
-        self.host, self.local, self.remote, self.gpu = host, local, remote, gpu
+    def __init__(self, machine: str, local: KVTransport, remote: KVTransport | None, gpu: KVTransport | None = None) -> None:
+        self.machine, self.local, self.remote, self.gpu = machine, local, remote, gpu
 
-    def _route(self, source: KVCacheHandle) -> KVTransport:
-        if source.cuda_ipc is not None and source.host == self.host and self.gpu is not None:
+    def route(self, source: KVCacheHandle) -> KVTransport:
+        if source.cuda_ipc is not None and source.machine == self.machine and self.gpu is not None:
             return self.gpu
-        if source.shm_name is not None and source.host == self.host:
+        if source.shm_name is not None and source.machine == self.machine:
             return self.local
         if self.remote is None:
             raise RuntimeError(f"KV of {source.instance} (on {source.host}) is out of reach: no shared memory with it "
@@ -188,10 +200,10 @@ class RoutingTransport(KVTransport):
         return self.remote
 
     def attach(self, source: KVCacheHandle) -> None:
-        self._route(source).attach(source)
+        self.route(source).attach(source)
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
-        return self._route(source).copy(source, ov, src_blocks, dst, dst_blocks)
+        return self.route(source).copy(source, ov, src_blocks, dst, dst_blocks)
 
     def close(self) -> None:
         self.local.close()

@@ -13,6 +13,7 @@ import pytest
 
 from distserve import LLM, SamplingParams
 from distserve.distributed.group import free_port
+from distserve.engine.backends.ray import LOCAL_RAY_ENV
 from tests.tiny_models import mixed_prompts
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -85,3 +86,38 @@ def test_ray_backend_joins_an_existing_cluster(checkpoints, expected, monkeypatc
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
     psutil.wait_procs(ray_daemons(), timeout=15)
     assert not ray_daemons()
+
+
+@pytest.mark.slow
+def test_ray_nodes_stand_for_machines(checkpoints, expected, monkeypatch) -> None:
+    """Two Ray nodes on this machine (Ray's own test cluster) stand for two machines: placed
+    apart, the KV crosses between them over the torch.distributed group; paired, prefill and
+    decode share a node and the KV moves through shared memory. Same tokens either way."""
+    for key, value in LOCAL_RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+    from ray.cluster_utils import Cluster
+
+    prompts, tokens = expected
+    # 4 (logical) CPUs a node: both 1-CPU instances fit on either node; only placement parts them
+    node_args = {"num_cpus": 4, "node_ip_address": "127.0.0.1", "object_store_memory": 80 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    try:
+        cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        for paired, transport in ((False, "torch"), (True, "shm")):
+            with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64, backend="ray",
+                     ray_address=cluster.address, pair_placement=paired) as engine:
+                outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+                stats = {s.role: s for s in engine.get_stats()}
+                nodes = {view.role: {h.machine for h in view.ready.kv_handles} for view in engine.controller.instances.values()}
+            assert [o.outputs[0].token_ids for o in outputs] == tokens
+            assert len(nodes["prefill"]) == len(nodes["decode"]) == 1  # an instance's workers on one node
+            assert (nodes["prefill"] == nodes["decode"]) == paired
+            assert {o.metrics.transfer_transport for o in outputs} == {transport}
+            decode = stats["decode"]
+            assert decode.transferred_bytes_by_transport == {transport: decode.transferred_bytes} and decode.transferred_bytes > 0
+            assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats.values())
+    finally:
+        cluster.shutdown()
+    psutil.wait_procs(ray_daemons(), timeout=15)
+    assert not ray_daemons(), "Ray processes left behind"

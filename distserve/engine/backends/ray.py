@@ -10,7 +10,11 @@ and stops it at shutdown; with `ray_address` it joins that cluster and removes o
 actors and placement groups. A bundle is one worker: {"CPU": cores} on CPU, {"GPU": 1} on
 GPU. Each instance's bundles are packed on one node; with `pair_placement`, prefill instance
 i and decode instance i share one placement group (one node), as the planner's Algorithm 2
-places them; otherwise instances spread over the nodes.
+places them; otherwise each instance goes (as a hint to Ray) to the node with the most room
+left, so instances spread over the nodes.
+
+A Ray node is a machine: a decode worker pulls KV through shared memory from prefill workers
+of its own node, and over the KV transfer group (torch.distributed) from other nodes.
 """
 
 from __future__ import annotations
@@ -56,9 +60,7 @@ class InstanceDriver:
             self.ended.set()
 
     def _serve(self, model_config: ModelConfig, config: InstanceConfig, outbox: Any, group: GroupSpec | None) -> None:
-        import ray
-
-        os.environ["DISTSERVE_HOST"] = ray.util.get_node_ip_address()
+        _where_am_i()
         # Ray ends the actor when the controller's job ends: no parent to watch
         instance_main(model_config, config, self.inbox, outbox, None, group)
 
@@ -74,11 +76,9 @@ class InstanceWorker:
     """Ray actor: a worker other than the driver; `run` serves the driver's steps until stop."""
 
     def run(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
-        import ray
-
         from distserve.engine.backends.local import worker_main
 
-        os.environ["DISTSERVE_HOST"] = ray.util.get_node_ip_address()
+        _where_am_i()
         worker_main(model_config, config, group, rank)
 
 
@@ -125,9 +125,18 @@ class RayBackend(Backend):
         else:
             sets = [[c] for c in instances]
         where: dict[str, tuple[Any, int]] = {}
+        free = {n["NodeID"]: dict(n["Resources"]) for n in self.ray.nodes() if n["Alive"]}
         for members in sets:
             bundles = [self._bundle(c) for c in members for _ in range(c.num_workers)]
-            group = placement_group(bundles, strategy="STRICT_PACK")
+            # each set on one node; the sets spread: each goes, as a hint, to the node with the
+            # most of what it needs left
+            need = {key: sum(b.get(key, 0) for b in bundles) for key in ("CPU", "GPU")}
+            fits = [n for n, r in free.items() if all(r.get(k, 0) >= v for k, v in need.items())]
+            target = max(fits, key=lambda n: (free[n].get("GPU", 0), free[n].get("CPU", 0)), default=None)
+            if target is not None:
+                for key, value in need.items():
+                    free[target][key] = free[target].get(key, 0) - value
+            group = placement_group(bundles, strategy="STRICT_PACK", _soft_target_node_id=target)
             self._groups.append(group)
             index = 0
             for c in members:
@@ -265,6 +274,15 @@ class RayBackend(Backend):
         for key in set(os.environ) - set(self._environ):
             del os.environ[key]
         os.environ.update(self._environ)
+
+
+def _where_am_i() -> None:
+    """A worker's address for its peers, and its machine: its Ray node (workers of one node
+    share memory; the KV between nodes goes over the network)."""
+    import ray
+
+    os.environ["DISTSERVE_HOST"] = ray.util.get_node_ip_address()
+    os.environ["DISTSERVE_MACHINE"] = ray.get_runtime_context().get_node_id()
 
 
 def _for_ray(config: InstanceConfig) -> InstanceConfig:
