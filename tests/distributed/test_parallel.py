@@ -90,6 +90,7 @@ def test_torch_distributed_transport_without_shared_memory(checkpoints, prefill:
         stats = engine.get_stats()
     assert [o.outputs[0].token_ids for o in outputs] == colocated
     assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats)
+    assert {o.metrics.transfer_transport for o in outputs} == {"torch"}
     cfg = load_reference(path).config
     per_block = 2 * cfg.num_hidden_layers * 16 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     for out, prompt in zip(outputs, prompts):

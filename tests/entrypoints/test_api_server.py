@@ -203,6 +203,11 @@ def test_metrics_are_prometheus(server, client) -> None:
     assert instances == {"prefill-0", "decode-0"}
     transfers = {s.labels["instance"]: s.value for s in families["distserve_kv_transfers"] if s.name.endswith("_total")}
     assert transfers["decode-0"] > 0
+    # one machine: every byte through shared memory, all of them counted under it
+    by_transport = {s.labels["transport"]: s.value for s in families["distserve_kv_transfer_transport_bytes"]
+                    if s.name.endswith("_total") and s.labels["instance"] == "decode-0"}
+    total = next(s.value for s in families["distserve_kv_transfer_bytes"] if s.name.endswith("_total") and s.labels["instance"] == "decode-0")
+    assert by_transport == {"shm": total} and total > 0
 
 
 def test_client_disconnect_aborts_the_request(server) -> None:
