@@ -102,8 +102,10 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
                            "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
                            "--out", str(out)]
     if spec.get("vllm", True) and Path(vllm_python).exists():
+        # every rate re-sends the same prompts: vLLM's prefix cache would skip their prefills
+        # from the second run on (distserve has no prefix cache), so it is off
         vllm = (f"{VLLM_ENV} {vllm_python} -m vllm.entrypoints.openai.api_server --model {model} --dtype float32 "
-                f"--max-model-len 2048 --port {{port}}")
+                f"--max-model-len 2048 --no-enable-prefix-caching --port {{port}}")
         command += ["--vllm-command", vllm]
     elif spec.get("vllm", True):
         print(f"vLLM skipped: {vllm_python} not found")

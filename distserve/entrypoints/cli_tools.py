@@ -184,8 +184,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and arrivals against each, and report goodput and ratios.",
     )
     compare.add_argument("model", nargs="?", default=None, help="model for the distserve systems (default: built-in)")
-    compare.add_argument("--systems", nargs="+", default=["disaggregated", "colocated", "chunked"],
-                         help="distserve systems: disaggregated | colocated | chunked | NAME='SERVE FLAGS'")
+    compare.add_argument("--systems", nargs="*", default=["disaggregated", "colocated", "chunked"],
+                         help="distserve systems: disaggregated | colocated | chunked | NAME='SERVE FLAGS' "
+                         "(none: only the --vllm-command system)")
     compare.add_argument("--server-args", default="", help="flags added to every distserve serve command")
     compare.add_argument("--vllm-command", default=None,
                          help="a command line that serves the same model on port {port} (run with bash)")
