@@ -4,6 +4,7 @@ backend, and nothing of Ray left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,64 @@ def test_ray_backend_starts_and_stops_its_own_cluster(checkpoints, expected) -> 
     assert not ray_daemons(), "Ray processes left behind"
 
 
+
+# run in a process of its own: a Ray driver that was connected before in this process
+# (the other tests here) has its new actors cancelled on Ray's in-process test cluster
+TWO_NODES = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+from distserve import LLM, SamplingParams
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+# 4 (logical) CPUs a node: both 1-CPU instances fit on either node; only placement parts them
+node_args = {"num_cpus": 4, "node_ip_address": "127.0.0.1", "object_store_memory": 80 << 20}
+cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+report = {}
+try:
+    cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    for paired in (False, True):
+        with LLM(path, mode="disaggregated", num_kv_blocks=64, backend="ray", ray_address=cluster.address,
+                 pair_placement=paired) as engine:
+            outputs = engine.generate([{"prompt_token_ids": p} for p in prompts],
+                                      SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+            report[str(paired)] = {
+                "tokens": [o.outputs[0].token_ids for o in outputs],
+                "transports": sorted({str(o.metrics.transfer_transport) for o in outputs}),
+                "stats": {s.role: [s.transferred_bytes, s.transferred_bytes_by_transport, s.kv_blocks_free == s.kv_blocks_total]
+                          for s in engine.get_stats()},
+                "nodes": {v.role: sorted({h.machine for h in v.ready.kv_handles}) for v in engine.controller.instances.values()},
+            }
+finally:
+    cluster.shutdown()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_ray_nodes_stand_for_machines(checkpoints, expected) -> None:
+    """Two Ray nodes on this machine (Ray's own test cluster) stand for two machines: placed
+    apart, the KV crosses between them over the torch.distributed group; paired, prefill and
+    decode share a node and the KV moves through shared memory. Same tokens either way."""
+    prompts, tokens = expected
+    env = {**os.environ, **LOCAL_RAY_ENV}
+    out = subprocess.run([sys.executable, "-c", TWO_NODES, str(checkpoints("llama-gqa")), json.dumps(prompts)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for paired, transport in (("False", "torch"), ("True", "shm")):
+        run = report[paired]
+        assert run["tokens"] == tokens
+        nodes = run["nodes"]
+        assert len(nodes["prefill"]) == len(nodes["decode"]) == 1  # an instance's workers on one node
+        assert (nodes["prefill"] == nodes["decode"]) == (paired == "True")
+        assert run["transports"] == [transport]
+        moved, by_transport, all_free = run["stats"]["decode"]
+        assert by_transport == {transport: moved} and moved > 0
+        assert all_free and run["stats"]["prefill"][2]
+    psutil.wait_procs(ray_daemons(), timeout=15)
+    assert not ray_daemons(), "Ray processes left behind"
+
+
 @pytest.mark.slow
 def test_ray_backend_joins_an_existing_cluster(checkpoints, expected, monkeypatch) -> None:
     prompts, tokens = expected
@@ -86,38 +145,3 @@ def test_ray_backend_joins_an_existing_cluster(checkpoints, expected, monkeypatc
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
     psutil.wait_procs(ray_daemons(), timeout=15)
     assert not ray_daemons()
-
-
-@pytest.mark.slow
-def test_ray_nodes_stand_for_machines(checkpoints, expected, monkeypatch) -> None:
-    """Two Ray nodes on this machine (Ray's own test cluster) stand for two machines: placed
-    apart, the KV crosses between them over the torch.distributed group; paired, prefill and
-    decode share a node and the KV moves through shared memory. Same tokens either way."""
-    for key, value in LOCAL_RAY_ENV.items():
-        monkeypatch.setenv(key, value)
-    from ray.cluster_utils import Cluster
-
-    prompts, tokens = expected
-    # 4 (logical) CPUs a node: both 1-CPU instances fit on either node; only placement parts them
-    node_args = {"num_cpus": 4, "node_ip_address": "127.0.0.1", "object_store_memory": 80 << 20}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    try:
-        cluster.add_node(**node_args)
-        cluster.wait_for_nodes()
-        for paired, transport in ((False, "torch"), (True, "shm")):
-            with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64, backend="ray",
-                     ray_address=cluster.address, pair_placement=paired) as engine:
-                outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-                stats = {s.role: s for s in engine.get_stats()}
-                nodes = {view.role: {h.machine for h in view.ready.kv_handles} for view in engine.controller.instances.values()}
-            assert [o.outputs[0].token_ids for o in outputs] == tokens
-            assert len(nodes["prefill"]) == len(nodes["decode"]) == 1  # an instance's workers on one node
-            assert (nodes["prefill"] == nodes["decode"]) == paired
-            assert {o.metrics.transfer_transport for o in outputs} == {transport}
-            decode = stats["decode"]
-            assert decode.transferred_bytes_by_transport == {transport: decode.transferred_bytes} and decode.transferred_bytes > 0
-            assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats.values())
-    finally:
-        cluster.shutdown()
-    psutil.wait_procs(ray_daemons(), timeout=15)
-    assert not ray_daemons(), "Ray processes left behind"
