@@ -197,9 +197,7 @@ class Instance:
             by_transport = self.worker.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
             end = time.time()
             moved = sum(by_transport.values())
-            counts = self.stats.transferred_bytes_by_transport
-            for name, n in by_transport.items():
-                counts[name] = counts.get(name, 0) + n
+            self.stats.transferred_bytes_by_transport.update(by_transport)
             request.num_computed_tokens = request.num_prompt_tokens
             self.scheduler.start_running(request)
             self.stats.num_transfers += 1

@@ -8,6 +8,7 @@ MigrationDone, InstanceFailed.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from distserve.kv.cache import KVCacheHandle
@@ -88,7 +89,7 @@ class InstanceStats:
     transfer_seconds: float = 0.0
     busy_seconds: float = 0.0
     # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
-    transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
+    transferred_bytes_by_transport: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 @dataclass

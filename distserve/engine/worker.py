@@ -9,6 +9,7 @@ returns the samples to the driver. A single-worker instance skips all communicat
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass, field
 
@@ -92,16 +93,14 @@ class Worker:
 
     # -- what every worker does with a step -------------------------------------------------
     def _run(self, step: WorkerStep) -> tuple[dict[str, int], list[SampleResult | None] | None]:
-        moved: dict[str, int] = {}
+        moved: collections.Counter[str] = collections.Counter()
         if step.connect or step.pulls:
             assert self.transport is not None, f"{self.config.name} is not a decode instance"
         if step.connect:
             self.transport.connect(step.connect, self.runner.kv_cache.layout)
         if step.pulls:
             for pull in step.pulls:
-                got = self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks)
-                for name, n in got.items():
-                    moved[name] = moved.get(name, 0) + n
+                moved.update(self.transport.pull(pull.sources, pull.src_blocks, self.runner.kv_cache, pull.dst_blocks))
             moved = group_sum(moved)  # also waits until every worker has its shards
         samples = self.runner.execute(step.batch) if step.batch is not None else None
         if step.batch is not None and self.runner.is_sampler and not self.is_driver:

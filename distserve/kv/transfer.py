@@ -12,6 +12,7 @@ source over torch.distributed.
 from __future__ import annotations
 
 import abc
+import collections
 from dataclasses import dataclass
 import mmap
 
@@ -100,10 +101,10 @@ class KVTransport(abc.ABC):
         """Copy `src_blocks` of the sources into `dst_blocks` of `dst`, taking from each source
         worker only the layers and heads this worker holds; returns the bytes each transport
         (by name) moved."""
-        moved: dict[str, int] = {}
+        moved: collections.Counter[str] = collections.Counter()
         for handle, ov in needed_sources(sources, dst.layout):
             transport = self.route(handle)
-            moved[transport.name] = moved.get(transport.name, 0) + transport.copy(handle, ov, src_blocks, dst, dst_blocks)
+            moved[transport.name] += transport.copy(handle, ov, src_blocks, dst, dst_blocks)
         return moved
 
     def route(self, source: KVCacheHandle) -> KVTransport:
