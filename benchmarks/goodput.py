@@ -19,6 +19,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from distserve.config import build_deployment  # noqa: E402
 from distserve.planner.profile import read_step_log  # noqa: E402
 
 RESULTS = Path("benchmarks/results/goodput")
+LOGS = {"colocated": ["colocated-0"], "disaggregated": ["prefill-0", "decode-0"]}  # each system's step logs
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
 VLLM_ENV = "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
 
@@ -94,13 +96,16 @@ def compress_step_logs(out: Path) -> None:
         path.unlink()
 
 
-def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
-    out = RESULTS / name
-    systems = logged_systems(out, spec.get("systems", ["colocated", "disaggregated", "chunked"]))
-    command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems,
+def compare(model: Path, name: str, spec: dict, vllm_python: str, out: Path | None = None,
+            systems: list[str] | None = None, slos: tuple[float, float] | None = None) -> Path:
+    """The workload's runs of every system into `out` (default its folder); SLOs `slos`, or
+    the workload's multiple of the first system's unloaded latency."""
+    out = out or RESULTS / name
+    systems_args = logged_systems(out, systems or spec.get("systems", ["colocated", "disaggregated", "chunked"]))
+    slo_args = ["--ttft", str(slos[0]), "--tpot", str(slos[1])] if slos else ["--slo-multiple", spec["slo_multiple"]]
+    command = DISTSERVE + ["bench", "compare", str(model), "--systems", *systems_args,
                            "--server-args", "--max-model-len 2048", *spec["workload"], "--rates", *spec["rates"],
-                           "--search", spec.get("search", "1"), "--slo-multiple", spec["slo_multiple"], "--devices", "2",
-                           "--out", str(out)]
+                           "--search", spec.get("search", "1"), *slo_args, "--devices", "2", "--out", str(out)]
     if spec.get("vllm", True) and Path(vllm_python).exists():
         # every rate re-sends the same prompts: vLLM's prefix cache would skip their prefills
         # from the second run on (distserve has no prefix cache), so it is off
@@ -114,29 +119,56 @@ def compare(model: Path, name: str, spec: dict, vllm_python: str) -> Path:
     return out / "results.json"
 
 
-def fit_logged(out: Path, systems: list[str], dest: Path | None = None) -> dict[str, str]:
-    """Latency models fitted to the steps each system logged in `out` (`distserve profile
-    --step-log`), written to `dest` (default `out`), as `distserve simulate --latency` arguments."""
+def repeats(base: Path) -> list[Path]:
+    """`base` and its repeats (`--repeat`: base/repeat-1, repeat-2, ...), in order."""
+    return [base] + sorted(base.glob("repeat-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def measured_in(base: Path, system: str) -> list[Path]:
+    """The measurements (`repeats`) that ran `system`."""
+    return [f for f in repeats(base) if system in json.loads((f / "results.json").read_text())["systems"]]
+
+
+def fit_logged(base: Path, systems: list[str], dest: Path) -> dict[str, str]:
+    """Latency models fitted to the steps each system logged in `base` and its repeats, pooled
+    (`distserve profile --step-log`), written to `dest`, as `distserve simulate --latency`
+    arguments."""
     models = {}
     for system in systems:
-        path = (dest or out) / f"fitted-{system}.json"
-        run(DISTSERVE + ["profile", "--step-log", *map(str, sorted((out / f"steps-{system}").glob("*.jsonl.gz"))),
-                         "--out", str(path)])
+        path = dest / f"fitted-{system}.json"
+        logs = [log for folder in measured_in(base, system) for log in sorted((folder / f"steps-{system}").glob("*.jsonl.gz"))]
+        run(DISTSERVE + ["profile", "--step-log", *map(str, logs), "--out", str(path)])
         models[system] = f"fitted:all={path}"
     return models
 
 
-def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool) -> dict[str, str]:
-    """Latency models fitted to the steps each system logged serving the calibration run."""
-    out = RESULTS / name / "calibration"
+def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Path, systems: list[str]) -> None:
     cal = spec["calibration"]
+    run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, systems),
+                     "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
+                     "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]), "--devices", "2",
+                     "--out", str(out)])
+    compress_step_logs(out)
+
+
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool) -> dict[str, str]:
+    """Latency models fitted to the steps each system logged serving the calibration run (all
+    its repeats pooled)."""
+    out = RESULTS / name / "calibration"
     if rerun or not (out / "results.json").exists():
-        run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, spec["systems"]),
-                         "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
-                         "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]), "--devices", "2",
-                         "--out", str(out)])
-        compress_step_logs(out)
-    return fit_logged(out, spec["systems"])
+        calibration_run(model, spec, slos, out, spec["systems"])
+    return fit_logged(out, spec["systems"], out)
+
+
+def repeat(model: Path, name: str, spec: dict, vllm_python: str, times: int, systems: list[str]) -> None:
+    """`times` more measurements of the workload's runs and of its calibration run, one after
+    the other (a drift of the machine's speed then reaches both alike), at the first run's SLOs."""
+    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
+    slos = (settings["ttft_slo"], settings["tpot_slo"])
+    for _ in range(times):
+        n = len(repeats(RESULTS / name))
+        compare(model, name, spec, vllm_python, RESULTS / name / f"repeat-{n}", systems, slos)
+        calibration_run(model, spec, slos, RESULTS / name / "calibration" / f"repeat-{n}", systems)
 
 
 def split_by_run(steps: list[dict], runs: list[dict]) -> list[list[dict]]:
@@ -156,32 +188,41 @@ def split_by_run(steps: list[dict], runs: list[dict]) -> list[list[dict]]:
     return parts[::-1]
 
 
-def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
-    """Each rate simulated with latency models fitted to the steps logged at the other rates."""
-    data = json.loads(measured.read_text())
-    ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
+def split_logs(folder: Path, system: str, runs: list[dict]) -> list[list[list[dict]]]:
+    """Each of the system's step logs in `folder`, cut into its runs (`runs`, by rate)."""
+    per_log = []
+    for log in LOGS[system]:
+        steps = read_step_log(folder / f"steps-{system}" / f"{log}.jsonl.gz")
+        # no decodes to count on the prefill instance: cut where the decode instance's runs start
+        per_log.append(steps if log == "prefill-0" else split_by_run(steps, runs))
+    if system == "disaggregated":
+        starts = [part[0]["start"] for part in per_log[1]] + [float("inf")]
+        prefill = per_log[0]
+        # a run's prefills come before its first decode by at most one TTFT SLO and a pull
+        per_log[0] = [[s for s in prefill if starts[k] - 10 <= s["start"] < starts[k + 1] - 10] for k in range(len(runs))]
+    return per_log
+
+
+def runs_by_rate(folder: Path, system: str) -> list[dict]:
+    return sorted(json.loads((folder / "results.json").read_text())["systems"][system]["runs"], key=lambda r: r["rate"])
+
+
+def cross_validated(model: Path, name: str, spec: dict, settings: dict) -> dict:
+    """Each rate simulated with latency models fitted to the steps logged at the other rates
+    (in every repeat), against the mean measured attainment."""
+    ttft, tpot = settings["ttft_slo"], settings["tpot_slo"]
     out: dict = {}
-    for system, logs in (("colocated", ["colocated-0"]), ("disaggregated", ["prefill-0", "decode-0"])):
-        runs = sorted(data["systems"][system]["runs"], key=lambda r: r["rate"])
-        per_log = []
-        for log in logs:
-            steps = read_step_log(RESULTS / name / f"steps-{system}" / f"{log}.jsonl.gz")
-            if log == "prefill-0":  # no decodes to count: cut where the decode instance's runs start
-                per_log.append(steps)
-            else:
-                per_log.append(split_by_run(steps, runs))
-        if system == "disaggregated":
-            starts = [part[0]["start"] for part in per_log[1]] + [float("inf")]
-            prefill = per_log[0]
-            # a run's prefills come before its first decode by at most one TTFT SLO and a pull
-            per_log[0] = [[s for s in prefill if starts[k] - 10 <= s["start"] < starts[k + 1] - 10] for k in range(len(runs))]
+    for system in ("colocated", "disaggregated"):
+        measured = [(runs_by_rate(f, system), f) for f in measured_in(RESULTS / name, system)]
+        split = [split_logs(folder, system, runs) for runs, folder in measured]
         rows = []
-        for k, run in enumerate(runs):
+        for k, run in enumerate(measured[0][0]):
             folder = Path(tempfile.mkdtemp(prefix=f"cross-validated-{system}-"))  # the logs of 4 runs: not kept
             files = []
-            for log, parts in zip(logs, per_log):
+            for i, log in enumerate(LOGS[system]):
                 path = folder / f"{log}.jsonl"
-                path.write_text("".join(json.dumps(step) + "\n" for m, part in enumerate(parts) if m != k for step in part))
+                path.write_text("".join(json.dumps(step) + "\n" for per_log in split
+                                        for m, part in enumerate(per_log[i]) if m != k for step in part))
                 files.append(str(path))
             fitted = folder / "fitted.json"
             run_quiet(DISTSERVE + ["profile", "--step-log", *files, "--out", str(fitted)])
@@ -191,9 +232,15 @@ def cross_validated(model: Path, name: str, spec: dict, measured: Path) -> dict:
                                    "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
             simulated = json.loads(sim_out.read_text())["rows"][0]["attainment"]
             shutil.rmtree(folder)
-            rows.append({"rate": run["rate"], "measured": run["attainment"], "simulated": simulated})
+            rows.append(row(run["rate"], [runs[k]["attainment"] for runs, _ in measured], simulated))
         out[system] = summarize(f"{name} (cross-validated) {system}", rows)
     return out
+
+
+def row(rate: float, measured: list[float], simulated: float) -> dict:
+    """One rate of a fidelity table: the mean of the measurements against the simulation."""
+    out = {"rate": rate, "measured": statistics.fmean(measured), "simulated": simulated}
+    return {**out, "measured_runs": measured} if len(measured) > 1 else out
 
 
 def summarize(title: str, rows: list[dict]) -> dict:
@@ -204,23 +251,23 @@ def summarize(title: str, rows: list[dict]) -> dict:
     return {"rows": rows, "max_abs_error_points": 100 * worst}
 
 
-def fidelity(model: Path, name: str, spec: dict, measured: Path, latency: dict[str, str], label: str) -> dict:
-    """Simulated vs measured attainment at every rate the benchmark ran, for 1P+1D and colocated."""
-    data = json.loads(measured.read_text())
-    ttft, tpot = data["settings"]["ttft_slo"], data["settings"]["tpot_slo"]
+def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str) -> dict:
+    """Simulated vs measured attainment (the mean over repeats) at every rate the benchmark ran,
+    for 1P+1D and colocated."""
+    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
+    ttft, tpot = settings["ttft_slo"], settings["tpot_slo"]
     out: dict = {}
     for system in ("disaggregated", "colocated"):  # each system is the distserve mode of its name
-        runs = data["systems"][system]["runs"]
-        rates = sorted(r["rate"] for r in runs)
+        measured = [runs_by_rate(f, system) for f in measured_in(RESULTS / name, system)]
+        rates = [r["rate"] for r in measured[0]]
         config = RESULTS / f"{name}-{system}.json"
         build_deployment(str(model), system, max_model_len=2048).save(config)
         sim_out = RESULTS / f"{name}-{system}-simulated{label}.json"
         run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency[system], "--cluster", "1x2xcpu",
                          "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
                          "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
-        simulated = {row["rate"]: row["attainment"] for row in json.loads(sim_out.read_text())["rows"]}
-        rows = [{"rate": r["rate"], "measured": r["attainment"], "simulated": simulated[r["rate"]]}
-                for r in sorted(runs, key=lambda r: r["rate"])]
+        simulated = {r["rate"]: r["attainment"] for r in json.loads(sim_out.read_text())["rows"]}
+        rows = [row(rate, [runs[k]["attainment"] for runs in measured], simulated[rate]) for k, rate in enumerate(rates)]
         out[system] = summarize(f"{name}{label} {system}", rows)
     return out
 
@@ -231,6 +278,11 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(WORKLOADS), default=None)
     parser.add_argument("--models-dir", default="/tmp/distserve-bench-models")
     parser.add_argument("--fidelity-only", action="store_true", help="only re-simulate the measured runs")
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help="measure a fidelity workload's runs and its calibration run N more times (next to the "
+                        "stored ones), then simulate against the mean of every measurement")
+    parser.add_argument("--systems", nargs="+", choices=("colocated", "disaggregated"), default=None,
+                        help="only these systems in the repeats (default: the workload's)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     model = smollm2_folder(Path(args.models_dir))
@@ -239,18 +291,24 @@ def main() -> None:
     for name, spec in WORKLOADS.items():
         if args.only and name != args.only:
             continue
-        measured = RESULTS / name / "results.json" if args.fidelity_only else compare(model, name, spec, args.vllm_python)
+        if args.repeat and "calibration" in spec:
+            repeat(model, name, spec, args.vllm_python, args.repeat, args.systems or spec["systems"])
+        elif not args.fidelity_only:
+            for old in repeats(RESULTS / name)[1:] + repeats(RESULTS / name / "calibration")[1:]:
+                shutil.rmtree(old)  # repeats of the measurement this one replaces
+            compare(model, name, spec, args.vllm_python)
+        measure_anew = not (args.fidelity_only or args.repeat)
         grid = {"disaggregated": f"fitted:prefill={profiles[1]},decode={profiles[1]}", "colocated": f"fitted:all={profiles[2]}"}
-        summary[name] = fidelity(model, name, spec, measured, grid, "")
+        summary[name] = fidelity(model, name, spec, grid, "")
         if "calibration" in spec:
-            settings = json.loads(measured.read_text())["settings"]
-            calibrated = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), not args.fidelity_only)
-            summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, measured, calibrated, "-calibrated")
-            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, measured)
+            settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
+            calibrated = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew)
+            summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
+            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, settings)
             # the runs' own steps: what is left is the simulator's error, not the latency model's
             folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
             own = fit_logged(RESULTS / name, spec["systems"], folder)
-            summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, measured, own, "-own-steps")
+            summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
             shutil.rmtree(folder)
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
