@@ -6,6 +6,7 @@ outputs). Then the planner's simulator, with latency models fitted to this engin
 colocated: its fidelity against the measurement.
 
     python benchmarks/goodput.py [--vllm-python /tmp/vllm-venv/bin/python] [--only chatbot]
+    python benchmarks/goodput.py --only chatbot-fidelity --repeat 2 [--systems colocated]
 
 Everything goes to benchmarks/results/goodput/<workload>/ (results.json, plots, server logs)
 and benchmarks/results/goodput/fidelity.json. SLOs are K x the unloaded TTFT and TPOT of the
@@ -32,6 +33,9 @@ from distserve.config import build_deployment  # noqa: E402
 from distserve.planner.profile import read_step_log  # noqa: E402
 
 RESULTS = Path("benchmarks/results/goodput")
+# how far a few percent of step time (this machine's drift between runs) move the simulated
+# attainment: the calibrated models also simulated this many times slower
+SENSITIVITY = (0.97, 1.03)
 LOGS = {"colocated": ["colocated-0"], "disaggregated": ["prefill-0", "decode-0"]}  # each system's step logs
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
 VLLM_ENV = "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
@@ -251,9 +255,9 @@ def summarize(title: str, rows: list[dict]) -> dict:
     return {"rows": rows, "max_abs_error_points": 100 * worst}
 
 
-def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str) -> dict:
+def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str, scale: float = 1.0) -> dict:
     """Simulated vs measured attainment (the mean over repeats) at every rate the benchmark ran,
-    for 1P+1D and colocated."""
+    for 1P+1D and colocated; `scale`: every simulated step that many times as long."""
     settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
     ttft, tpot = settings["ttft_slo"], settings["tpot_slo"]
     out: dict = {}
@@ -265,7 +269,8 @@ def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label:
         sim_out = RESULTS / f"{name}-{system}-simulated{label}.json"
         run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency[system], "--cluster", "1x2xcpu",
                          "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
-                         "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
+                         "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--latency-scale", str(scale),
+                         "--out", str(sim_out)])
         simulated = {r["rate"]: r["attainment"] for r in json.loads(sim_out.read_text())["rows"]}
         rows = [row(rate, [runs[k]["attainment"] for runs in measured], simulated[rate]) for k, rate in enumerate(rates)]
         out[system] = summarize(f"{name}{label} {system}", rows)
@@ -293,6 +298,8 @@ def main() -> None:
             continue
         if args.repeat and "calibration" in spec:
             repeat(model, name, spec, args.vllm_python, args.repeat, args.systems or spec["systems"])
+        elif args.repeat:
+            print(f"{name}: no repeats (not a fidelity workload), only simulated")
         elif not args.fidelity_only:
             for old in repeats(RESULTS / name)[1:] + repeats(RESULTS / name / "calibration")[1:]:
                 shutil.rmtree(old)  # repeats of the measurement this one replaces
@@ -304,6 +311,9 @@ def main() -> None:
             settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
             calibrated = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew)
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
+            for scale in SENSITIVITY:
+                summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
+                    model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
             summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, settings)
             # the runs' own steps: what is left is the simulator's error, not the latency model's
             folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept

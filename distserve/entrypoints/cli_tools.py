@@ -339,6 +339,10 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             par = Parallelism(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
             latency = problem.latency_model(par)
             capacity = capacity or problem.kv_capacity(par)
+        if args.latency_scale != 1.0:
+            if not isinstance(latency, FittedLatencyModel):
+                raise ValueError("--latency-scale needs a fitted or published latency model (--latency fitted:... or published).")
+            latency = latency.scaled(args.latency_scale)
         for _ in range(cfg.num_instances):
             instances.append(InstanceSpec(phase, latency, capacity, cfg.max_num_seqs, cfg.max_num_batched_tokens or 2048,
                                           cfg.policy, deployment.mode == "chunked", deployment.block_size))
@@ -403,6 +407,8 @@ def register_planner(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--model", dest="plan_model", default=None, help="model shape (default: the file's model)")
     simulate.add_argument("--dtype-bytes", type=int, default=4, help="bytes per KV element (4 on CPU, 2 on GPU)")
     simulate.add_argument("--transfer-bandwidth", type=float, default=5e9, help="KV pull bandwidth, bytes/s")
+    simulate.add_argument("--latency-scale", type=float, default=1.0, metavar="F",
+                          help="every step F times as long (a machine F times slower; 0.95: 5%% faster)")
     simulate.add_argument("--out", default=None, help="JSON of the simulated attainment per rate")
     add_plan_args(simulate, with_rate=False)
     add_workload_args(simulate)

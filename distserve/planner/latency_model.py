@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,15 @@ class FittedLatencyModel(LatencyModel):
             "decode": _mean_relative_error([(model.decode_time(c), t) for c, t in decode_samples]),
         }
         return model
+
+    def scaled(self, factor: float) -> FittedLatencyModel:
+        """The same model on a machine `factor` times slower: every step and gap that much longer."""
+        if factor <= 0:
+            raise ValueError(f"a latency scale must be positive, not {factor}.")
+        times = lambda coeffs: tuple(v * factor for v in coeffs)  # noqa: E731
+        return replace(self, prefill=times(self.prefill), decode_small=times(self.decode_small),
+                       decode_large=times(self.decode_large), step_gap=self.step_gap * factor,
+                       meta={**self.meta, "scaled": factor}, samples={})
 
     def to_json(self) -> dict:
         return asdict(self)

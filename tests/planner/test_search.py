@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,14 +67,22 @@ def test_placement_file_round_trips_into_serve(tmp_path) -> None:
     assert served.decode.tensor_parallel_size == deployment.decode.tensor_parallel_size
     # and `simulate` runs the same file (workload lengths from the built-in tokenizer)
     sim_out = tmp_path / "simulated.json"
-    sim_args = build_parser().parse_args([
-        "simulate", "--config", str(out), "--latency", "published", "--cluster", "1x4xa100-80gb", "--ttft", "0.4",
-        "--tpot", "0.1", "--workload", "synthetic:uniform:100:600:20:200", "--num-requests", "50", "--rates", "0.5", "1",
-        "--out", str(sim_out),
-    ])
+    sim_args = build_parser().parse_args(sim_args_list(out, sim_out))
     sim_args.func(sim_args)
     rows = json.loads(sim_out.read_text())["rows"]
     assert [r["rate"] for r in rows] == [0.5, 1.0] and all(0.0 <= r["attainment"] <= 1.0 for r in rows)
+    # on a machine 8x slower the same placement meets the SLOs less often
+    slow_args = build_parser().parse_args([*sim_args_list(out, sim_out), "--latency-scale", "8"])
+    slow_args.func(slow_args)
+    slow = json.loads(sim_out.read_text())["rows"]
+    assert [r["attainment"] for r in slow] < [r["attainment"] for r in rows]
+    assert all(s["attainment"] <= r["attainment"] for s, r in zip(slow, rows))
+
+
+def sim_args_list(config: Path, out: Path) -> list[str]:
+    return ["simulate", "--config", str(config), "--latency", "published", "--cluster", "1x4xa100-80gb", "--ttft", "0.4",
+            "--tpot", "0.1", "--workload", "synthetic:uniform:100:600:20:200", "--num-requests", "50", "--rates", "0.5", "1",
+            "--out", str(out)]
 
 
 @pytest.mark.slow

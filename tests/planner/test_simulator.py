@@ -53,6 +53,15 @@ def test_step_gap_delays_each_next_step() -> None:
     assert late.token_times == pytest.approx([0.1, 0.14])
 
 
+def test_a_scaled_model_stretches_the_timeline() -> None:
+    model = FittedLatencyModel((0.1, 0.0, 0.0), (0.01, 0.0, 0.0), (0.01, 0.0, 0.0), step_gap=0.002)
+    (r,) = simulate(ClusterSpec([InstanceSpec("colocated", model.scaled(1.5), 10_000)]), [0.0], [(100, 4)])
+    # every step and gap 1.5x: prefill 0-0.15, then three decode steps of 0.018 each (0.015 + 0.003 gap)
+    assert r.token_times == pytest.approx([0.15, 0.15 + 3 * 0.018])
+    with pytest.raises(ValueError, match="positive"):
+        model.scaled(0.0)
+
+
 def test_md1_mean_ttft_matches_queueing_theory() -> None:
     service, rate = 0.1, 6.0
     model = FittedLatencyModel((service, 0.0, 0.0), (0.001, 0.0, 0.0), (0.001, 0.0, 0.0))
