@@ -59,6 +59,9 @@ WORKLOADS = {
         "search": "0",
         "vllm": False,
         "calibration": {"seed": "1", "rate": "1.2"},
+        # a second calibration over two rates between the measured ones: steps at different
+        # loads, as the runs it predicts have
+        "calibration_wide": {"seed": "1", "rates": ["0.75", "1.5"]},
     },
     # long prompts, short outputs, as the paper's LongBench summarization workload
     "summarization": {
@@ -146,21 +149,23 @@ def fit_logged(base: Path, systems: list[str], dest: Path) -> dict[str, str]:
     return models
 
 
-def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Path, systems: list[str]) -> None:
-    cal = spec["calibration"]
+def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Path, systems: list[str],
+                    key: str = "calibration") -> None:
+    cal = spec[key]
     run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, systems),
                      "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
-                     "--rates", cal["rate"], "--ttft", str(slos[0]), "--tpot", str(slos[1]), "--devices", "2",
-                     "--out", str(out)])
+                     "--rates", *cal.get("rates", [cal.get("rate")]), "--ttft", str(slos[0]), "--tpot", str(slos[1]),
+                     "--devices", "2", "--out", str(out)])
     compress_step_logs(out)
 
 
-def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool) -> dict[str, str]:
-    """Latency models fitted to the steps each system logged serving the calibration run (all
-    its repeats pooled)."""
-    out = RESULTS / name / "calibration"
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool,
+              key: str = "calibration") -> dict[str, str]:
+    """Latency models fitted to the steps each system logged serving the calibration run `key`
+    (all its repeats pooled)."""
+    out = RESULTS / name / key.replace("_", "-")
     if rerun or not (out / "results.json").exists():
-        calibration_run(model, spec, slos, out, spec["systems"])
+        calibration_run(model, spec, slos, out, spec["systems"], key)
     return fit_logged(out, spec["systems"], out)
 
 
@@ -311,6 +316,11 @@ def main() -> None:
             settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
             calibrated = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew)
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
+            if "calibration_wide" in spec:
+                wide = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew,
+                                 "calibration_wide")
+                summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(
+                    model, name, spec, wide, "-calibrated-wide")
             for scale in SENSITIVITY:
                 summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
                     model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
