@@ -58,7 +58,7 @@ WORKLOADS = {
         "systems": ["colocated", "disaggregated"],
         "search": "0",
         "vllm": False,
-        "calibration": {"seed": "1", "rate": "1.2"},
+        "calibration": {"seed": "1", "rates": ["1.2"]},
         # a second calibration over two rates between the measured ones: steps at different
         # loads, as the runs it predicts have
         "calibration_wide": {"seed": "1", "rates": ["0.75", "1.5"]},
@@ -154,7 +154,7 @@ def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Pat
     cal = spec[key]
     run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, systems),
                      "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
-                     "--rates", *cal.get("rates", [cal.get("rate")]), "--ttft", str(slos[0]), "--tpot", str(slos[1]),
+                     "--rates", *cal["rates"], "--ttft", str(slos[0]), "--tpot", str(slos[1]),
                      "--devices", "2", "--out", str(out)])
     compress_step_logs(out)
 
@@ -172,8 +172,7 @@ def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rer
 def repeat(model: Path, name: str, spec: dict, vllm_python: str, times: int, systems: list[str]) -> None:
     """`times` more measurements of the workload's runs and of its calibration run, one after
     the other (a drift of the machine's speed then reaches both alike), at the first run's SLOs."""
-    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
-    slos = (settings["ttft_slo"], settings["tpot_slo"])
+    slos = first_slos(name)
     for _ in range(times):
         n = len(repeats(RESULTS / name))
         compare(model, name, spec, vllm_python, RESULTS / name / f"repeat-{n}", systems, slos)
@@ -216,10 +215,16 @@ def runs_by_rate(folder: Path, system: str) -> list[dict]:
     return sorted(json.loads((folder / "results.json").read_text())["systems"][system]["runs"], key=lambda r: r["rate"])
 
 
-def cross_validated(model: Path, name: str, spec: dict, settings: dict) -> dict:
+def first_slos(name: str) -> tuple[float, float]:
+    """The (TTFT, TPOT) SLOs of the workload's first measurement, which its repeats reuse."""
+    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
+    return settings["ttft_slo"], settings["tpot_slo"]
+
+
+def cross_validated(model: Path, name: str, spec: dict) -> dict:
     """Each rate simulated with latency models fitted to the steps logged at the other rates
     (in every repeat), against the mean measured attainment."""
-    ttft, tpot = settings["ttft_slo"], settings["tpot_slo"]
+    ttft, tpot = first_slos(name)
     out: dict = {}
     for system in ("colocated", "disaggregated"):
         measured = [(runs_by_rate(f, system), f) for f in measured_in(RESULTS / name, system)]
@@ -263,8 +268,7 @@ def summarize(title: str, rows: list[dict]) -> dict:
 def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str, scale: float = 1.0) -> dict:
     """Simulated vs measured attainment (the mean over repeats) at every rate the benchmark ran,
     for 1P+1D and colocated; `scale`: every simulated step that many times as long."""
-    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
-    ttft, tpot = settings["ttft_slo"], settings["tpot_slo"]
+    ttft, tpot = first_slos(name)
     out: dict = {}
     for system in ("disaggregated", "colocated"):  # each system is the distserve mode of its name
         measured = [runs_by_rate(f, system) for f in measured_in(RESULTS / name, system)]
@@ -313,18 +317,17 @@ def main() -> None:
         grid = {"disaggregated": f"fitted:prefill={profiles[1]},decode={profiles[1]}", "colocated": f"fitted:all={profiles[2]}"}
         summary[name] = fidelity(model, name, spec, grid, "")
         if "calibration" in spec:
-            settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
-            calibrated = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew)
+            slos = first_slos(name)
+            calibrated = calibrate(model, name, spec, slos, measure_anew)
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
             if "calibration_wide" in spec:
-                wide = calibrate(model, name, spec, (settings["ttft_slo"], settings["tpot_slo"]), measure_anew,
-                                 "calibration_wide")
+                wide = calibrate(model, name, spec, slos, measure_anew, "calibration_wide")
                 summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(
                     model, name, spec, wide, "-calibrated-wide")
             for scale in SENSITIVITY:
                 summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
                     model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
-            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec, settings)
+            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
             # the runs' own steps: what is left is the simulator's error, not the latency model's
             folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
             own = fit_logged(RESULTS / name, spec["systems"], folder)

@@ -60,7 +60,6 @@ def test_ray_backend_starts_and_stops_its_own_cluster(checkpoints, expected) -> 
     assert not ray_daemons(), "Ray processes left behind"
 
 
-
 # run in a process of its own: a Ray driver that was connected before in this process
 # (the other tests here) has its new actors cancelled on Ray's in-process test cluster
 TWO_NODES = r"""
