@@ -136,21 +136,27 @@ def measured_in(base: Path, system: str) -> list[Path]:
     return [f for f in repeats(base) if system in json.loads((f / "results.json").read_text())["systems"]]
 
 
-def fit_logged(base: Path, systems: list[str], dest: Path) -> dict[str, str]:
-    """Latency models fitted to the steps each system logged in `base` and its repeats, pooled
-    (`distserve profile --step-log`), written to `dest`, as `distserve simulate --latency`
-    arguments."""
+def fit_logged(bases: list[Path], systems: list[str], dest: Path) -> dict[str, str]:
+    """Latency models fitted to the steps each system logged in `bases` and their repeats,
+    pooled (`distserve profile --step-log`), written to `dest`, as `distserve simulate
+    --latency` arguments."""
     models = {}
     for system in systems:
         path = dest / f"fitted-{system}.json"
-        logs = [log for folder in measured_in(base, system) for log in sorted((folder / f"steps-{system}").glob("*.jsonl.gz"))]
+        logs = [log for base in bases for folder in measured_in(base, system)
+                for log in sorted((folder / f"steps-{system}").glob("*.jsonl.gz"))]
         run(DISTSERVE + ["profile", "--step-log", *map(str, logs), "--out", str(path)])
         models[system] = f"fitted:all={path}"
     return models
 
 
+def calibrations(name: str, spec: dict) -> dict[str, Path]:
+    """The workload's calibration specs (`calibration`, `calibration_wide`), each with its folder."""
+    return {key: RESULTS / name / key.replace("_", "-") for key in ("calibration", "calibration_wide") if key in spec}
+
+
 def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Path, systems: list[str],
-                    key: str = "calibration") -> None:
+                    key: str) -> None:
     cal = spec[key]
     run(DISTSERVE + ["bench", "compare", str(model), "--systems", *logged_systems(out, systems),
                      "--server-args", "--max-model-len 2048", *spec["workload"], "--seed", cal["seed"],
@@ -159,24 +165,25 @@ def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Pat
     compress_step_logs(out)
 
 
-def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool,
-              key: str = "calibration") -> dict[str, str]:
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool, key: str) -> dict[str, str]:
     """Latency models fitted to the steps each system logged serving the calibration run `key`
     (all its repeats pooled)."""
-    out = RESULTS / name / key.replace("_", "-")
+    out = calibrations(name, spec)[key]
     if rerun or not (out / "results.json").exists():
         calibration_run(model, spec, slos, out, spec["systems"], key)
-    return fit_logged(out, spec["systems"], out)
+    return fit_logged([out], spec["systems"], out)
 
 
 def repeat(model: Path, name: str, spec: dict, vllm_python: str, times: int, systems: list[str]) -> None:
-    """`times` more measurements of the workload's runs and of its calibration run, one after
-    the other (a drift of the machine's speed then reaches both alike), at the first run's SLOs."""
+    """`times` more measurements of the workload's runs and of each of its calibration runs, one
+    after the other (a drift of the machine's speed then reaches them alike), at the first run's
+    SLOs."""
     slos = first_slos(name)
     for _ in range(times):
         n = len(repeats(RESULTS / name))
         compare(model, name, spec, vllm_python, RESULTS / name / f"repeat-{n}", systems, slos)
-        calibration_run(model, spec, slos, RESULTS / name / "calibration" / f"repeat-{n}", systems)
+        for key, folder in calibrations(name, spec).items():
+            calibration_run(model, spec, slos, folder / f"repeat-{n}", systems, key)
 
 
 def split_by_run(steps: list[dict], runs: list[dict]) -> list[list[dict]]:
@@ -310,7 +317,7 @@ def main() -> None:
         elif args.repeat:
             print(f"{name}: no repeats (not a fidelity workload), only simulated")
         elif not args.fidelity_only:
-            for old in repeats(RESULTS / name)[1:] + repeats(RESULTS / name / "calibration")[1:]:
+            for old in repeats(RESULTS / name)[1:] + [r for f in calibrations(name, spec).values() for r in repeats(f)[1:]]:
                 shutil.rmtree(old)  # repeats of the measurement this one replaces
             compare(model, name, spec, args.vllm_python)
         measure_anew = not (args.fidelity_only or args.repeat)
@@ -318,19 +325,26 @@ def main() -> None:
         summary[name] = fidelity(model, name, spec, grid, "")
         if "calibration" in spec:
             slos = first_slos(name)
-            calibrated = calibrate(model, name, spec, slos, measure_anew)
+            calibrated = calibrate(model, name, spec, slos, measure_anew, "calibration")
             summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
             if "calibration_wide" in spec:
                 wide = calibrate(model, name, spec, slos, measure_anew, "calibration_wide")
                 summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(
                     model, name, spec, wide, "-calibrated-wide")
+                # every calibration run and repeat pooled: the most steps, at three rates, over
+                # the longest stretch of the machine's drifting speed
+                folder = Path(tempfile.mkdtemp(prefix="pooled-"))  # megabytes of samples, refitted in seconds: not kept
+                pooled = fit_logged(list(calibrations(name, spec).values()), spec["systems"], folder)
+                summary[f"{name} (calibrated on every calibration run)"] = fidelity(
+                    model, name, spec, pooled, "-calibrated-pooled")
+                shutil.rmtree(folder)
             for scale in SENSITIVITY:
                 summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
                     model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
             summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
             # the runs' own steps: what is left is the simulator's error, not the latency model's
             folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
-            own = fit_logged(RESULTS / name, spec["systems"], folder)
+            own = fit_logged([RESULTS / name], spec["systems"], folder)
             summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
             shutil.rmtree(folder)
         path = RESULTS / "fidelity.json"
