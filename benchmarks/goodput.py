@@ -30,12 +30,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import smollm2_folder  # noqa: E402 - the same float32 checkpoint for every system
 
 from distserve.config import build_deployment  # noqa: E402
+from distserve.planner.latency_model import FittedLatencyModel  # noqa: E402
 from distserve.planner.profile import read_step_log  # noqa: E402
 
 RESULTS = Path("benchmarks/results/goodput")
 # how far a few percent of step time (this machine's drift between runs) move the simulated
 # attainment: the calibrated models also simulated this many times slower
 SENSITIVITY = (0.97, 1.03)
+DRIFT_WINDOW = 20.0  # seconds of serving over which the machine's speed is read (`speed_drift`)
+DRIFT_MIN_STEPS = 100  # a window with fewer decode steps (mostly idle) is not read
+DRIFT_SAMPLES = 64  # draws of the machine's speed a drifting simulation averages over
 LOGS = {"colocated": ["colocated-0"], "disaggregated": ["prefill-0", "decode-0"]}  # each system's step logs
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
 VLLM_ENV = "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
@@ -258,6 +262,32 @@ def cross_validated(model: Path, name: str, spec: dict) -> dict:
     return out
 
 
+def speed_drift(fitted: dict[str, str], bases: list[Path]) -> dict:
+    """How far the machine's speed wanders while serving: the decode steps each system logged in
+    `bases` and their repeats, cut into DRIFT_WINDOW-second windows, each window's time over
+    what `fitted` (one model over all those steps) predicts for it. A steady machine reads 1.0
+    in every window, give or take the fit's error on the batch shapes a window happens to hold
+    (so this reads the drift high, if anything)."""
+    out = {}
+    for system, latency in fitted.items():
+        model = FittedLatencyModel.load(latency.split("=", 1)[1])
+        ratios = []
+        for folder in (f for base in bases for f in measured_in(base, system)):
+            for path in sorted((folder / f"steps-{system}").glob("*.jsonl.gz")):
+                windows: dict[int, list[float]] = {}
+                steps = [s for s in read_step_log(path) if s["decode"] and not s["prefill"]]
+                for step in steps:
+                    window = windows.setdefault(int((step["start"] - steps[0]["start"]) // DRIFT_WINDOW), [0, 0.0, 0.0])
+                    window[0] += 1
+                    window[1] += step["seconds"]
+                    window[2] += model.decode_time(step["decode"])
+                ratios += [measured / predicted for n, measured, predicted in windows.values() if n >= DRIFT_MIN_STEPS]
+        out[system] = {"windows": len(ratios), "stdev": statistics.stdev(ratios), "min": min(ratios), "max": max(ratios)}
+        print(f"{system}: decode speed over {len(ratios)} windows of {DRIFT_WINDOW:g} s: sd {out[system]['stdev']:.3f}, "
+              f"{out[system]['min']:.2f}-{out[system]['max']:.2f} x the fit over all of them")
+    return out
+
+
 def row(rate: float, measured: list[float], simulated: float) -> dict:
     """One rate of a fidelity table: the mean of the measurements against the simulation."""
     out = {"rate": rate, "measured": statistics.fmean(measured), "simulated": simulated}
@@ -272,9 +302,11 @@ def summarize(title: str, rows: list[dict]) -> dict:
     return {"rows": rows, "max_abs_error_points": 100 * worst}
 
 
-def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str, scale: float = 1.0) -> dict:
+def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label: str, scale: float = 1.0,
+             drift: dict | None = None) -> dict:
     """Simulated vs measured attainment (the mean over repeats) at every rate the benchmark ran,
-    for 1P+1D and colocated; `scale`: every simulated step that many times as long."""
+    for 1P+1D and colocated; `scale`: every simulated step that many times as long; `drift`
+    (`speed_drift`'s reading): the machine's speed wandering that much, every DRIFT_WINDOW s."""
     ttft, tpot = first_slos(name)
     out: dict = {}
     for system in ("disaggregated", "colocated"):  # each system is the distserve mode of its name
@@ -286,6 +318,8 @@ def fidelity(model: Path, name: str, spec: dict, latency: dict[str, str], label:
         run(DISTSERVE + ["simulate", "--config", str(config), "--latency", latency[system], "--cluster", "1x2xcpu",
                          "--dtype-bytes", "4", *spec["workload"], "--rates", *map(str, rates),
                          "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--latency-scale", str(scale),
+                         *(["--speed-drift", str(drift[system]["stdev"]), "--drift-window", str(DRIFT_WINDOW),
+                            "--drift-samples", str(DRIFT_SAMPLES)] if drift else []),
                          "--out", str(sim_out)])
         simulated = {r["rate"]: r["attainment"] for r in json.loads(sim_out.read_text())["rows"]}
         rows = [row(rate, [runs[k]["attainment"] for runs in measured], simulated[rate]) for k, rate in enumerate(rates)]
@@ -337,6 +371,11 @@ def main() -> None:
                 pooled = fit_logged(list(calibrations(name, spec).values()), spec["systems"], folder)
                 summary[f"{name} (calibrated on every calibration run)"] = fidelity(
                     model, name, spec, pooled, "-calibrated-pooled")
+                # the same, on a machine whose speed wanders as it did in the calibration runs
+                drift = speed_drift(pooled, list(calibrations(name, spec).values()))
+                summary[f"{name} (machine speed while calibrating)"] = drift
+                summary[f"{name} (calibrated on every calibration run, with its speed drift)"] = fidelity(
+                    model, name, spec, pooled, "-calibrated-pooled-drift", drift=drift)
                 shutil.rmtree(folder)
             for scale in SENSITIVITY:
                 summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
@@ -346,6 +385,10 @@ def main() -> None:
             folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
             own = fit_logged([RESULTS / name], spec["systems"], folder)
             summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
+            drift = speed_drift(own, [RESULTS / name])
+            summary[f"{name} (machine speed while serving)"] = drift
+            summary[f"{name} (fitted on the measured runs' own steps, with their speed drift)"] = fidelity(
+                model, name, spec, own, "-own-steps-drift", drift=drift)
             shutil.rmtree(folder)
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}

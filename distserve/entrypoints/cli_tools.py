@@ -309,15 +309,18 @@ def _plot_plan(problem, placement, path: str) -> None:  # noqa: ANN001
 def cmd_simulate(args: argparse.Namespace) -> None:
     """Simulated attainment of a placement file's deployment at each rate."""
     import json
+    from dataclasses import replace
 
     from distserve.bench.metrics import slo_attainment
     from distserve.config import DEFAULT_KV_CACHE_GB, DeploymentConfig
     from distserve.planner.hardware import model_shape
     from distserve.planner.latency_model import FittedLatencyModel
     from distserve.planner.search import Parallelism
-    from distserve.planner.simulator import ClusterSpec, InstanceSpec, simulate
+    from distserve.planner.simulator import ClusterSpec, InstanceSpec, SpeedDrift, simulate
     from distserve.bench.arrivals import arrival_times
 
+    if args.speed_drift < 0 or args.drift_window <= 0 or args.drift_samples < 1:
+        raise ValueError("--speed-drift must be >= 0, --drift-window > 0 seconds and --drift-samples >= 1.")
     deployment = DeploymentConfig.load(args.config)
     requests, _ = _workload(args)
     lengths = [(r.prompt_len, r.output_len) for r in requests]
@@ -349,14 +352,20 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     spec = ClusterSpec(instances, lambda tokens: tokens * kv_bytes / args.transfer_bandwidth)
     rows = []
     print(f"{'rate':>8} {'attainment':>11} {'TTFT ok':>8} {'TPOT ok':>8}")
+    # a steady machine once; a drifting one over several draws of its speed (the same arrivals)
+    speeds = ([SpeedDrift(args.speed_drift, args.drift_window, seed) for seed in range(args.drift_samples)]
+              if args.speed_drift else [None])
     for rate in args.rates:
         trace = [r.arrival_time for r in requests] if args.arrival == "trace" else None
-        records = simulate(spec, arrival_times(len(lengths), rate, args.arrival, args.cv, args.seed, trace), lengths)
-        a = slo_attainment(records, args.ttft, args.tpot)
-        rows.append({"rate": rate, "attainment": a.both, "ttft_attainment": a.ttft, "tpot_attainment": a.tpot})
-        print(f"{rate:>8.3g} {a.both:>11.1%} {a.ttft:>8.1%} {a.tpot:>8.1%}")
+        arrivals = arrival_times(len(lengths), rate, args.arrival, args.cv, args.seed, trace)
+        draws = [slo_attainment(simulate(replace(spec, speed=speed), arrivals, lengths), args.ttft, args.tpot) for speed in speeds]
+        both, ttft, tpot = (sum(getattr(a, part) for a in draws) / len(draws) for part in ("both", "ttft", "tpot"))
+        rows.append({"rate": rate, "attainment": both, "ttft_attainment": ttft, "tpot_attainment": tpot})
+        print(f"{rate:>8.3g} {both:>11.1%} {ttft:>8.1%} {tpot:>8.1%}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"config": args.config, "latency": args.latency, "rows": rows}, indent=2))
+        drift = {"speed_drift": args.speed_drift, "drift_window": args.drift_window, "drift_samples": args.drift_samples}
+        Path(args.out).write_text(json.dumps({"config": args.config, "latency": args.latency, "latency_scale": args.latency_scale,
+                                              **(drift if args.speed_drift else {}), "rows": rows}, indent=2))
         print(f"wrote {args.out}")
 
 
@@ -409,6 +418,11 @@ def register_planner(sub: argparse._SubParsersAction) -> None:
     simulate.add_argument("--transfer-bandwidth", type=float, default=5e9, help="KV pull bandwidth, bytes/s")
     simulate.add_argument("--latency-scale", type=float, default=1.0, metavar="F",
                           help="every step F times as long (a machine F times slower; 0.95: 5%% faster)")
+    simulate.add_argument("--speed-drift", type=float, default=0.0, metavar="SD",
+                          help="the machine's speed wanders: each --drift-window seconds every step takes a log-normal "
+                          "factor of mean 1 and this standard deviation; attainment is the mean over --drift-samples draws")
+    simulate.add_argument("--drift-window", type=float, default=20.0, metavar="S")
+    simulate.add_argument("--drift-samples", type=int, default=16, metavar="N")
     simulate.add_argument("--out", default=None, help="JSON of the simulated attainment per rate")
     add_plan_args(simulate, with_rate=False)
     add_workload_args(simulate)

@@ -15,6 +15,10 @@ It follows the engine's own policies (`engine/scheduler.py`, `engine/controller.
 After a step, an instance waits the latency model's `step_gap` (the engine's own time between
 two steps, measured from serving logs) before it starts the next.
 
+A machine whose speed wanders (a shared CPU: `SpeedDrift`) stretches every step that starts in
+a slow stretch of time; queueing is convex in step time, so the slow stretches cost attainment
+that the fast ones do not give back, which steps at their mean time leave out.
+
 Decoding is simulated in aggregate so that a step costs O(1), not O(batch): a running batch
 is its size and the sum of its contexts, and requests leave it from a heap keyed by the step
 that produces their last token. With pipeline parallelism a prefill batch takes `pp` stage
@@ -30,6 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +86,26 @@ class Simulation:
         while events:
             self.now, _, action = heapq.heappop(events)
             action()
+
+
+class SpeedDrift:
+    """A machine's speed wandering over time: every step starting in the k-th `window` seconds
+    takes f_k times its modelled time, the f_k independent and log-normal with mean 1 and
+    standard deviation `stdev` (as `benchmarks/goodput.py` reads it from serving step logs)."""
+
+    def __init__(self, stdev: float, window: float, seed: int = 0) -> None:
+        if stdev < 0 or window <= 0:
+            raise ValueError(f"a speed drift needs stdev >= 0 and window > 0 seconds, not {stdev} and {window}.")
+        self.sigma = math.sqrt(math.log1p(stdev * stdev))  # of the log, for that stdev of the factor
+        self.window = window
+        self._rng = random.Random(seed)
+        self._factors: list[float] = []
+
+    def __call__(self, time: float) -> float:
+        k = max(0, int(time // self.window))
+        while len(self._factors) <= k:
+            self._factors.append(math.exp(self._rng.gauss(-self.sigma * self.sigma / 2, self.sigma)))
+        return self._factors[k]
 
 
 class DecodePool:
@@ -199,6 +224,9 @@ class Instance:
         seconds, latency, finish = plan
         self.busy = True
         start = self.sim.now
+        if self.cluster.speed is not None:
+            factor = self.cluster.speed(start)
+            seconds, latency = seconds * factor, latency * factor
         gap = spec.latency.step_gap  # the engine's own time before it starts the next step
 
         def free() -> None:
@@ -386,12 +414,16 @@ class Instance:
 class ClusterSpec:
     instances: list[InstanceSpec]
     transfer_time: Callable[[int], float] = field(default=lambda tokens: 0.0)
+    # the machine's speed at a time (a factor on every step starting then), shared by every
+    # instance; None: steady
+    speed: Callable[[float], float] | None = None
 
 
 class Cluster:
     def __init__(self, sim: Simulation, spec: ClusterSpec) -> None:
         self.sim = sim
         self.transfer_time = spec.transfer_time
+        self.speed = spec.speed
         self.instances = [Instance(sim, s, self, f"{s.role}-{i}") for i, s in enumerate(spec.instances)]
         self.front = [i for i in self.instances if i.spec.role in ("prefill", "colocated")]
         self.decode = [i for i in self.instances if i.spec.role == "decode"]
