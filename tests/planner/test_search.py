@@ -77,6 +77,15 @@ def test_placement_file_round_trips_into_serve(tmp_path) -> None:
     slow = json.loads(sim_out.read_text())["rows"]
     assert [r["attainment"] for r in slow] < [r["attainment"] for r in rows]
     assert all(s["attainment"] <= r["attainment"] for s, r in zip(slow, rows))
+    # on a machine whose speed wanders, each rate is the mean over draws of its speed
+    drift_args = build_parser().parse_args([*sim_args_list(out, sim_out), "--speed-drift", "0.2", "--drift-samples", "3"])
+    drift_args.func(drift_args)
+    drifting = json.loads(sim_out.read_text())
+    assert (drifting["speed_drift"], drifting["drift_samples"]) == (0.2, 3)
+    assert [r["rate"] for r in drifting["rows"]] == [0.5, 1.0] and all(0.0 <= r["attainment"] <= 1.0 for r in drifting["rows"])
+    bad = build_parser().parse_args([*sim_args_list(out, sim_out), "--speed-drift", "0.2", "--drift-samples", "0"])
+    with pytest.raises(ValueError, match="--drift-samples >= 1"):
+        bad.func(bad)
 
 
 def sim_args_list(config: Path, out: Path) -> list[str]:

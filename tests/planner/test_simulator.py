@@ -8,7 +8,7 @@ import pytest
 
 from distserve.bench.arrivals import arrival_times
 from distserve.planner.latency_model import FittedLatencyModel
-from distserve.planner.simulator import ClusterSpec, InstanceSpec, simulate
+from distserve.planner.simulator import ClusterSpec, InstanceSpec, SpeedDrift, simulate
 
 PREFILL = FittedLatencyModel((0.1, 0.0, 0.0), (0.01, 0.0, 0.0), (0.01, 0.0, 0.0))  # 100 ms prefill, 10 ms decode
 
@@ -60,6 +60,39 @@ def test_a_scaled_model_stretches_the_timeline() -> None:
     assert r.token_times == pytest.approx([0.15, 0.15 + 3 * 0.018])
     with pytest.raises(ValueError, match="positive"):
         model.scaled(0.0)
+
+
+def test_a_slow_stretch_of_the_machine_stretches_the_steps_that_start_in_it() -> None:
+    model = FittedLatencyModel((0.1, 0.0, 0.0), (0.01, 0.0, 0.0), (0.01, 0.0, 0.0))
+    spec = ClusterSpec([InstanceSpec("colocated", model, 10_000)], speed=lambda t: 2.0 if t < 0.1 else 1.0)
+    (r,) = simulate(spec, [0.0], [(100, 4)])
+    # the prefill starts at 0, in the slow stretch: 0-0.2; the three decode steps after it do not
+    assert r.token_times == pytest.approx([0.2, 0.23])
+
+
+def test_speed_drift_is_a_factor_of_mean_one_per_window() -> None:
+    drift = SpeedDrift(0.1, window=20.0, seed=5)
+    factors = [drift(20.0 * k + 3.0) for k in range(20_000)]
+    assert statistics.fmean(factors) == pytest.approx(1.0, abs=0.003)
+    assert statistics.stdev(factors) == pytest.approx(0.1, rel=0.03)
+    assert drift(0.0) == drift(19.9) != drift(20.0)  # one factor per window
+    assert SpeedDrift(0.1, 20.0, seed=5)(45.0) == drift(45.0)  # the seed sets the draws
+    assert SpeedDrift(0.0, 20.0)(100.0) == 1.0
+    with pytest.raises(ValueError, match="window > 0"):
+        SpeedDrift(0.1, 0.0)
+
+
+def test_a_drifting_machine_queues_longer_than_a_steady_one_of_the_same_mean_speed() -> None:
+    # M/D/1 at 60% load: a slow stretch builds a queue that the fast stretches do not undo as fast
+    service, rate, n = 0.1, 6.0, 5000
+    model = FittedLatencyModel((service, 0.0, 0.0), (0.001, 0.0, 0.0), (0.001, 0.0, 0.0))
+    spec = ClusterSpec([InstanceSpec("prefill", model, 10**7, max_num_seqs=1), InstanceSpec("decode", model, 10**7)])
+    arrivals = arrival_times(n, rate, seed=3)
+    steady = statistics.fmean(r.ttft for r in simulate(spec, arrivals, [(100, 2)] * n))
+    drifting = statistics.fmean(
+        statistics.fmean(r.ttft for r in simulate(ClusterSpec(spec.instances, speed=SpeedDrift(0.3, 20.0, seed)), arrivals, [(100, 2)] * n))
+        for seed in range(8))
+    assert drifting > 1.2 * steady  # 1.42x here
 
 
 def test_md1_mean_ttft_matches_queueing_theory() -> None:
