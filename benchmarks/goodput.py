@@ -54,7 +54,8 @@ WORKLOADS = {
     # the planner's fidelity at a finer grain: the chatbot workload with 3x the requests (one
     # request = 1.4 points of attainment), fixed rates, only the two systems it simulates; also
     # simulated with latency models fitted to a calibration run's step logs (other requests:
-    # workload seed 1, one rate)
+    # workload seed 1, one rate), to a second one over two rates, to both pooled, and to both
+    # pooled on a machine drifting as they read (`speed_drift`)
     "chatbot-fidelity": {
         "workload": ["--workload", "sharegpt", "--num-requests", "72", "--max-model-len", "1024", "--max-prompt-len", "768"],
         "rates": ["0.3", "0.6", "0.9", "1.2", "1.8"],
