@@ -143,8 +143,10 @@ def measured_in(base: Path, system: str) -> list[Path]:
 
 def fit_logged(bases: list[Path], systems: list[str], dest: Path) -> dict[str, str]:
     """Latency models fitted to the steps each system logged in `bases` and their repeats,
-    pooled (`distserve profile --step-log`), written to `dest`, as `distserve simulate
-    --latency` arguments."""
+    pooled (`distserve profile --step-log`), written to the folder `dest` (made here), as
+    `distserve simulate --latency` arguments. A fit keeps its samples (megabytes) and is
+    refitted in seconds: `dest` is a temporary folder, not the results."""
+    dest.mkdir(parents=True, exist_ok=True)
     models = {}
     for system in systems:
         path = dest / f"fitted-{system}.json"
@@ -170,13 +172,51 @@ def calibration_run(model: Path, spec: dict, slos: tuple[float, float], out: Pat
     compress_step_logs(out)
 
 
-def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool, key: str) -> dict[str, str]:
-    """Latency models fitted to the steps each system logged serving the calibration run `key`
-    (all its repeats pooled)."""
+def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rerun: bool, key: str,
+              fits: Path) -> dict[str, str]:
+    """Latency models fitted (into fits/key) to the steps each system logged serving the
+    calibration run `key` (all its repeats pooled)."""
     out = calibrations(name, spec)[key]
     if rerun or not (out / "results.json").exists():
         calibration_run(model, spec, slos, out, spec["systems"], key)
-    return fit_logged([out], spec["systems"], out)
+    return fit_logged([out], spec["systems"], fits / key)
+
+
+def calibrated_fidelity(model: Path, name: str, spec: dict, rerun: bool) -> dict:
+    """A fidelity workload simulated with latency models fitted to serving step logs: of its
+    calibration runs (each kind, then all pooled, steady and drifting), scaled a few percent,
+    cross-validated over rates, and of the measured runs' own steps (steady and drifting)."""
+    summary = {}
+    slos = first_slos(name)
+    with tempfile.TemporaryDirectory(prefix="fits-") as tmp:
+        fits = Path(tmp)
+        calibrated = calibrate(model, name, spec, slos, rerun, "calibration", fits)
+        summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
+        if "calibration_wide" in spec:
+            wide = calibrate(model, name, spec, slos, rerun, "calibration_wide", fits)
+            summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(model, name, spec, wide, "-calibrated-wide")
+            # every calibration run and repeat pooled: the most steps, at three rates, over the
+            # longest stretch of the machine's drifting speed; then on a machine whose speed
+            # wanders as it did in those runs
+            folders = list(calibrations(name, spec).values())
+            pooled = fit_logged(folders, spec["systems"], fits / "pooled")
+            summary[f"{name} (calibrated on every calibration run)"] = fidelity(model, name, spec, pooled, "-calibrated-pooled")
+            drift = speed_drift(pooled, folders)
+            summary[f"{name} (machine speed while calibrating)"] = drift
+            summary[f"{name} (calibrated on every calibration run, with its speed drift)"] = fidelity(
+                model, name, spec, pooled, "-calibrated-pooled-drift", drift=drift)
+        for scale in SENSITIVITY:
+            summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
+                model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
+        summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
+        # the runs' own steps: what is left is the simulator's error, not the latency model's
+        own = fit_logged([RESULTS / name], spec["systems"], fits / "own-steps")
+        summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
+        drift = speed_drift(own, [RESULTS / name])
+        summary[f"{name} (machine speed while serving)"] = drift
+        summary[f"{name} (fitted on the measured runs' own steps, with their speed drift)"] = fidelity(
+            model, name, spec, own, "-own-steps-drift", drift=drift)
+    return summary
 
 
 def repeat(model: Path, name: str, spec: dict, vllm_python: str, times: int, systems: list[str]) -> None:
@@ -359,38 +399,7 @@ def main() -> None:
         grid = {"disaggregated": f"fitted:prefill={profiles[1]},decode={profiles[1]}", "colocated": f"fitted:all={profiles[2]}"}
         summary[name] = fidelity(model, name, spec, grid, "")
         if "calibration" in spec:
-            slos = first_slos(name)
-            calibrated = calibrate(model, name, spec, slos, measure_anew, "calibration")
-            summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
-            if "calibration_wide" in spec:
-                wide = calibrate(model, name, spec, slos, measure_anew, "calibration_wide")
-                summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(
-                    model, name, spec, wide, "-calibrated-wide")
-                # every calibration run and repeat pooled: the most steps, at three rates, over
-                # the longest stretch of the machine's drifting speed
-                folder = Path(tempfile.mkdtemp(prefix="pooled-"))  # megabytes of samples, refitted in seconds: not kept
-                pooled = fit_logged(list(calibrations(name, spec).values()), spec["systems"], folder)
-                summary[f"{name} (calibrated on every calibration run)"] = fidelity(
-                    model, name, spec, pooled, "-calibrated-pooled")
-                # the same, on a machine whose speed wanders as it did in the calibration runs
-                drift = speed_drift(pooled, list(calibrations(name, spec).values()))
-                summary[f"{name} (machine speed while calibrating)"] = drift
-                summary[f"{name} (calibrated on every calibration run, with its speed drift)"] = fidelity(
-                    model, name, spec, pooled, "-calibrated-pooled-drift", drift=drift)
-                shutil.rmtree(folder)
-            for scale in SENSITIVITY:
-                summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
-                    model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
-            summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
-            # the runs' own steps: what is left is the simulator's error, not the latency model's
-            folder = Path(tempfile.mkdtemp(prefix="own-steps-"))  # the fits hold megabytes of samples: not kept
-            own = fit_logged([RESULTS / name], spec["systems"], folder)
-            summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
-            drift = speed_drift(own, [RESULTS / name])
-            summary[f"{name} (machine speed while serving)"] = drift
-            summary[f"{name} (fitted on the measured runs' own steps, with their speed drift)"] = fidelity(
-                model, name, spec, own, "-own-steps-drift", drift=drift)
-            shutil.rmtree(folder)
+            summary.update(calibrated_fidelity(model, name, spec, measure_anew))
         path = RESULTS / "fidelity.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**previous, **summary}, indent=2))
