@@ -8,6 +8,9 @@
 2. distserve colocated == disaggregated in fp16 (the same kernels: must be equal).
 3. KV pull bandwidth of the disaggregated run (CUDA IPC between the two processes) against a
    device-to-device copy of the same bytes.
+4. The KV over torch.distributed (`kv_transport="torch"`), as between machines: fp16 tokens
+   must equal the colocated run's. On one GPU it goes over gloo through host memory; with two
+   or more GPUs the prefill and decode workers get a GPU each and it goes over NCCL.
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json]
 
@@ -68,9 +71,9 @@ def hf_tokens(path: Path, dtype: torch.dtype, batch: list[list[int]]) -> list[li
     return out
 
 
-def distserve_run(path: Path, dtype: str, mode: str, batch: list[list[int]]) -> tuple[list[list[int]], list]:
+def distserve_run(path: Path, dtype: str, mode: str, batch: list[list[int]], **kw) -> tuple[list[list[int]], list]:
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    with LLM(str(path), mode=mode, dtype=dtype, device="cuda", kv_cache_gb=4.0) as llm:
+    with LLM(str(path), mode=mode, dtype=dtype, device="cuda", kv_cache_gb=4.0, **kw) as llm:
         outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
         stats = llm.get_stats()
         assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats), "KV blocks left allocated"
@@ -85,6 +88,15 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
             n += 1
         same += n
     return same / sum(len(x) for x in a)
+
+
+def pull_figures(metrics: list, prefix: str) -> dict:
+    """Bytes, bandwidth and transports of the requests' KV pulls."""
+    moved = [(m.transfer_bytes, m.transfer_seconds) for m in metrics if m.transfer_seconds > 0]
+    total_bytes, total_seconds = sum(b for b, _ in moved), sum(s for _, s in moved)
+    return {f"{prefix}_gbps": total_bytes / total_seconds / 1e9 if total_seconds else None,
+            f"{prefix}_bytes": total_bytes,
+            f"{prefix}_transports": sorted({m.transfer_transport for m in metrics})}
 
 
 def d2d_bandwidth(num_bytes: int) -> float:
@@ -118,11 +130,15 @@ def main() -> None:
                 "disaggregated_vs_transformers": agreement(disaggregated, reference),
                 "colocated_equals_disaggregated": colocated == disaggregated,
             }
-            moved = [(m.transfer_bytes, m.transfer_seconds) for m in metrics if m.transfer_seconds > 0]
-            total_bytes, total_seconds = sum(b for b, _ in moved), sum(s for _, s in moved)
-            row["kv_pull_gbps"] = total_bytes / total_seconds / 1e9 if total_seconds else None
-            row["kv_pull_bytes"] = total_bytes
-            row["d2d_copy_gbps"] = d2d_bandwidth(max(total_bytes // max(1, len(moved)), 1 << 20)) / 1e9
+            row.update(pull_figures(metrics, "kv_pull"))
+            row["d2d_copy_gbps"] = d2d_bandwidth(max(row["kv_pull_bytes"] // max(1, len(metrics)), 1 << 20)) / 1e9
+            if name == "float16":
+                over_torch, metrics = distserve_run(path, name, "disaggregated", batch, kv_transport="torch")
+                row["torch_transport_equals_colocated"] = over_torch == colocated
+                row["torch_transport_carrier"] = "nccl" if torch.cuda.device_count() > 1 else "gloo"
+                row.update(pull_figures(metrics, "torch_pull"))
+                if not row["torch_transport_equals_colocated"]:
+                    failures.append("float16: the KV over torch.distributed changed the tokens")
             report[name] = row
             print(name, json.dumps(row))
             if not row["colocated_equals_disaggregated"]:

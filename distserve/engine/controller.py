@@ -145,14 +145,18 @@ class Controller:
         d = self.deployment
         if not self.disaggregated or not (d.kv_transport == "torch" or (d.backend == "ray" and d.kv_transport == "auto")):
             return None
-        from distserve.kv.torch_transport import KVGroupSpec, host_store
+        import torch.distributed
+
+        from distserve.kv.torch_transport import KVGroupSpec, data_backend, host_store
 
         host = self.backend.advertise_host()
         store = host_store(host)
         world = sum(c.num_workers for c in self.instance_configs)
+        carrier = data_backend(self.instance_configs, d.backend, torch.distributed.is_nccl_available())
         first = 0
         for i, config in enumerate(self.instance_configs):
-            self.instance_configs[i] = dataclasses.replace(config, kv_group=KVGroupSpec(host, store.port, world, first))
+            spec = KVGroupSpec(host, store.port, world, first, carrier)
+            self.instance_configs[i] = dataclasses.replace(config, kv_group=spec)
             first += config.num_workers
         return store
 

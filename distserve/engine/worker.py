@@ -68,7 +68,7 @@ class Worker:
         kv_rank = None
         if config.kv_group is not None:
             kv_rank = config.kv_group.first_rank + rank
-            self.kv_group = join_kv_group(config.kv_group, kv_rank, self.host)
+            self.kv_group = join_kv_group(config.kv_group, kv_rank, self.host, config.device)
             if config.role == "prefill":
                 self.kv_server = KVServer(self.kv_group, self.runner.kv_cache)
         self.transport: KVTransport | None = None
@@ -152,6 +152,6 @@ class Worker:
         if self.transport is not None:
             self.transport.close()
         if self.kv_group is not None:
-            self.kv_group.abort()  # ends the KV server's wait
+            self.kv_group.close()  # ends the KV server's wait
         self.runner.close()
         destroy_worker_group()

@@ -9,6 +9,8 @@ which a decode worker on the same node maps it and copies device to device.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import mmap
 import os
 import uuid
@@ -65,6 +67,13 @@ class KVCacheHandle:
     kv_rank: int | None = None  # its rank in the deployment's KV transfer group, if there is one
     cuda_ipc: tuple | None = None  # what rebuilds the cache tensor in a process of its node (GPU)
     machine: str = "127.0.0.1"  # which machine it shares memory with: its host, or its Ray node
+    gpu: str | None = None  # the UUID of the GPU it is on
+
+    @property
+    def reachable_by_cuda_ipc(self) -> bool:
+        """Whether this process can map the cache through CUDA IPC: it sees the cache's GPU (a
+        Ray actor sees only the GPUs it was given)."""
+        return self.cuda_ipc is not None and self.gpu is not None and visible_gpu(self.gpu) is not None
 
 
 class KVCache:
@@ -91,8 +100,9 @@ class KVCache:
     def handle(
         self, instance: str, rank: int, host: str = "127.0.0.1", kv_rank: int | None = None, machine: str | None = None
     ) -> KVCacheHandle:
+        gpu = gpu_uuid(self.tensor.device.index) if self.tensor.is_cuda else None
         return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank,
-                             self._cuda_ipc, machine or host)
+                             self._cuda_ipc, machine or host, gpu)
 
     def close(self) -> None:
         """Remove the shared-memory name; the memory goes when the last mapping does."""
@@ -131,9 +141,26 @@ def cuda_ipc_handle(tensor: torch.Tensor) -> tuple:
     return args
 
 
+def gpu_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+@functools.cache
+def visible_gpu(uuid: str) -> int | None:
+    """This process's index of the GPU `uuid`, or None when it cannot see that GPU."""
+    return next((i for i in range(torch.cuda.device_count()) if gpu_uuid(i) == uuid), None)
+
+
 def attach_cuda(handle: KVCacheHandle) -> torch.Tensor:
-    """A peer's KV cache tensor on its GPU, mapped into this process through CUDA IPC."""
+    """A peer's KV cache tensor on its GPU, mapped into this process through CUDA IPC.
+
+    The handle numbers the GPU as the peer's process does; this process may number its GPUs
+    otherwise (CUDA_VISIBLE_DEVICES), so the GPU is found here by its UUID."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    assert handle.cuda_ipc is not None
-    return rebuild_cuda_tensor(*handle.cuda_ipc)
+    index = visible_gpu(handle.gpu) if handle.gpu is not None else None
+    if handle.cuda_ipc is None or index is None:
+        raise RuntimeError(f"the KV cache of {handle.instance} is on a GPU this process cannot see")
+    args = inspect.signature(rebuild_cuda_tensor).bind(*handle.cuda_ipc)
+    args.arguments["storage_device"] = index
+    return rebuild_cuda_tensor(*args.args)

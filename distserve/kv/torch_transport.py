@@ -1,12 +1,15 @@
 """KV pulls over torch.distributed point to point, for peers that share no memory (other
 machines, or instances told to behave as if they were).
 
-Every worker of a disaggregated deployment joins one KV transfer group: a gloo process group
-of its own (independent of each instance's worker group), meeting at a TCP store the
-controller hosts. A prefill worker serves its cache from a thread: it waits for a request
+Every worker of a disaggregated deployment joins one KV transfer group (independent of each
+instance's worker group), meeting at a TCP store the controller hosts. The group has two
+channels. Requests go over gloo, which can wait for a message from any rank. The KV itself
+goes over the data channel: that same gloo group, with GPU tensors staged through host
+memory; or, when every worker has a GPU of its own, NCCL, device to device (NCCL refuses two
+ranks on one GPU). A prefill worker serves its cache from a thread: it waits for a request
 from any decode worker (the blocks, and the layers and heads that worker holds), gathers
 those slices and sends them back. The decode worker scatters what it receives into its own
-blocks. Tensors on a GPU are staged through host memory.
+blocks.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from __future__ import annotations
 import datetime
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from distserve.kv.cache import KVCache, KVCacheHandle
 from distserve.kv.transfer import KVTransport, Overlap
+
+if TYPE_CHECKING:
+    from distserve.config import InstanceConfig
 
 REQUEST_TAG, DATA_TAG = 11, 12
 TIMEOUT = datetime.timedelta(days=7)  # a serving thread waits for requests as long as it lives
@@ -33,15 +40,51 @@ class KVGroupSpec:
     store_port: int
     world_size: int
     first_rank: int = 0
+    data_backend: str = "gloo"  # what carries the KV: gloo (through host memory) or nccl
 
 
-def join_kv_group(spec: KVGroupSpec, rank: int, host: str) -> dist.ProcessGroupGloo:
-    """Join the deployment's KV transfer group as `rank`, listening on `host`."""
+def data_backend(instances: list[InstanceConfig], backend: str, nccl_available: bool) -> str:
+    """What should carry the KV of a deployment's instances: NCCL on GPUs when torch has it and
+    no two workers share a GPU, else gloo. Ray gives each GPU worker a GPU of its own (one per
+    bundle); local processes share them when there are more workers than GPUs."""
+    if not instances or not instances[0].device.startswith("cuda") or not nccl_available:
+        return "gloo"
+    if backend == "ray":
+        return "nccl"
+    gpus = [gpu for config in instances for gpu in config.gpu_ids or [None]]
+    return "nccl" if None not in gpus and len(set(gpus)) == len(gpus) else "gloo"
+
+
+@dataclass
+class KVGroup:
+    """One worker's membership of the KV transfer group: requests go over `control` (gloo);
+    the KV over `data` (`control` itself, or NCCL), in tensors on `device`."""
+
+    control: dist.ProcessGroupGloo
+    data: dist.ProcessGroup
+    device: torch.device
+
+    def close(self) -> None:
+        """Break off the group: ends the KV server's wait."""
+        if self.data is not self.control:
+            self.data.abort()
+        self.control.abort()
+
+
+def join_kv_group(spec: KVGroupSpec, rank: int, host: str, device: str) -> KVGroup:
+    """Join the deployment's KV transfer group as `rank`, listening on `host`; `device` holds
+    this worker's cache."""
     store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=datetime.timedelta(minutes=10))
     options = dist.ProcessGroupGloo._Options()
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     options._timeout = TIMEOUT
-    return dist.ProcessGroupGloo(dist.PrefixStore("distserve-kv", store), rank, spec.world_size, options)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("distserve-kv", store), rank, spec.world_size, options)
+    if spec.data_backend != "nccl":
+        return KVGroup(control, control, torch.device("cpu"))
+    nccl_options = dist.ProcessGroupNCCL.Options()
+    nccl_options._timeout = datetime.timedelta(minutes=10)  # a pull is answered in far less
+    data = dist.ProcessGroupNCCL(dist.PrefixStore("distserve-kv-data", store), rank, spec.world_size, nccl_options)
+    return KVGroup(control, data, torch.device(device))
 
 
 def host_store(host: str) -> dist.TCPStore:
@@ -52,25 +95,28 @@ def host_store(host: str) -> dist.TCPStore:
 class KVServer:
     """Prefill side: answers pull requests for blocks of this worker's cache."""
 
-    def __init__(self, group: dist.ProcessGroupGloo, cache: KVCache) -> None:
+    def __init__(self, group: KVGroup, cache: KVCache) -> None:
         self.group, self.cache = group, cache
         self.thread = threading.Thread(target=self._serve, name="distserve-kv-server", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
+        if self.cache.tensor.is_cuda:
+            torch.cuda.set_device(self.cache.tensor.device)  # this thread's NCCL calls use its device
         header = torch.empty(5, dtype=torch.long)
         while True:
             try:
-                work = self.group.recv_anysource([header], REQUEST_TAG)
+                work = self.group.control.recv_anysource([header], REQUEST_TAG)
                 work.wait()
                 peer = work._source_rank()
                 count, layer_start, layer_end, head_start, head_end = header.tolist()
                 blocks = torch.empty(count, dtype=torch.long)
-                self.group.recv([blocks], peer, REQUEST_TAG).wait()
+                self.group.control.recv([blocks], peer, REQUEST_TAG).wait()
                 with torch.inference_mode():
                     kv = self.cache.tensor[layer_start:layer_end, :, :, :, head_start:head_end]
-                    data = kv.index_select(2, blocks.to(kv.device)).cpu().contiguous()
-                self.group.send([data], peer, DATA_TAG).wait()
+                    # a copy: the blocks may be reused once the puller reports the pull done
+                    data = kv.index_select(2, blocks.to(kv.device)).to(self.group.device).contiguous()
+                self.group.data.send([data], peer, DATA_TAG).wait()
             except RuntimeError:
                 return  # the group was shut down: this worker is stopping
 
@@ -80,7 +126,7 @@ class TorchDistributedTransport(KVTransport):
 
     name = "torch"
 
-    def __init__(self, group: dist.ProcessGroupGloo) -> None:
+    def __init__(self, group: KVGroup) -> None:
         self.group = group
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
@@ -88,14 +134,17 @@ class TorchDistributedTransport(KVTransport):
             raise RuntimeError(f"{source.instance} is not in the KV transfer group")
         header = torch.tensor([len(src_blocks), ov.src_layers.start, ov.src_layers.stop, ov.src_heads.start,
                                ov.src_heads.stop], dtype=torch.long)
-        self.group.send([header], source.kv_rank, REQUEST_TAG).wait()
-        self.group.send([torch.tensor(src_blocks, dtype=torch.long)], source.kv_rank, REQUEST_TAG).wait()
+        control = self.group.control
+        control.send([header], source.kv_rank, REQUEST_TAG).wait()
+        control.send([torch.tensor(src_blocks, dtype=torch.long)], source.kv_rank, REQUEST_TAG).wait()
         layout = dst.layout
         shape = (ov.dst_layers.stop - ov.dst_layers.start, 2, len(src_blocks), layout.block_size,
                  ov.dst_heads.stop - ov.dst_heads.start, layout.head_dim)
-        data = torch.empty(shape, dtype=layout.dtype)
-        self.group.recv([data], source.kv_rank, DATA_TAG).wait()
+        data = torch.empty(shape, dtype=layout.dtype, device=self.group.device)
+        self.group.data.recv([data], source.kv_rank, DATA_TAG).wait()
         view = dst.tensor[ov.dst_layers, :, :, :, ov.dst_heads]
         index = torch.tensor(dst_blocks, dtype=torch.long, device=view.device)
         view.index_copy_(2, index, data.to(view.device))
+        if view.is_cuda:
+            torch.cuda.current_stream(view.device).synchronize()  # NCCL's wait() only orders the stream
         return data.numel() * data.element_size()

@@ -182,8 +182,8 @@ class CudaIpcTransport(MappedTransport):
 
 class RoutingTransport(KVTransport):
     """Each source by the best way to reach it: CUDA IPC or shared memory when it is on this
-    machine (`KVCacheHandle.machine`) and exported that way, else `remote` (torch.distributed
-    point to point)."""
+    machine (`KVCacheHandle.machine`), exported that way and (CUDA IPC) on a GPU this process
+    sees, else `remote` (torch.distributed point to point)."""
 
     name = "auto"
 
@@ -191,7 +191,7 @@ class RoutingTransport(KVTransport):
         self.machine, self.local, self.remote, self.gpu = machine, local, remote, gpu
 
     def route(self, source: KVCacheHandle) -> KVTransport:
-        if source.cuda_ipc is not None and source.machine == self.machine and self.gpu is not None:
+        if self.gpu is not None and source.machine == self.machine and source.reachable_by_cuda_ipc:
             return self.gpu
         if source.shm_name is not None and source.machine == self.machine:
             return self.local
