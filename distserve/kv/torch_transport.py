@@ -109,8 +109,7 @@ class Staging:
 
     def buffer(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Buffer `index % 2`, as a contiguous tensor of `shape`."""
-        numel = math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         k = index % 2
         if self.buffers[k].numel() < nbytes:
             self.buffers[k] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
