@@ -4,16 +4,22 @@ Tensors of any type the `gguf` package reads (F32, F16, BF16, Q4_0 ... Q8_0, K- 
 I-quants) are dequantized with it and renamed to Hugging Face names, so the
 models load GGUF and Hugging Face checkpoints through one `load_weights`. llama.cpp stores
 LLaMA's Q and K projections permuted for its rotary layout; `_unpermute` undoes it.
-The tokenizer conversion (transformers, several seconds) is done once and cached.
+Parsing a GGUF's metadata (its whole vocabulary) and converting its tokenizer take seconds;
+both are done once per file and cached: the config, the tensor table (where each tensor's
+data lies) and the tokenizer, so that each worker only maps the file and dequantizes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,18 +62,45 @@ def _field(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
     return default if field is None else field.contents()
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor's data lies in a GGUF file, and how the gguf package views it."""
+
+    name: str
+    tensor_type: int  # gguf.GGMLQuantizationType
+    offset: int  # of its data, from the start of the file
+    dtype: str  # numpy dtype of the data as stored (uint8 bytes for quantized types)
+    shape: tuple[int, ...]  # of the data as stored
+
+
 def gguf_hf_config(path: str) -> PretrainedConfig:
     """A transformers config built from the GGUF metadata (cached: reading the metadata
-    of a GGUF parses its whole vocabulary)."""
-    cached = gguf_cache_dir(path) / "config.json"
-    if cached.exists():
-        return AutoConfig.from_pretrained(cached.parent)
+    of a GGUF parses its whole vocabulary, ~9 s for SmolLM2's on the CPU machine)."""
+    folder = _cached_metadata(path)
+    return AutoConfig.from_pretrained(folder)
+
+
+def gguf_tensors(path: str) -> list[GGUFTensor]:
+    """The file's tensors, from the metadata cache (so a worker does not parse it again)."""
+    table = json.loads((_cached_metadata(path) / "tensors.json").read_text())
+    return [GGUFTensor(**{**t, "shape": tuple(t["shape"])}) for t in table]
+
+
+def _cached_metadata(path: str) -> Path:
+    """The cache folder holding the GGUF's config and tensor table, read from the file once."""
+    folder = gguf_cache_dir(path)
+    if (folder / "config.json").exists() and (folder / "tensors.json").exists():
+        return folder
+    reader = open_gguf(path)
     config = _config_from_metadata(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = cached.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(config.to_json_string())
-    staging.replace(cached)
-    return config
+    tensors = [dataclasses.asdict(GGUFTensor(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
+                                             tuple(t.data.shape))) for t in reader.tensors]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("tensors.json", json.dumps(tensors)), ("config.json", config.to_json_string())):
+        staging = folder / f"{name}.{os.getpid()}.tmp"
+        staging.write_text(text)
+        staging.replace(folder / name)  # atomic: a process reading the cache sees all or nothing
+    return folder
 
 
 def _config_from_metadata(path: str) -> PretrainedConfig:
@@ -142,14 +175,18 @@ def hf_name(gguf_name: str) -> str:
 
 def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, float32 tensor) for every tensor, dequantized."""
-    reader = open_gguf(path)
-    arch = _field(reader, "general.architecture")
-    for tensor in reader.tensors:
+    arch = hf_config.model_type
+    mapped = np.memmap(path, mode="r")
+    for tensor in gguf_tensors(path):
+        dtype = np.dtype(tensor.dtype)
+        size = math.prod(tensor.shape) * dtype.itemsize
+        data = mapped[tensor.offset : tensor.offset + size].view(dtype).reshape(tensor.shape)
+        tensor_type = gguf.GGMLQuantizationType(tensor.tensor_type)
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+            array = gguf.quants.dequantize(data, tensor_type).astype(np.float32, copy=False)
         except NotImplementedError:
             raise ValueError(
-                f"{path}: tensor {tensor.name} has GGUF type {tensor.tensor_type.name}, which the gguf "
+                f"{path}: tensor {tensor.name} has GGUF type {tensor_type.name}, which the gguf "
                 "package cannot dequantize; convert the model to F16, Q8_0, Q4_0, Q4_1 or a K-quant."
             ) from None
         name = hf_name(tensor.name)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distserve.sampling_params import SamplingParams
-from distserve.weights.gguf import gguf_hf_config
+from distserve.weights.gguf import gguf_hf_config, iterate_gguf_weights, open_gguf
 from distserve.weights.source import load_model_config
 from tests.tiny_models import hf_greedy, mixed_prompts, run_in_process, save_llama_gguf
 
@@ -51,3 +51,21 @@ def test_gguf_tokenizer_and_chat_template(checkpoints, tmp_path, monkeypatch) ->
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer("the café", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "the café"
+
+
+def test_workers_read_the_tensor_table_from_the_cache(checkpoints, tmp_path, monkeypatch) -> None:
+    """The GGUF's metadata is parsed once per file: later loads (every worker's) map the file
+    at the cached offsets and get the same weights."""
+    monkeypatch.setenv("DISTSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    path = str(save_llama_gguf(checkpoints("llama-gqa"), tmp_path / "tiny.gguf", Q.Q4_1))
+    config = gguf_hf_config(path)  # what the controller does first: parses and caches
+    first = dict(iterate_gguf_weights(path, config))
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the GGUF was parsed again")
+
+    open_gguf.cache_clear()
+    monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
+    again = dict(iterate_gguf_weights(path, gguf_hf_config(path)))
+    assert again.keys() == first.keys() and len(first) == 2 + 9 * 2 + 1  # embed, norm, 9 per layer, lm_head
+    assert all(torch.equal(again[name], first[name]) for name in first)
