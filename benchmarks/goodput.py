@@ -150,11 +150,15 @@ def fit_logged(bases: list[Path], systems: list[str], dest: Path) -> dict[str, s
     models = {}
     for system in systems:
         path = dest / f"fitted-{system}.json"
-        logs = [log for base in bases for folder in measured_in(base, system)
-                for log in sorted((folder / f"steps-{system}").glob("*.jsonl.gz"))]
-        run(DISTSERVE + ["profile", "--step-log", *map(str, logs), "--out", str(path)])
+        run(DISTSERVE + ["profile", "--step-log", *map(str, step_logs(bases, system)), "--out", str(path)])
         models[system] = f"fitted:all={path}"
     return models
+
+
+def step_logs(bases: list[Path], system: str) -> list[Path]:
+    """The step logs `system` wrote in `bases` and their repeats."""
+    return [log for base in bases for folder in measured_in(base, system)
+            for log in sorted((folder / f"steps-{system}").glob("*.jsonl.gz"))]
 
 
 def calibrations(name: str, spec: dict) -> dict[str, Path]:
@@ -313,16 +317,15 @@ def speed_drift(fitted: dict[str, str], bases: list[Path]) -> dict:
     for system, latency in fitted.items():
         model = FittedLatencyModel.load(latency.split("=", 1)[1])
         ratios = []
-        for folder in (f for base in bases for f in measured_in(base, system)):
-            for path in sorted((folder / f"steps-{system}").glob("*.jsonl.gz")):
-                windows: dict[int, list[float]] = {}
-                steps = [s for s in read_step_log(path) if s["decode"] and not s["prefill"]]
-                for step in steps:
-                    window = windows.setdefault(int((step["start"] - steps[0]["start"]) // DRIFT_WINDOW), [0, 0.0, 0.0])
-                    window[0] += 1
-                    window[1] += step["seconds"]
-                    window[2] += model.decode_time(step["decode"])
-                ratios += [measured / predicted for n, measured, predicted in windows.values() if n >= DRIFT_MIN_STEPS]
+        for path in step_logs(bases, system):
+            windows: dict[int, list[float]] = {}
+            steps = [s for s in read_step_log(path) if s["decode"] and not s["prefill"]]
+            for step in steps:
+                window = windows.setdefault(int((step["start"] - steps[0]["start"]) // DRIFT_WINDOW), [0, 0.0, 0.0])
+                window[0] += 1
+                window[1] += step["seconds"]
+                window[2] += model.decode_time(step["decode"])
+            ratios += [measured / predicted for n, measured, predicted in windows.values() if n >= DRIFT_MIN_STEPS]
         out[system] = {"windows": len(ratios), "stdev": statistics.stdev(ratios), "min": min(ratios), "max": max(ratios)}
         print(f"{system}: decode speed over {len(ratios)} windows of {DRIFT_WINDOW:g} s: sd {out[system]['stdev']:.3f}, "
               f"{out[system]['min']:.2f}-{out[system]['max']:.2f} x the fit over all of them")

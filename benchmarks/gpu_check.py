@@ -135,7 +135,7 @@ def main() -> None:
             if name == "float16":
                 over_torch, metrics = distserve_run(path, name, "disaggregated", batch, kv_transport="torch")
                 row["torch_transport_equals_colocated"] = over_torch == colocated
-                row["torch_transport_carrier"] = "nccl" if torch.cuda.device_count() > 1 else "gloo"
+                row["gpus"] = torch.cuda.device_count()  # 1: gloo through host memory; 2+: NCCL (`data_backend`)
                 row.update(pull_figures(metrics, "torch_pull"))
                 if not row["torch_transport_equals_colocated"]:
                     failures.append("float16: the KV over torch.distributed changed the tokens")
