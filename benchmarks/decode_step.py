@@ -32,7 +32,7 @@ from report import report  # noqa: E402
 
 import distserve.models.llama as llama  # noqa: E402
 from distserve.config import DeploymentConfig, resolve_instances  # noqa: E402
-from distserve.engine.instance import Instance  # noqa: E402
+from distserve.engine.instance_loop import build_instance  # noqa: E402
 from distserve.request import Request  # noqa: E402
 from distserve.sampling_params import SamplingParams  # noqa: E402
 from distserve.weights.source import load_model_config  # noqa: E402
@@ -55,11 +55,11 @@ def main() -> None:
     config = load_model_config(model, max_model_len=2048)
     deployment = DeploymentConfig(model=model, mode="colocated", max_model_len=2048)
     deployment.colocated.num_kv_blocks = max(BATCHES) * 48
-    instance = Instance(config, resolve_instances(deployment, config)[0])
+    instance = build_instance(config, resolve_instances(deployment, config)[0])
     rng, ids = random.Random(0), iter(range(1 << 30))
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0)
     limit = llama.FUSED_DECODE_BATCH
-    model = instance.worker.runner.model
+    model = instance.executor.runner.model
     assert model._fused_decode(model.model.layers), "SmolLM2 runs the one-call decode layer"
     layers = list(model.model.layers)
     rows = []

@@ -157,7 +157,7 @@ def decode_floor(model: Path) -> dict:
     bandwidth is read again right before every timed step (fastest of 3 sums of 256 MB) and
     each step is set against its own floor; the ratio reported is the median of those."""
     from distserve.config import DeploymentConfig, resolve_instances
-    from distserve.engine.instance import Instance
+    from distserve.engine.instance_loop import build_instance
     from distserve.engine.messages import AddRequest
     from distserve.sampling_params import SamplingParams
     from distserve.weights.source import load_model_config
@@ -174,7 +174,7 @@ def decode_floor(model: Path) -> dict:
     config = load_model_config(str(model))
     deployment = DeploymentConfig(model=str(model), mode="colocated")
     deployment.colocated.kv_cache_gb = 2.0
-    instance = Instance(config, resolve_instances(deployment, config)[0])
+    instance = build_instance(config, resolve_instances(deployment, config)[0])
     # from the checkpoint (the runner may hold some weights twice, packed and plain): every
     # weight but the embedding, plus the LM head, which reads the whole (tied) embedding
     from safetensors import safe_open

@@ -5,8 +5,8 @@
     print(llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].outputs[0].text)
 """
 
-from distserve.config import DeploymentConfig, PhaseConfig
-from distserve.engine.request_state import EngineDeadError
+from distserve.config import DeploymentConfig, Mode, PhaseConfig
+from distserve.engine.errors import EngineDeadError
 from distserve.entrypoints.async_llm import AsyncLLM
 from distserve.entrypoints.llm import LLM
 from distserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -20,6 +20,7 @@ __all__ = [
     "DeploymentConfig",
     "EngineDeadError",
     "LLM",
+    "Mode",
     "PhaseConfig",
     "RequestMetrics",
     "RequestOutput",

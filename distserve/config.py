@@ -8,6 +8,7 @@ the placement file the planner writes (`to_dict` / `from_dict` round-trip throug
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,10 +18,66 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-MODES = ("disaggregated", "colocated", "chunked")
-ROLES = ("prefill", "decode", "colocated")
-POLICIES = ("fcfs", "sjf")
-PREEMPTION_MODES = ("recompute", "swap")
+
+
+class NamedEnum(str, enum.Enum):
+    """An enum whose members are their names as users write them (in flags, JSON, messages)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: object, what: str) -> NamedEnum:
+        """The member named `value`, or a ValueError that lists the names."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}.") from None
+
+
+class Mode(NamedEnum):
+    """How a deployment runs prefill and decode."""
+
+    DISAGGREGATED = "disaggregated"  # prefill instances and decode instances
+    COLOCATED = "colocated"  # continuous batching, prefill-first steps
+    CHUNKED = "chunked"  # chunked prefill: prompt chunks and decodes share each step
+
+    @property
+    def phases(self) -> tuple[Role, ...]:
+        """The roles of the instances this mode runs."""
+        return (Role.PREFILL, Role.DECODE) if self is Mode.DISAGGREGATED else (Role.COLOCATED,)
+
+
+class Role(NamedEnum):
+    """What an instance does (also the name of its phase's settings in a deployment)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether new requests are routed here (not to a decode instance)."""
+        return self is not Role.DECODE
+
+
+class Policy(NamedEnum):
+    """The order an instance admits waiting prompts in."""
+
+    FCFS = "fcfs"  # first come, first served
+    SJF = "sjf"  # shortest prompt first (prefill)
+
+
+class PreemptionMode(NamedEnum):
+    RECOMPUTE = "recompute"  # free the blocks; prefill prompt + output again later
+    SWAP = "swap"  # copy the blocks to swap space and back
+
+
+# one default for LLM, AsyncLLM and `distserve serve`
+DEFAULT_MODE = Mode.COLOCATED
 DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -50,12 +107,20 @@ class PhaseConfig:
     pipeline_parallel_size: int = 1
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    policy: str = "fcfs"
+    policy: Policy = Policy.FCFS
     kv_cache_gb: float | None = None
     num_kv_blocks: int | None = None
-    preemption_mode: str | None = None
+    preemption_mode: PreemptionMode | None = None
     num_threads: int | None = None
     cpu_cores: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self._parse_enums("phase")
+
+    def _parse_enums(self, phase: str) -> None:
+        self.policy = Policy.parse(self.policy, f"{phase}.policy")
+        if self.preemption_mode is not None:
+            self.preemption_mode = PreemptionMode.parse(self.preemption_mode, f"{phase}.preemption_mode")
 
     def validate(self, phase: str) -> None:
         def positive(name: str) -> None:
@@ -73,15 +138,9 @@ class PhaseConfig:
             "num_threads",
         ):
             positive(name)
-        if self.policy not in POLICIES:
-            raise ValueError(f"{phase}.policy must be one of {POLICIES}, got {self.policy!r}.")
-        if self.policy == "sjf" and phase == "decode":
+        self._parse_enums(phase)
+        if self.policy is Policy.SJF and phase == Role.DECODE:
             raise ValueError("decode instances schedule FCFS; 'sjf' is a prefill policy.")
-        if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(
-                f"{phase}.preemption_mode must be one of {PREEMPTION_MODES}, "
-                f"got {self.preemption_mode!r}."
-            )
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"{phase}.kv_cache_gb must be > 0, got {self.kv_cache_gb}.")
 
@@ -91,7 +150,7 @@ class DeploymentConfig:
     """A whole deployment: what `distserve serve --config FILE` reads and the planner writes."""
 
     model: str | None = None
-    mode: str = "colocated"
+    mode: Mode = DEFAULT_MODE
     prefill: PhaseConfig = field(default_factory=PhaseConfig)
     decode: PhaseConfig = field(default_factory=PhaseConfig)
     colocated: PhaseConfig = field(default_factory=PhaseConfig)
@@ -114,9 +173,11 @@ class DeploymentConfig:
     # (when it ran, how long, the prompt chunks and decode contexts it computed)
     step_log: str | None = None
 
+    def __post_init__(self) -> None:
+        self.mode = Mode.parse(self.mode, "mode")
+
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        self.mode = Mode.parse(self.mode, "mode")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be a power of two up to 256, got {self.block_size}.")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -130,17 +191,21 @@ class DeploymentConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
         for phase in self.phases():
-            getattr(self, phase).validate(phase)
+            self.phase(phase).validate(phase)
 
-    def phases(self) -> tuple[str, ...]:
+    def phases(self) -> tuple[Role, ...]:
         """The phases whose instances this mode runs."""
-        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+        return Mode(self.mode).phases
+
+    def phase(self, role: Role) -> PhaseConfig:
+        """The settings of the instances of one phase."""
+        return getattr(self, Role(role).value)
 
     def num_devices(self) -> int:
         """Devices (GPUs, or CPU worker processes) the deployment occupies."""
         total = 0
         for phase in self.phases():
-            cfg: PhaseConfig = getattr(self, phase)
+            cfg = self.phase(phase)
             total += cfg.num_instances * cfg.tensor_parallel_size * cfg.pipeline_parallel_size
         return total
 
@@ -155,7 +220,7 @@ class DeploymentConfig:
             raise ValueError(f"unknown deployment keys {sorted(unknown)}; known: {sorted(known)}.")
         kwargs = dict(data)
         phase_fields = {f.name for f in dataclasses.fields(PhaseConfig)}
-        for phase in ("prefill", "decode", "colocated"):
+        for phase in (r.value for r in Role):
             if phase in kwargs and isinstance(kwargs[phase], dict):
                 bad = set(kwargs[phase]) - phase_fields
                 if bad:
@@ -232,7 +297,7 @@ class InstanceConfig:
     """One instance's settings, resolved from its phase (what its process is started with)."""
 
     name: str
-    role: str
+    role: Role
     phase: PhaseConfig
     block_size: int
     device: str
@@ -245,6 +310,9 @@ class InstanceConfig:
     kv_transport: str = "auto"
     kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
     step_log: str | None = None  # folder of the per-step log (DeploymentConfig.step_log)
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
 
     @property
     def num_workers(self) -> int:
@@ -264,11 +332,11 @@ class InstanceConfig:
         return self.phase.max_num_seqs
 
     @property
-    def preemption_mode(self) -> str:
+    def preemption_mode(self) -> PreemptionMode:
         # A decode instance never re-runs a prefill silently: it swaps by default.
         if self.phase.preemption_mode is not None:
-            return self.phase.preemption_mode
-        return "swap" if self.role == "decode" else "recompute"
+            return PreemptionMode(self.phase.preemption_mode)
+        return PreemptionMode.SWAP if self.role is Role.DECODE else PreemptionMode.RECOMPUTE
 
 
 def resolve_device(device: str) -> str:
@@ -296,6 +364,13 @@ def available_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+def batched_token_budget(phase: PhaseConfig, mode: Mode) -> int:
+    """Tokens one step of the phase's instances may compute: its setting, or the mode's default."""
+    if phase.max_num_batched_tokens is not None:
+        return phase.max_num_batched_tokens
+    return DEFAULT_CHUNK_SIZE if mode is Mode.CHUNKED else DEFAULT_BATCHED_TOKENS
+
+
 def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[InstanceConfig]:
     """One `InstanceConfig` per instance, with step limits filled in and CPU cores split.
 
@@ -303,9 +378,9 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
     decode on 2 cores get one core each); a colocated instance alone gets all of them.
     """
     device = resolve_device(config.device)
-    specs: list[tuple[str, str, PhaseConfig]] = []
+    specs: list[tuple[str, Role, PhaseConfig]] = []
     for phase in config.phases():
-        cfg: PhaseConfig = getattr(config, phase)
+        cfg = config.phase(phase)
         for i in range(cfg.num_instances):
             specs.append((f"{phase}-{i}", phase, cfg))
     cores = available_cores()
@@ -314,9 +389,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
     instances: list[InstanceConfig] = []
     next_core = next_gpu = 0
     for name, role, cfg in specs:
-        phase = dataclasses.replace(cfg)
-        if phase.max_num_batched_tokens is None:
-            phase.max_num_batched_tokens = DEFAULT_CHUNK_SIZE if config.mode == "chunked" else DEFAULT_BATCHED_TOKENS
+        phase = dataclasses.replace(cfg, max_num_batched_tokens=batched_token_budget(cfg, config.mode))
         if phase.cpu_cores is not None:
             instance_cores = list(phase.cpu_cores)
         elif device == "cpu" and workers > 1 and len(cores) >= workers:
@@ -340,7 +413,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             cpu_cores=instance_cores,
             seed=config.seed,
             swap_space_gb=config.swap_space_gb,
-            chunked_prefill=config.mode == "chunked",
+            chunked_prefill=config.mode is Mode.CHUNKED,
             kv_transport=config.kv_transport,
             step_log=config.step_log,
         )
@@ -354,11 +427,11 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
 
 def build_deployment(
     model: str | None = None,
-    mode: str = "colocated",
+    mode: Mode | str = DEFAULT_MODE,
     *,
-    num_instances: int = 1,
-    num_prefill_instances: int = 1,
-    num_decode_instances: int = 1,
+    num_instances: int | None = None,
+    num_prefill_instances: int | None = None,
+    num_decode_instances: int | None = None,
     prefill: PhaseConfig | dict[str, Any] | None = None,
     decode: PhaseConfig | dict[str, Any] | None = None,
     tensor_parallel_size: int = 1,
@@ -367,14 +440,16 @@ def build_deployment(
     max_num_batched_tokens: int | None = None,
     kv_cache_gb: float | None = None,
     num_kv_blocks: int | None = None,
-    preemption_mode: str | None = None,
+    preemption_mode: PreemptionMode | str | None = None,
     num_threads: int | None = None,
     **common: Any,
 ) -> DeploymentConfig:
     """A deployment from the flat keyword arguments of `LLM(...)`.
 
     The flat per-instance settings apply to every instance; in disaggregated mode `prefill`
-    and `decode` (a PhaseConfig or a dict of its fields) override them per phase.
+    and `decode` (a PhaseConfig, or a dict of its fields over the flat settings) override
+    them per phase. An instance count comes from `num_*_instances`, else from the phase's
+    own `num_instances`, else 1; giving both, different, is an error.
     """
     base = PhaseConfig(
         tensor_parallel_size=tensor_parallel_size,
@@ -386,23 +461,51 @@ def build_deployment(
         preemption_mode=preemption_mode,
         num_threads=num_threads,
     )
+    phase_fields = {f.name for f in dataclasses.fields(PhaseConfig)}
 
-    def phase(count: int, override: PhaseConfig | dict[str, Any] | None) -> PhaseConfig:
+    def phase(name: str, count: int | None, override: PhaseConfig | dict[str, Any] | None) -> PhaseConfig:
         if isinstance(override, PhaseConfig):
-            return override
-        return dataclasses.replace(base, num_instances=count, **(override or {}))
+            cfg = dataclasses.replace(override)
+            own = override.num_instances if override.num_instances != 1 else None
+        else:
+            fields = dict(override or {})
+            unknown_keys = set(fields) - phase_fields
+            if unknown_keys:
+                raise ValueError(f"unknown {name} settings {sorted(unknown_keys)}; known: {sorted(phase_fields)}.")
+            own = fields.pop("num_instances", None)
+            cfg = dataclasses.replace(base, **fields)
+        if count is not None and own is not None and count != own:
+            raise ValueError(f"num_{name}_instances={count} contradicts {name}.num_instances={own}; give one of them.")
+        cfg.num_instances = count if count is not None else own if own is not None else 1
+        return cfg
 
-    known = {f.name for f in dataclasses.fields(DeploymentConfig)} - {"prefill", "decode", "colocated", "model", "mode"}
+    known = {f.name for f in dataclasses.fields(DeploymentConfig)} - {r.value for r in Role} - {"model", "mode"}
     unknown = set(common) - known
     if unknown:
         raise TypeError(f"unexpected arguments {sorted(unknown)}")
     config = DeploymentConfig(
         model=model,
-        mode=mode,
-        prefill=phase(num_prefill_instances, prefill),
-        decode=phase(num_decode_instances, decode),
-        colocated=phase(num_instances, None),
+        mode=Mode.parse(mode, "mode"),
+        prefill=phase("prefill", num_prefill_instances, prefill),
+        decode=phase("decode", num_decode_instances, decode),
+        colocated=phase("colocated", num_instances, None),
         **common,
     )
     config.validate()
     return config
+
+
+def deployment_from(
+    model: str | None, mode: Mode | str, config: DeploymentConfig | str | None, kwargs: dict[str, Any]
+) -> DeploymentConfig:
+    """The deployment `LLM(...)` and `AsyncLLM(...)` describe: a whole `config` (or the path of a
+    placement file), its model replaced by `model` if given; else the flat keyword arguments."""
+    if config is None:
+        return build_deployment(model, mode, **kwargs)
+    if kwargs:
+        raise TypeError(f"give config= or deployment arguments, not both (got {sorted(kwargs)} with config).")
+    deployment = dataclasses.replace(config) if isinstance(config, DeploymentConfig) else DeploymentConfig.load(config)
+    if model is not None:
+        deployment.model = model
+    deployment.validate()
+    return deployment

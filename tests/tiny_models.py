@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance import Instance
+from distserve.engine.instance_loop import build_instance
 from distserve.engine.messages import AddRequest
 from distserve.sampling_params import SamplingParams
 from distserve.weights.source import load_model_config
@@ -180,7 +181,7 @@ def run_in_process(
     deployment = DeploymentConfig(model=str(path), mode=mode)
     for key, value in phase.items():
         setattr(deployment.colocated, key, value)
-    instance = Instance(model, resolve_instances(deployment, model)[0])
+    instance = build_instance(model, resolve_instances(deployment, model)[0])
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     for i, (prompt, p) in enumerate(zip(prompts, params)):

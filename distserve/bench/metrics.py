@@ -127,7 +127,8 @@ def find_goodput(
     attainment_at: Callable[[float], float], target: float = 0.9, start: float = 1.0, iterations: int = 6
 ) -> float:
     """Highest rate meeting the target, with no bounds known: double (or halve) from
-    `start` until the outcome flips, then bisect. 0 if even start / 2**20 misses."""
+    `start` until the outcome flips, then bisect. 0 if even start / 2**20 misses (tried
+    before halving: a configuration that misses when unloaded is common in a search)."""
     tested: dict[float, float] = {}
 
     def ok(rate: float) -> bool:
@@ -141,6 +142,8 @@ def find_goodput(
             rate *= 2
         low, high = rate, rate * 2
     else:
+        if not ok(start / 2**20):
+            return 0.0
         while not ok(rate / 2):
             rate /= 2
             if rate < start / 2**20:

@@ -1,41 +1,68 @@
-"""One instance: a scheduler, a block manager and a model runner, stepping in a loop.
+"""One instance: a scheduler and a block manager over a step executor, stepping in a loop.
 
-    handle(message)  AddRequest / MigrateRequest / ReleaseKV / AbortRequest
+    handle(message)  AddRequest / MigrateRequest / ReleaseKV / ConnectSources / AbortRequest
     step()           decode role: admit migrations and pull their KV
-                     schedule -> run -> sample -> update
+                     schedule -> execute -> update
                      -> StepOutput (tokens, stamps, stats), PrefillDone, MigrationDone
 
-The instance knows nothing of processes; `backends` host it and carry its messages.
+The executor runs a scheduled batch and pulls KV: the instance's workers (`engine/worker.py`)
+in the engine, a latency model on a virtual clock in the planner's simulator
+(`planner/simulator.py`), so both schedule with this very code. The instance knows nothing of
+processes; `engine/instance_loop.py` hosts it for every backend.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from distserve.config import InstanceConfig, ModelConfig
-from distserve.distributed.group import GroupSpec
+from distserve.config import InstanceConfig, Role
 from distserve.engine.messages import (
     AbortRequest,
     AddRequest,
     ConnectSources,
+    InstanceMessage,
     InstanceReady,
     InstanceStats,
     MigrateRequest,
     MigrationDone,
     PrefillDone,
     ReleaseKV,
+    StatsRequest,
     StepOutput,
     TokenOutput,
 )
 from distserve.engine.scheduler import ScheduledBatch, Scheduler, admission_capacity
-from distserve.engine.worker import KVPull, Worker
 from distserve.kv.block_manager import BlockManager
 from distserve.kv.cache import KVCacheHandle
+from distserve.kv.transfer import KVPull
+from distserve.layers.sampler import SampleResult
 from distserve.request import Request, RequestStatus
 
 Event = StepOutput | PrefillDone | MigrationDone
+
+
+class StepExecutor(Protocol):
+    """What an instance runs its steps on."""
+
+    num_blocks: int  # KV cache blocks
+    num_swap_blocks: int  # swap space blocks (0: none)
+    load_seconds: float
+    handles: list[KVCacheHandle]  # its workers' caches, for decode instances to pull from
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
+        """Run the batch; a sample for each request whose last token was computed."""
+
+    def pull(self, pulls: list[KVPull]) -> dict[str, int]:
+        """Copy KV blocks in from prefill instances; bytes moved, by transport."""
+
+    def connect(self, sources: list[KVCacheHandle]) -> None:
+        """Map the caches pulls will read, ahead of the first pull."""
+
+    def close(self) -> None: ...
 
 
 def new_request(msg: AddRequest, max_model_len: int) -> Request:
@@ -50,18 +77,17 @@ def new_request(msg: AddRequest, max_model_len: int) -> Request:
 
 
 class Instance:
-    def __init__(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec | None = None) -> None:
+    def __init__(
+        self, config: InstanceConfig, executor: StepExecutor, max_model_len: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.name = config.name
-        # this process is the instance's driver (worker 0); other workers, if any, join `group`
-        self.worker = Worker(model_config, config, group, rank=0)
-        self.runner = self.worker.runner
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.executor = executor
+        self.clock = clock
+        self.blocks = BlockManager(executor.num_blocks, config.block_size)
         # a request stops at the model's context, or at what this instance's cache can hold
-        self.max_model_len = min(
-            model_config.max_model_len, admission_capacity(self.runner.num_blocks) * config.block_size
-        )
-        self.swap = BlockManager(self.runner.num_swap_blocks, config.block_size) if self.runner.swap_cache else None
+        self.max_model_len = min(max_model_len, admission_capacity(executor.num_blocks) * config.block_size)
+        self.swap = BlockManager(executor.num_swap_blocks, config.block_size) if executor.num_swap_blocks else None
         self.scheduler = Scheduler(config, self.blocks, self.swap)
         self._sources: dict[str, tuple[str, list[KVCacheHandle], list[int]]] = {}
         self._started: set[str] = set()
@@ -88,32 +114,36 @@ class Instance:
             pid=pid,
             num_blocks=self.blocks.num_blocks,
             block_size=self.config.block_size,
-            kv_handles=self.worker.handles,
-            load_seconds=self.runner.load_seconds,
+            kv_handles=self.executor.handles,
+            load_seconds=self.executor.load_seconds,
         )
 
     # -- messages -------------------------------------------------------------------------
-    def handle(self, msg: object) -> list[Event]:
-        if isinstance(msg, AddRequest):
-            self.scheduler.add(new_request(msg, self.max_model_len))
-        elif isinstance(msg, MigrateRequest):
-            request = new_request(msg.request, self.max_model_len)
-            for token in msg.output_token_ids:
-                request.append_token(token)
-            request.num_preemptions = msg.num_prefill_preemptions
-            self._sources[request.request_id] = (msg.source, msg.source_handles, msg.source_blocks)
-            self.scheduler.add_migration(request)
-        elif isinstance(msg, ReleaseKV):
-            self.scheduler.release(msg.request_id)
-        elif isinstance(msg, ConnectSources):
-            self.worker.connect(msg.handles)
-        elif isinstance(msg, AbortRequest):
-            self.scheduler.abort(msg.request_id)
-            self._sources.pop(msg.request_id, None)
-            self._started.discard(msg.request_id)
-        else:
-            raise TypeError(f"instance {self.name} got an unknown message {type(msg).__name__}")
-        return []
+    def handle(self, msg: InstanceMessage) -> InstanceStats | None:
+        """Take a message in; a `StatsRequest` is answered with the stats."""
+        match msg:
+            case AddRequest():
+                self.scheduler.add(new_request(msg, self.max_model_len))
+            case MigrateRequest():
+                request = new_request(msg.request, self.max_model_len)
+                for token in msg.output_token_ids:
+                    request.append_token(token)
+                request.num_preemptions = msg.num_prefill_preemptions
+                self._sources[request.request_id] = (msg.source, msg.source_handles, msg.source_blocks)
+                self.scheduler.add_migration(request)
+            case ReleaseKV():
+                self.scheduler.release(msg.request_id)
+            case ConnectSources():
+                self.executor.connect(msg.handles)
+            case AbortRequest():
+                self.scheduler.abort(msg.request_id)
+                self._sources.pop(msg.request_id, None)
+                self._started.discard(msg.request_id)
+            case StatsRequest():
+                return self.current_stats()
+            case _:
+                raise TypeError(f"instance {self.name} got an unknown message {type(msg).__name__}")
+        return None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -121,83 +151,75 @@ class Instance:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[Event]:
         events: list[Event] = []
-        if self.config.role == "decode":
+        if self.config.role is Role.DECODE:
             events.extend(self._pull_migrations())
         batch = self.scheduler.schedule()
         if not batch.requests:
             self._update_stats()
             return events
-        shape = self._batch_shape(batch) if self._step_log else None
-        start = time.time()
-        samples = self.worker.execute(batch)
+        # what the step log records is the batch as scheduled, before the step updates it
+        logged = self._step_entry(batch) if self._step_log is not None else None
+        start = self.clock()
+        samples = self.executor.execute(batch)
         finished = self.scheduler.update(batch, samples)
-        end = time.time()
-        if shape is not None:
-            self._step_log.write(json.dumps({"start": start, "seconds": end - start, **shape}) + "\n")
+        end = self.clock()
+        if logged is not None:
+            self._write_step(logged, start, end)
         out = StepOutput(instance=self.name, step_start=start, step_end=end)
         done = {r.request_id for r in finished}
+        started, tokens = self._started, out.tokens
         for request, sample in zip(batch.requests, samples):
-            if request.request_id not in self._started:
-                self._started.add(request.request_id)
-                out.started.append(request.request_id)
+            rid = request.request_id
+            if rid not in started:
+                started.add(rid)
+                out.started.append(rid)
             if sample is None:
                 continue
-            status = request.status if request.request_id in done else None
-            out.tokens.append(
-                TokenOutput(
-                    request_id=request.request_id,
-                    token_id=sample.token_id,
-                    finish_reason=status.value if status else None,
-                    stop_reason=request.stop_reason if status else None,
-                    logprob=sample.logprob,
-                    rank=sample.rank,
-                    top_logprobs=sample.top_logprobs,
-                )
-            )
-            if request.status == RequestStatus.AWAITING_PULL:
-                events.append(
-                    PrefillDone(
-                        request_id=request.request_id,
-                        instance=self.name,
-                        blocks=list(request.block_table),
-                        num_tokens=request.num_computed_tokens,
-                        num_preemptions=request.num_preemptions,
-                    )
-                )
+            if rid in done:
+                tokens.append(TokenOutput(rid, sample.token_id, request.status.value, request.stop_reason, sample.logprob,
+                                          sample.rank, sample.top_logprobs))
+                continue
+            tokens.append(TokenOutput(rid, sample.token_id, None, None, sample.logprob, sample.rank, sample.top_logprobs))
+            if request.status is RequestStatus.AWAITING_PULL:
+                events.append(PrefillDone(rid, self.name, list(request.block_table), request.num_computed_tokens,
+                                          request.num_preemptions))
         out.preempted = [r.request_id for r in batch.preempted]
         for request in finished:
             self._started.discard(request.request_id)
         self.stats.num_steps += 1
         self.stats.busy_seconds += end - start
         self.stats.num_preemptions += len(batch.preempted)
-        self._update_stats()
-        out.stats = self.stats
+        out.stats = self._update_stats().snapshot()
         # the step's tokens go first: a PrefillDone refers to the first token they carry
         return [out, *events]
 
     @staticmethod
-    def _batch_shape(batch: ScheduledBatch) -> dict[str, list[int]]:
-        """What a latency model is a function of: the prompt tokens each prefill (or chunk)
-        computes with the context before it, and each decode's context."""
-        prefill, prefill_context, decode = [], [], []
-        for request, n in zip(batch.requests, batch.num_new_tokens):
-            if n == 1 and request.num_tokens > request.num_prompt_tokens:
-                decode.append(request.num_computed_tokens + n)
-            else:
-                prefill.append(n)
-                prefill_context.append(request.num_computed_tokens)
-        return {"prefill": prefill, "prefill_context": prefill_context, "decode": decode}
+    def _step_entry(batch: ScheduledBatch) -> dict[str, list]:
+        """A step as the log records it: its shape, and which requests computed how many
+        tokens (what the simulator's own scheduling is checked against)."""
+        shape = batch.shape()
+        return {
+            "prefill": shape.prefill,
+            "prefill_context": shape.prefill_context,
+            "decode": shape.decode,
+            "requests": [[r.request_id, n] for r, n in zip(batch.requests, batch.num_new_tokens)],
+        }
+
+    def _write_step(self, entry: dict[str, list], start: float, end: float) -> None:
+        assert self._step_log is not None
+        self._step_log.write(json.dumps({"start": start, "seconds": end - start, **entry}) + "\n")
 
     def _pull_migrations(self) -> list[Event]:
         """Decode role: admit the prefilled requests there is room for and pull their KV."""
         events: list[Event] = []
         for request in self.scheduler.admit_migrations():
             source, handles, src_blocks = self._sources.pop(request.request_id)
-            start = time.time()
-            by_transport = self.worker.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
-            end = time.time()
+            start = self.clock()
+            by_transport = self.executor.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
+            end = self.clock()
             moved = sum(by_transport.values())
-            self.stats.transferred_bytes_by_transport.update(by_transport)
+            for transport, n in by_transport.items():
+                self.stats.transferred_bytes_by_transport[transport] = self.stats.transferred_bytes_by_transport.get(transport, 0) + n
             request.num_computed_tokens = request.num_prompt_tokens
             self.scheduler.start_running(request)
             self.stats.num_transfers += 1
@@ -231,9 +253,9 @@ class Instance:
         return s
 
     def current_stats(self) -> InstanceStats:
-        return self._update_stats()
+        return self._update_stats().snapshot()
 
     def close(self) -> None:
         if self._step_log:
             self._step_log.close()
-        self.worker.close()
+        self.executor.close()

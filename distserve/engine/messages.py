@@ -1,20 +1,27 @@
-"""Messages between the controller and its instances (plain dataclasses, pickled over pipes).
+"""Messages between the controller and its instances: plain dataclasses, pickled over pipes.
 
-Controller -> instance: AddRequest, MigrateRequest (decode), ReleaseKV (prefill),
-ConnectSources (decode), AbortRequest, Shutdown. Instance -> controller: InstanceReady,
-StepOutput (tokens and stage stamps), PrefillDone (a request's KV is ready to pull),
-MigrationDone, InstanceFailed.
+Two channels, each with its own union:
+
+    controller -> instance   InstanceMessage: AddRequest, MigrateRequest (decode), ReleaseKV
+                             (prefill), ConnectSources (decode), AbortRequest, StatsRequest,
+                             Shutdown
+    instance -> controller   InstanceEvent: InstanceReady, InstanceFailed, InstanceStats,
+                             StepOutput (tokens and stage stamps), PrefillDone (a request's KV
+                             is ready to pull), MigrationDone
+
+Both travel in lists: whatever one side has for the other at a time goes in one send.
 """
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field
 
+from distserve.config import Role
 from distserve.kv.cache import KVCacheHandle
 from distserve.sampling_params import SamplingParams
 
 
+# -- controller -> instance ------------------------------------------------------------------
 @dataclass
 class AddRequest:
     request_id: str
@@ -58,19 +65,23 @@ class AbortRequest:
 
 
 @dataclass
-class Shutdown:
-    pass
-
-
-@dataclass
 class StatsRequest:
     """Ask an instance for an `InstanceStats` now."""
 
 
 @dataclass
+class Shutdown:
+    pass
+
+
+InstanceMessage = AddRequest | MigrateRequest | ConnectSources | ReleaseKV | AbortRequest | StatsRequest | Shutdown
+
+
+# -- instance -> controller ------------------------------------------------------------------
+@dataclass
 class InstanceStats:
     name: str
-    role: str
+    role: Role
     num_waiting: int
     num_running: int
     num_swapped: int
@@ -89,7 +100,15 @@ class InstanceStats:
     transfer_seconds: float = 0.0
     busy_seconds: float = 0.0
     # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
-    transferred_bytes_by_transport: collections.Counter[str] = field(default_factory=collections.Counter)
+    transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> InstanceStats:
+        """A copy to send: the instance goes on updating its own while a queue's feeder
+        thread may still be pickling what was put."""
+        snapshot = object.__new__(InstanceStats)
+        snapshot.__dict__.update(self.__dict__)
+        snapshot.transferred_bytes_by_transport = dict(self.transferred_bytes_by_transport)
+        return snapshot
 
 
 @dataclass
@@ -100,6 +119,12 @@ class InstanceReady:
     block_size: int
     kv_handles: list[KVCacheHandle]
     load_seconds: float
+
+
+@dataclass
+class InstanceFailed:
+    name: str
+    error: str
 
 
 @dataclass
@@ -149,7 +174,27 @@ class MigrationDone:
     transports: tuple[str, ...] = ()  # the transports that moved its KV
 
 
+InstanceEvent = InstanceReady | InstanceFailed | InstanceStats | StepOutput | PrefillDone | MigrationDone
+
+
+# -- controller -> the engine's front (LLMEngine) ------------------------------------------------
 @dataclass
-class InstanceFailed:
+class RequestUpdate:
+    """News of one request from one event: tokens an instance made at `time`, or the error
+    that ended it."""
+
+    request_id: str
+    time: float
+    tokens: list[TokenOutput] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class InstanceStatus:
+    """An instance as the front shows it (health, metrics): alive or not, and its latest stats."""
+
     name: str
-    error: str
+    role: Role
+    alive: bool
+    num_blocks: int
+    stats: InstanceStats | None

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig
+from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig, PreemptionMode
 from distserve.distributed.group import group_min, recv_from_prev_stage, send_to_next_stage
 from distserve.distributed.parallel_state import (
     get_parallel_state,
@@ -130,7 +130,7 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache.layer(i)
         self.num_swap_blocks = 0
         self.swap_cache: KVCache | None = None
-        if config.preemption_mode == "swap":
+        if config.preemption_mode is PreemptionMode.SWAP:
             layout = kv_layout(model_config, config, 1)
             self.num_swap_blocks = group_min(max(1, int(config.swap_space_gb * GIB // layout.bytes_per_block)))
             self.swap_cache = KVCache(kv_layout(model_config, config, self.num_swap_blocks), "cpu", False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from distserve.config import InstanceConfig
+from distserve.config import InstanceConfig, Policy, PreemptionMode, Role
 from distserve.kv.block_manager import BlockManager
 from distserve.layers.sampler import SampleResult
 from distserve.request import Request, RequestStatus
@@ -52,6 +52,29 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def shape(self) -> BatchShape:
+        """What a step's time is a function of: the prompt tokens each prefill (or chunk)
+        computes with the context before it, and each decode's context."""
+        shape = BatchShape()
+        decode, prefill, context = shape.decode, shape.prefill, shape.prefill_context
+        for request, n in zip(self.requests, self.num_new_tokens):
+            computed = request.num_computed_tokens
+            if n == 1 and len(request.token_ids) > len(request.prompt_token_ids):
+                decode.append(computed + 1)
+            else:
+                prefill.append(n)
+                context.append(computed)
+        return shape
+
+
+@dataclass
+class BatchShape:
+    """A step's work as a latency model sees it (also a line of the step log)."""
+
+    prefill: list[int] = field(default_factory=list)  # tokens of each prompt or chunk
+    prefill_context: list[int] = field(default_factory=list)  # tokens before each of them
+    decode: list[int] = field(default_factory=list)  # context of each decode, its new token included
 
 
 class Scheduler:
@@ -141,7 +164,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        if self.role == "prefill":
+        if self.role is Role.PREFILL:
             self._schedule_waiting(batch, budget)
         elif self.chunked:
             budget = self._schedule_running(batch, budget)
@@ -161,7 +184,7 @@ class Scheduler:
         return batch
 
     def _waiting_order(self) -> list[Request]:
-        if self.policy == "sjf":
+        if self.policy is Policy.SJF:
             return sorted(self.waiting, key=lambda r: (r.num_tokens, r.arrival_time))
         return list(self.waiting)
 
@@ -187,10 +210,16 @@ class Scheduler:
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         """Next tokens of the running requests, preempting the latest when blocks run out."""
         i = 0
+        block_size = self.blocks.block_size
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             end = request.num_computed_tokens + n
+            if end <= len(request.block_table) * block_size:  # its blocks have room (most decodes)
+                batch.add(request, n)
+                budget -= n
+                i += 1
+                continue
             while not self.blocks.can_grow(request.block_table, end):
                 victim = self.running.pop()
                 self._preempt(victim, batch)
@@ -209,7 +238,7 @@ class Scheduler:
         request.num_preemptions += 1
         batch.preempted.append(request)
         needed = len(request.block_table)
-        if self.preemption_mode == "swap" and self.swap is not None and self.swap.num_free_blocks >= needed:
+        if self.preemption_mode is PreemptionMode.SWAP and self.swap is not None and self.swap.num_free_blocks >= needed:
             request.swap_table = self.swap.allocate(needed)
             batch.swap_out.extend(zip(request.block_table, request.swap_table))
             self.blocks.free(request.block_table)
@@ -257,7 +286,7 @@ class Scheduler:
                 self.running.remove(request)
                 self._free(request)
                 finished.append(request)
-            elif self.role == "prefill":
+            elif self.role is Role.PREFILL:
                 self.running.remove(request)
                 request.status = RequestStatus.AWAITING_PULL
                 self.awaiting_pull[request.request_id] = request

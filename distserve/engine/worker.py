@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distserve.config import InstanceConfig, ModelConfig
+from distserve.config import InstanceConfig, ModelConfig, Role
 from distserve.distributed.group import (
     GroupSpec,
     all_gather_object,
@@ -30,17 +30,8 @@ from distserve.engine.model_runner import ModelRunner
 from distserve.engine.scheduler import ScheduledBatch
 from distserve.kv.cache import KVCacheHandle
 from distserve.kv.torch_transport import KVServer, TorchDistributedTransport, join_kv_group
-from distserve.kv.transfer import CudaIpcTransport, KVTransport, RoutingTransport, SharedMemoryTransport
+from distserve.kv.transfer import CudaIpcTransport, KVPull, KVTransport, RoutingTransport, SharedMemoryTransport
 from distserve.layers.sampler import SampleResult
-
-
-@dataclass
-class KVPull:
-    """Pull `src_blocks` of a prefill instance (all its workers' handles) into `dst_blocks`."""
-
-    sources: list[KVCacheHandle]
-    src_blocks: list[int]
-    dst_blocks: list[int]
 
 
 @dataclass
@@ -62,17 +53,17 @@ class Worker:
         self.host = os.environ.get("DISTSERVE_HOST", "127.0.0.1")  # this machine, as peers reach it
         # what shares memory with this worker: its host, or its Ray node (a Ray node is a machine)
         self.machine = os.environ.get("DISTSERVE_MACHINE", self.host)
-        shared = config.role == "prefill" and config.kv_transport != "torch"
+        shared = config.role is Role.PREFILL and config.kv_transport != "torch"
         self.runner = ModelRunner(model_config, config, shared_cache=shared)
         self.kv_group = self.kv_server = None
         kv_rank = None
         if config.kv_group is not None:
             kv_rank = config.kv_group.first_rank + rank
             self.kv_group = join_kv_group(config.kv_group, kv_rank, self.host, config.device)
-            if config.role == "prefill":
+            if config.role is Role.PREFILL:
                 self.kv_server = KVServer(self.kv_group, self.runner.kv_cache)
         self.transport: KVTransport | None = None
-        if config.role == "decode":
+        if config.role is Role.DECODE:
             remote = TorchDistributedTransport(self.kv_group) if self.kv_group is not None else None
             if config.kv_transport == "torch":
                 if remote is None:
@@ -90,6 +81,20 @@ class Worker:
     @property
     def is_driver(self) -> bool:
         return self.state.rank == 0
+
+    # -- what the instance asks of its driver (the `StepExecutor` it runs on) ------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def num_swap_blocks(self) -> int:
+        """Blocks of swap space (0: none, preemption recomputes)."""
+        return self.runner.num_swap_blocks if self.runner.swap_cache is not None else 0
+
+    @property
+    def load_seconds(self) -> float:
+        return self.runner.load_seconds
 
     # -- what every worker does with a step -------------------------------------------------
     def _run(self, step: WorkerStep) -> tuple[dict[str, int], list[SampleResult | None] | None]:

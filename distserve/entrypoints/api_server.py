@@ -6,7 +6,8 @@
 
 Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`): 400 for
 invalid parameters or a prompt too long for the context, 401 without the API key, 404 for
-an unknown model. A client that goes away aborts its request on every instance.
+an unknown model. A client that goes away aborts its request on every instance. The server
+talks to the engine only through `AsyncLLM`.
 """
 
 from __future__ import annotations
@@ -24,51 +25,152 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distserve.engine.request_state import EngineDeadError
+from distserve.engine.errors import EngineDeadError
+from distserve.engine.input_processor import ProcessedPrompt
 from distserve.entrypoints.async_llm import AsyncLLM
 from distserve.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from distserve.entrypoints.openai_responses import (
+    APIError,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    error_response,
+    sse,
+    timeline,
+    usage,
+)
 from distserve.entrypoints.server_metrics import ServerMetrics
-from distserve.outputs import RequestOutput, TokenLogprobs
+from distserve.outputs import RequestOutput
 from distserve.sampling_params import SamplingParams
 
 DISCONNECT_POLL = 0.5
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
 class OpenAIServer:
-    """Handlers, sharing the engine, the served model names and the metrics."""
+    """The routes, sharing the engine, the served model names and the metrics."""
 
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None) -> None:
         self.engine = engine
-        self.controller = engine.controller
         self.names = served_model_names
         self.api_key = api_key
-        self.metrics = ServerMetrics(self.controller)
-        self.max_model_len = self.controller.max_model_len
+        self.metrics = ServerMetrics(engine.instance_status)
+        self.max_model_len = engine.max_model_len
 
-    # -- helpers ----------------------------------------------------------------------------
+    # -- routes -----------------------------------------------------------------------------
+    async def health(self) -> Response:
+        return Response(status_code=200 if self.engine.is_healthy() else 503)
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self) -> dict[str, Any]:
+        created = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "distserve",
+                 "root": self.engine.model_config.name, "max_model_len": self.max_model_len}
+                for name in self.names
+            ],
+        }
+
+    async def completions(self, body: CompletionRequest, raw: Request) -> Response:
+        model = self.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported.", param="echo")
+        prompts = [await self.prompt(p) for p in _completion_prompts(body.prompt)]
+        params = [
+            self.params(lambda p=p: body.sampling_params(self.max_tokens(body.max_tokens, len(p.prompt_token_ids)), body.logprobs))
+            for p in prompts
+        ]
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._stream_completions(prompts, params, base_id, created, model, include_usage), media_type="text/event-stream"
+            )
+        outputs = await _until_disconnected(
+            raw, asyncio.gather(*(self.run(p, sp, f"{base_id}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))))
+        )
+        choices = []
+        for i, out in enumerate(outputs):
+            c = out.outputs[0]
+            choices.append({
+                "index": i,
+                "text": c.text,
+                "logprobs": completion_logprobs(c.logprobs or [], c.token_ids, body.logprobs, 0) if body.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            })
+        return JSONResponse({
+            "id": base_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": usage(sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.outputs[0].token_ids) for o in outputs)),
+            "metrics": [timeline(o) for o in outputs],
+        })
+
+    async def chat_completions(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        model = self.check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt = await self.engine.render_chat(messages, body.add_generation_prompt, body.chat_template_kwargs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top = body.top_logprobs if body.top_logprobs is not None else 0
+        top_logprobs = top if body.logprobs else None
+        params = self.params(lambda: body.sampling_params(self.max_tokens(requested, len(prompt.prompt_token_ids)), top_logprobs))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._stream_chat(prompt, params, request_id, created, model, include_usage, top_logprobs),
+                media_type="text/event-stream",
+            )
+        out = await _until_disconnected(raw, self.run(prompt, params, request_id))
+        c = out.outputs[0]
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs or [], c.token_ids, top) if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }],
+            "usage": usage(len(out.prompt_token_ids), len(c.token_ids)),
+            "metrics": timeline(out),
+        })
+
+    async def generate(self, body: GenerateRequest, raw: Request) -> Response:
+        prompt = await self.prompt(body.prompt)
+        params = self.params(body.sampling_params)
+        self.max_tokens(params.max_tokens, len(prompt.prompt_token_ids))
+        request_id = f"gen-{uuid.uuid4().hex}"
+        prefix = prompt.prompt or ""
+        if body.stream:
+            async def chunks() -> AsyncIterator[bytes]:
+                async for out in self.stream(prompt, params, request_id):
+                    yield (json.dumps({"text": [prefix + out.outputs[0].text]}) + "\0").encode()
+
+            return StreamingResponse(chunks(), media_type="application/octet-stream")
+        out = await _until_disconnected(raw, self.run(prompt, params, request_id))
+        return JSONResponse({"text": [prefix + out.outputs[0].text], "metrics": timeline(out)})
+
+    # -- request pieces -----------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
         if model is not None and model not in self.names:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves {self.names}.", "NotFoundError", "model", "model_not_found")
+            raise APIError(404, f"The model `{model}` does not exist; this server serves {self.names}.", "NotFoundError",
+                           "model", "model_not_found")
         return self.names[0]
 
-    def prepare(self, prompt: Any) -> tuple[str | None, list[int]]:
+    async def prompt(self, prompt: Any) -> ProcessedPrompt:
+        """Tokenized and validated (off the event loop)."""
         try:
-            text, ids = self.controller.tokenize(prompt)
-            self.controller.validate_prompt(ids)
+            return await self.engine.process(prompt)
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
-        return text, ids
 
     def max_tokens(self, requested: int | None, prompt_len: int) -> int:
         room = self.max_model_len - prompt_len
@@ -93,7 +195,7 @@ class OpenAIServer:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 
-    async def run(self, prompt: dict, params: SamplingParams, request_id: str) -> RequestOutput:
+    async def run(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> RequestOutput:
         final: RequestOutput | None = None
         try:
             async for final in self.stream(prompt, params, request_id):
@@ -103,69 +205,128 @@ class OpenAIServer:
         assert final is not None
         return final
 
-    def stream(self, prompt: dict, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """The request's outputs; every request is counted once in the metrics, including
         one whose client went away (the engine aborts it when the stream is closed)."""
+        finished = False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=request_id):
+                if out.finished:
+                    finished = True
+                    self.metrics.observe(out)
+                yield out
+        finally:
+            if not finished:
+                self.metrics.observe_status("abort")
 
-        async def outputs() -> AsyncIterator[RequestOutput]:
-            finished = False
+    # -- streams ------------------------------------------------------------------------------
+    async def _stream_completions(
+        self, prompts: list[ProcessedPrompt], params: list[SamplingParams], base_id: str, created: int, model: str,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
+
+        async def pump(i: int, prompt: ProcessedPrompt, p: SamplingParams) -> None:
             try:
-                async for out in self.engine.generate(prompt, params, request_id=request_id):
-                    if out.finished:
-                        finished = True
-                        self.metrics.observe(out)
-                    yield out
-            finally:
-                if not finished:
-                    self.metrics.observe_status("abort")
+                async for out in self.stream(prompt, p, f"{base_id}-{i}"):
+                    await queue.put((i, out))
+            except BaseException as exc:  # EngineDeadError, or cancellation when the client left
+                await queue.put(exc)
+                raise
 
-        return outputs()
+        tasks = [asyncio.ensure_future(pump(i, prompt, p)) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        remaining, prompt_tokens, completion_tokens = len(tasks), 0, 0
+        offsets = [0] * len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    yield sse(error_body(str(item), "ServiceUnavailableError"))
+                    return
+                i, out = item
+                c = out.outputs[0]
+                logprobs = None
+                if params[i].logprobs is not None and out.delta_token_ids:
+                    n = len(out.delta_token_ids)
+                    logprobs = completion_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, params[i].logprobs, offsets[i])
+                offsets[i] += len(out.delta_text)
+                choice = {"index": i, "text": out.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}
+                chunk: dict[str, Any] = {"id": base_id, "object": "text_completion", "created": created, "model": model,
+                                         "choices": [choice]}
+                if out.finished:
+                    remaining -= 1
+                    prompt_tokens += len(out.prompt_token_ids)
+                    completion_tokens += len(c.token_ids)
+                    chunk["metrics"] = timeline(out)
+                # a chunk for every step that made tokens, also when their text is held back (a
+                # partial character, a special token, the tail of a possible stop string): the
+                # client sees each token when it is made, as vLLM streams
+                if out.delta_token_ids or out.delta_text or out.finished:
+                    yield sse(chunk)
+            if include_usage:
+                yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+                           "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse("[DONE]")
+        finally:
+            for task in tasks:
+                task.cancel()
 
+    async def _stream_chat(
+        self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str, created: int, model: str, include_usage: bool,
+        top_logprobs: int | None,
+    ) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": extra.pop("logprobs", None), "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = extra.pop("stop_reason", None)
+            return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [choice], **extra})
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        yield chunk({"role": "assistant", "content": ""})
+        final: RequestOutput | None = None
+        try:
+            async for out in self.stream(prompt, params, request_id):
+                c = out.outputs[0]
+                logprobs = None
+                if top_logprobs is not None and out.delta_token_ids:
+                    n = len(out.delta_token_ids)
+                    logprobs = chat_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, top_logprobs)
+                if out.finished:
+                    final = out
+                    yield chunk({"content": out.delta_text} if out.delta_text else {}, c.finish_reason, logprobs=logprobs,
+                                stop_reason=c.stop_reason, metrics=timeline(out))
+                elif out.delta_token_ids or out.delta_text:  # as for completions: a chunk per step
+                    yield chunk({"content": out.delta_text}, logprobs=logprobs)
+        except EngineDeadError as exc:
+            yield sse(error_body(str(exc), "ServiceUnavailableError"))
+            return
+        if include_usage and final is not None:
+            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                       "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
+        yield sse("[DONE]")
 
+    # -- errors and authentication --------------------------------------------------------------
+    async def on_api_error(self, _: Request, exc: APIError) -> JSONResponse:
+        if exc.status in (400, 404):
+            self.metrics.observe_status("rejected")
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
-def _timeline(out: RequestOutput) -> dict[str, Any]:
-    return out.metrics.as_dict()
+    async def on_validation_error(self, _: Request, exc: RequestValidationError) -> JSONResponse:
+        self.metrics.observe_status("rejected")
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
 
+    async def on_http_error(self, _: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
-
-
-def _completion_logprobs(entries: list[TokenLogprobs], token_ids: list[int], top_n: int, offset: int) -> dict[str, Any]:
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token_id, entry in zip(token_ids, entries):
-        chosen = entry[token_id]
-        text = chosen.decoded_token or ""
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob)
-        top: dict[str, float] = {}
-        for lp in sorted(entry.values(), key=lambda lp: -lp.logprob)[:top_n]:
-            top.setdefault(lp.decoded_token or "", lp.logprob)  # tokens may print alike
-        tops.append(top)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(entries: list[TokenLogprobs], token_ids: list[int], top_n: int) -> dict[str, Any]:
-    content = []
-    for token_id, entry in zip(token_ids, entries):
-        chosen = entry[token_id]
-        top = sorted(entry.values(), key=lambda lp: -lp.logprob)[:top_n]
-        content.append({
-            "token": chosen.decoded_token or "",
-            "logprob": chosen.logprob,
-            "bytes": list((chosen.decoded_token or "").encode()),
-            "top_logprobs": [
-                {"token": lp.decoded_token or "", "logprob": lp.logprob, "bytes": list((lp.decoded_token or "").encode())}
-                for lp in top
-            ],
-        })
-    return {"content": content}
+    async def authenticate(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        protected = request.url.path.startswith("/v1") or request.url.path == "/generate"
+        if self.api_key and protected and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return error_response(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                                  "AuthenticationError", code="invalid_api_key")
+        return await call_next(request)
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None) -> FastAPI:
@@ -178,144 +339,16 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
 
     app = FastAPI(title="distserve", version="0.1.0", lifespan=lifespan)
     app.state.server = server
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        if exc.status in (400, 404):
-            server.metrics.observe_status("rejected")
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        server.metrics.observe_status("rejected")
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        protected = request.url.path.startswith("/v1") or request.url.path == "/generate"
-        if server.api_key and protected and request.headers.get("Authorization") != f"Bearer {server.api_key}":
-            return error_response(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", "AuthenticationError", code="invalid_api_key")
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health() -> Response:
-        alive = all(v.alive for v in server.controller.instances.values())
-        return Response(status_code=200 if alive else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "distserve", "root": server.controller.model_config.name,
-                 "max_model_len": server.max_model_len}
-                for name in server.names
-            ],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request) -> Response:
-        model = server.check_model(body.model)
-        prompts = _completion_prompts(body.prompt)
-        prepared = [server.prepare(p) for p in prompts]
-        if body.echo:
-            raise APIError(400, "echo is not supported.", param="echo")
-        params = [
-            server.params(lambda ids=ids: body.sampling_params(server.max_tokens(body.max_tokens, len(ids)), body.logprobs))
-            for _, ids in prepared
-        ]
-        base_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        inputs = [{"prompt": text, "prompt_token_ids": ids} for text, ids in prepared]
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream_completions(server, inputs, params, base_id, created, model, include_usage),
-                media_type="text/event-stream",
-            )
-        outputs = await _until_disconnected(
-            raw, asyncio.gather(*(server.run(inp, p, f"{base_id}-{i}") for i, (inp, p) in enumerate(zip(inputs, params))))
-        )
-        choices = []
-        for i, out in enumerate(outputs):
-            c = out.outputs[0]
-            choices.append({
-                "index": i,
-                "text": c.text,
-                "logprobs": _completion_logprobs(c.logprobs or [], c.token_ids, body.logprobs, 0) if body.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            })
-        usage = _usage(sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.outputs[0].token_ids) for o in outputs))
-        return JSONResponse({
-            "id": base_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage, "metrics": [_timeline(o) for o in outputs],
-        })
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        model = server.check_model(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = server.controller.render_chat(messages, body.add_generation_prompt, body.chat_template_kwargs)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        text, ids = server.prepare(prompt)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        top = body.top_logprobs if body.top_logprobs is not None else 0
-        params = server.params(lambda: body.sampling_params(server.max_tokens(requested, len(ids)), top if body.logprobs else None))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        inputs = {"prompt": text, "prompt_token_ids": ids}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream_chat(server, inputs, params, request_id, created, model, include_usage, top if body.logprobs else None),
-                media_type="text/event-stream",
-            )
-        out = await _until_disconnected(raw, server.run(inputs, params, request_id))
-        c = out.outputs[0]
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c.logprobs or [], c.token_ids, top) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }],
-            "usage": _usage(len(out.prompt_token_ids), len(c.token_ids)),
-            "metrics": _timeline(out),
-        })
-
-    @app.post("/generate")
-    async def generate(body: GenerateRequest, raw: Request) -> Response:
-        text, ids = server.prepare(body.prompt)
-        params = server.params(body.sampling_params)
-        server.max_tokens(params.max_tokens, len(ids))
-        request_id = f"gen-{uuid.uuid4().hex}"
-        inputs = {"prompt": text, "prompt_token_ids": ids}
-        prefix = text or ""
-        if body.stream:
-            async def chunks() -> AsyncIterator[bytes]:
-                async for out in server.stream(inputs, params, request_id):
-                    yield (json.dumps({"text": [prefix + out.outputs[0].text]}) + "\0").encode()
-
-            return StreamingResponse(chunks(), media_type="application/octet-stream")
-        out = await _until_disconnected(raw, server.run(inputs, params, request_id))
-        return JSONResponse({"text": [prefix + out.outputs[0].text], "metrics": _timeline(out)})
-
+    app.add_exception_handler(APIError, server.on_api_error)
+    app.add_exception_handler(RequestValidationError, server.on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, server.on_http_error)
+    app.middleware("http")(server.authenticate)
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.prometheus, methods=["GET"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/generate", server.generate, methods=["POST"])
     return app
 
 
@@ -345,85 +378,3 @@ async def _until_disconnected(raw: Request, work: Awaitable[Any]) -> Any:
             except (asyncio.CancelledError, APIError):
                 pass
             raise APIError(499, "client disconnected", "ClientClosedRequest")
-
-
-async def _stream_completions(
-    server: OpenAIServer, inputs: list[dict], params: list[SamplingParams], base_id: str, created: int, model: str, include_usage: bool
-) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-
-    async def pump(i: int, inp: dict, p: SamplingParams) -> None:
-        try:
-            async for out in server.stream(inp, p, f"{base_id}-{i}"):
-                await queue.put((i, out))
-        except BaseException as exc:  # EngineDeadError, or cancellation when the client left
-            await queue.put(exc)
-            raise
-
-    tasks = [asyncio.ensure_future(pump(i, inp, p)) for i, (inp, p) in enumerate(zip(inputs, params))]
-    remaining, prompt_tokens, completion_tokens = len(tasks), 0, 0
-    offsets = [0] * len(tasks)
-    try:
-        while remaining:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                yield _sse({"error": {"message": str(item), "type": "ServiceUnavailableError", "param": None, "code": None}})
-                return
-            i, out = item
-            c = out.outputs[0]
-            logprobs = None
-            if params[i].logprobs is not None and out.delta_token_ids:
-                n = len(out.delta_token_ids)
-                logprobs = _completion_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, params[i].logprobs, offsets[i])
-            offsets[i] += len(out.delta_text)
-            choice = {"index": i, "text": out.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            chunk: dict[str, Any] = {"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-            if out.finished:
-                remaining -= 1
-                prompt_tokens += len(out.prompt_token_ids)
-                completion_tokens += len(c.token_ids)
-                chunk["metrics"] = _timeline(out)
-            # a chunk for every step that made tokens, also when their text is held back (a
-            # partial character, a special token, the tail of a possible stop string): the
-            # client sees each token when it is made, as vLLM streams
-            if out.delta_token_ids or out.delta_text or out.finished:
-                yield _sse(chunk)
-        if include_usage:
-            yield _sse({"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        yield _sse("[DONE]")
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _stream_chat(
-    server: OpenAIServer, inputs: dict, params: SamplingParams, request_id: str, created: int, model: str, include_usage: bool, top_logprobs: int | None
-) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": extra.pop("logprobs", None), "finish_reason": finish}
-        if finish is not None:
-            choice["stop_reason"] = extra.pop("stop_reason", None)
-        return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice], **extra})
-
-    yield chunk({"role": "assistant", "content": ""})
-    final: RequestOutput | None = None
-    try:
-        async for out in server.stream(inputs, params, request_id):
-            c = out.outputs[0]
-            logprobs = None
-            if top_logprobs is not None and out.delta_token_ids:
-                n = len(out.delta_token_ids)
-                logprobs = _chat_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, top_logprobs)
-            if out.finished:
-                final = out
-                yield chunk({"content": out.delta_text} if out.delta_text else {}, c.finish_reason, logprobs=logprobs,
-                            stop_reason=c.stop_reason, metrics=_timeline(out))
-            elif out.delta_token_ids or out.delta_text:  # as for completions: a chunk per step
-                yield chunk({"content": out.delta_text}, logprobs=logprobs)
-    except EngineDeadError as exc:
-        yield _sse({"error": {"message": str(exc), "type": "ServiceUnavailableError", "param": None, "code": None}})
-        return
-    if include_usage and final is not None:
-        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                    "usage": _usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
-    yield _sse("[DONE]")

@@ -9,9 +9,10 @@ import signal
 import sys
 from collections.abc import Callable
 
-from distserve.config import KV_TRANSPORTS, POLICIES, DeploymentConfig, PhaseConfig
+from distserve.config import DEFAULT_MODE, KV_TRANSPORTS, DeploymentConfig, Mode, PhaseConfig, Policy, Role
 
-PHASES = ("prefill", "decode")
+PHASES = (Role.PREFILL, Role.DECODE)
+POLICIES = [p.value for p in Policy]
 
 # flag -> (PhaseConfig field, type, help)
 PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
@@ -32,9 +33,9 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="Hugging Face folder, .gguf file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--config", help="placement file (JSON) as `distserve plan` writes it; flags override it")
-    parser.add_argument("--mode", choices=("disaggregated", "colocated", "chunked"), default=None,
-                        help="disaggregated (default): prefill and decode instances; colocated: continuous batching; "
-                        "chunked: chunked prefill")
+    parser.add_argument("--mode", choices=[m.value for m in Mode], default=None,
+                        help=f"disaggregated: prefill and decode instances; colocated: continuous batching; "
+                        f"chunked: chunked prefill (default {DEFAULT_MODE})")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     parser.add_argument("--dtype", default=None, help="auto (float32 on CPU), float32, float16 or bfloat16")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
@@ -63,7 +64,7 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
-    config = DeploymentConfig.load(args.config) if args.config else DeploymentConfig(mode="disaggregated")
+    config = DeploymentConfig.load(args.config) if args.config else DeploymentConfig()
     if args.model is not None:
         config.model = args.model
     for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
@@ -73,14 +74,13 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
             setattr(config, field, value)
     if args.num_instances is not None:
         config.colocated.num_instances = args.num_instances
-    for phase in ("colocated", *PHASES):
-        cfg: PhaseConfig = getattr(config, phase)
+    for phase in Role:
         overrides = {}
         for f in dataclasses.fields(PhaseConfig):
             value = getattr(args, f"{phase}_{f.name}", None)
             if value is not None:
                 overrides[f.name] = value
-        setattr(config, phase, dataclasses.replace(cfg, **overrides))
+        setattr(config, phase.value, dataclasses.replace(config.phase(phase), **overrides))
     config.validate()
     return config
 
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     deployment = deployment_from_args(args)
     engine = AsyncLLM(config=deployment)
-    names = args.served_model_name or [engine.controller.model_config.name]
+    names = args.served_model_name or [engine.model_config.name]
     app = build_app(engine, names, args.api_key)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models, /health, /metrics, /generate). By default 1 prefill + 1 decode instance.",
+        f"/v1/models, /health, /metrics, /generate). Mode {DEFAULT_MODE} unless --mode says otherwise.",
     )
     add_deployment_args(serve)
     group = serve.add_argument_group("server")
@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model's)")
     group.add_argument("--uvicorn-log-level", default="warning")
     serve.set_defaults(func=cmd_serve)
-    from distserve.entrypoints import cli_tools
+    from distserve.entrypoints import cli_bench, cli_planner
 
-    cli_tools.register(sub)
+    cli_bench.register(sub)
+    cli_planner.register(sub)
     return parser
 
 

@@ -7,10 +7,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distserve.config import DeploymentConfig, build_deployment
-from distserve.engine.controller import Controller, PromptType
+from distserve.config import DEFAULT_MODE, DeploymentConfig, Mode
+from distserve.engine.errors import EngineDeadError
+from distserve.engine.input_processor import PromptType
+from distserve.engine.llm_engine import LLMEngine
 from distserve.engine.messages import InstanceStats
-from distserve.engine.request_state import EngineDeadError
 from distserve.outputs import RequestOutput
 from distserve.sampling_params import SamplingParams
 
@@ -29,20 +30,14 @@ class LLM:
     def __init__(
         self,
         model: str | None = None,
-        mode: str = "colocated",
+        mode: Mode | str = DEFAULT_MODE,
         *,
         config: DeploymentConfig | str | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is not None:
-            deployment = config if isinstance(config, DeploymentConfig) else DeploymentConfig.load(config)
-            if model is not None:
-                deployment.model = model
-        else:
-            deployment = build_deployment(model, mode, **kwargs)
-        self.deployment = deployment
-        self.controller = Controller(deployment)
-        self.tokenizer = self.controller.tokenizer
+        self.engine = LLMEngine.from_args(model, mode, config, kwargs)
+        self.deployment = self.engine.deployment
+        self.tokenizer = self.engine.tokenizer
 
     def generate(
         self,
@@ -73,36 +68,27 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            self.controller.render_chat(c, add_generation_prompt, chat_template_kwargs or {}) for c in conversations
-        ]
+        prompts = [self.engine.render_chat(c, add_generation_prompt, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        ids: list[str] = []
-        try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.controller.add_request(prompt, p).request_id)
-        except BaseException:
-            for rid in ids:
-                self.controller.abort(rid)
-            raise
+        ids = self.engine.add_requests([(prompt, p, None) for prompt, p in zip(prompts, params)])
         outputs: dict[str, RequestOutput] = {}
         errors: list[str] = []
         mine = set(ids)
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
             while len(outputs) < len(ids):
-                for state in self.controller.poll(0.05):
-                    if state.finished and state.request_id in mine and state.request_id not in outputs:
-                        outputs[state.request_id] = state.output()
-                        if state.error:
-                            errors.append(state.error)
+                for out in self.engine.step(0.05):
+                    if out.finished and out.request_id in mine:
+                        outputs[out.request_id] = out
+                        if out.error:
+                            errors.append(out.error)
                         bar.update(1)
         except BaseException:
             for rid in ids:
                 if rid not in outputs:
-                    self.controller.abort(rid)
+                    self.engine.abort(rid)
             raise
         finally:
             bar.close()
@@ -112,10 +98,10 @@ class LLM:
 
     def get_stats(self) -> list[InstanceStats]:
         """Per instance: role, queue lengths, running requests, KV blocks, transfers."""
-        return self.controller.get_stats()
+        return self.engine.get_stats()
 
     def shutdown(self) -> None:
-        self.controller.shutdown()
+        self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self
@@ -124,6 +110,6 @@ class LLM:
         self.shutdown()
 
     def __del__(self) -> None:
-        controller = getattr(self, "controller", None)
-        if controller is not None:
-            controller.shutdown()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -3,13 +3,13 @@ its queue, running batch, KV blocks and KV transfers (read from the engine at sc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from distserve.engine.controller import Controller
+from distserve.engine.messages import InstanceStatus
 from distserve.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -18,8 +18,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 class InstanceCollector(Collector):
     """Gauges and counters from each instance's latest stats."""
 
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+    def __init__(self, instance_status: Callable[[], list[InstanceStatus]]) -> None:
+        self.instance_status = instance_status
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["instance", "role"]
@@ -39,18 +39,18 @@ class InstanceCollector(Collector):
         }
         by_transport = CounterMetricFamily("distserve_kv_transfer_transport_bytes", "Bytes of KV cache pulled, by transport.",
                                            labels=[*labels, "transport"])
-        for view in list(self.controller.instances.values()):
-            stats, key = view.stats, [view.config.name, view.role]
+        for status in self.instance_status():
+            stats, key = status.stats, [status.name, str(status.role)]
             for transport, n in (stats.transferred_bytes_by_transport if stats else {}).items():
                 by_transport.add_metric([*key, transport], n)
-            total = view.ready.num_blocks
+            total = status.num_blocks
             free = stats.kv_blocks_free if stats else total
             waiting = (stats.num_waiting + stats.num_pending_migrations) if stats else 0
             gauges["num_waiting"].add_metric(key, waiting)
             gauges["num_running"].add_metric(key, stats.num_running if stats else 0)
             gauges["kv_blocks_used"].add_metric(key, total - free)
             gauges["kv_blocks_free"].add_metric(key, free)
-            gauges["alive"].add_metric(key, 1.0 if view.alive else 0.0)
+            gauges["alive"].add_metric(key, 1.0 if status.alive else 0.0)
             for name, family in counters.items():
                 family.add_metric(key, getattr(stats, name) if stats else 0)
         yield from gauges.values()
@@ -59,7 +59,7 @@ class InstanceCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, instance_status: Callable[[], list[InstanceStatus]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "distserve_requests", "Finished requests by outcome.", ["status"], registry=self.registry
@@ -76,7 +76,7 @@ class ServerMetrics:
         self.e2e = Histogram(
             "distserve_e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(InstanceCollector(controller))
+        self.registry.register(InstanceCollector(instance_status))
 
     def observe(self, output: RequestOutput) -> None:
         """Count a finished request (any outcome)."""

@@ -21,6 +21,15 @@ import torch
 from distserve.kv.cache import KVCache, KVCacheHandle, KVLayout, attach_cuda, attach_shared
 
 
+@dataclass
+class KVPull:
+    """Pull `src_blocks` of a prefill instance (all its workers' handles) into `dst_blocks`."""
+
+    sources: list[KVCacheHandle]
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
 @dataclass(frozen=True)
 class Overlap:
     """The layers and heads a source worker and a destination worker both hold, in each

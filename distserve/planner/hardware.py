@@ -4,7 +4,7 @@ ids offline) and device presets (FLOP/s, memory bandwidth and size, links)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 GIB = 1 << 30
 
@@ -141,7 +141,3 @@ def kv_capacity_tokens(shape: ModelShape, device: Device, tp: int, pp: int, util
     """Tokens of KV cache an instance of tp x pp devices holds after its weights."""
     free = utilization * device.memory_bytes * tp * pp - shape.weight_bytes(device.dtype_bytes)
     return max(0, math.floor(free / shape.kv_bytes_per_token(device.dtype_bytes)))
-
-
-def with_overrides(device: Device, **fields: float) -> Device:
-    return replace(device, **{k: v for k, v in fields.items() if v is not None})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distserve.engine.scheduler import BatchShape
 from distserve.planner.hardware import Device, ModelShape
 
 PUBLISHED = Path(__file__).with_name("data") / "distserve_a100_profiles.json"
@@ -41,13 +42,14 @@ class LatencyModel(abc.ABC):
     def decode_time(self, context_lens: Sequence[int]) -> float:
         """Seconds of one decode step over sequences with these context lengths."""
 
-    def mixed_time(self, chunk_lens: Sequence[int], context_lens: Sequence[int]) -> float:
-        """One chunked-prefill step: prompt chunks and decodes in one forward pass."""
-        if not chunk_lens:
-            return self.decode_time(context_lens)
-        if not context_lens:
-            return self.prefill_time(chunk_lens)
-        return self.prefill_time(chunk_lens) + self.decode_time(context_lens) - self.decode_time([])
+    def step_time(self, shape: BatchShape) -> float:
+        """One engine step: its prompts (or chunks) and decodes in one forward pass, the
+        decode part's fixed cost paid once."""
+        if not shape.prefill:
+            return self.decode_time(shape.decode)
+        if not shape.decode:
+            return self.prefill_time(shape.prefill)
+        return self.prefill_time(shape.prefill) + self.decode_time(shape.decode) - self.decode_time([])
 
 
 @dataclass
@@ -74,11 +76,6 @@ class FittedLatencyModel(LatencyModel):
         batch = len(context_lens)
         a, b, c = self.decode_small if batch < self.threshold else self.decode_large
         return (a + b * float(sum(context_lens)) + c * batch) / self.pp
-
-    def decode_time_sums(self, batch: int, context_sum: float) -> float:
-        """decode_time from the batch size and the sum of contexts (the simulator's hot path)."""
-        a, b, c = self.decode_small if batch < self.threshold else self.decode_large
-        return (a + b * context_sum + c * batch) / self.pp
 
     @classmethod
     def fit(
@@ -232,10 +229,13 @@ class AnalyticalLatencyModel(LatencyModel):
     pp: int = 1
     step_overhead: float = 0.0
 
+    def __post_init__(self) -> None:
+        self._params = self.shape.params()  # the simulator asks for thousands of steps
+
     def _step(self, tokens: int, attention_flops: float, kv_bytes: float) -> float:
         s, d = self.shape, self.device
-        flops = 2.0 * s.params() * tokens + attention_flops
-        memory = s.weight_bytes(d.dtype_bytes) + kv_bytes + 2 * tokens * s.hidden_size * s.num_layers * d.dtype_bytes
+        flops = 2.0 * self._params * tokens + attention_flops
+        memory = self._params * d.dtype_bytes + kv_bytes + 2 * tokens * s.hidden_size * s.num_layers * d.dtype_bytes
         compute_time = flops / (self.tp * d.flops * d.flops_efficiency)
         memory_time = memory / (self.tp * d.memory_bandwidth * d.bandwidth_efficiency)
         comm = 0.0

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance import Instance
+from distserve.engine.instance_loop import build_instance
 from distserve.engine.messages import AddRequest
 from distserve.layers.linear import FUSED_STREAM_ROWS, SMALL_BATCH
 from distserve.planner.latency_model import FittedLatencyModel
@@ -62,7 +63,7 @@ def profile_engine(
     deployment.colocated.num_kv_blocks = (max(grid.decode_batches) * longest) // deployment.block_size + 64
     deployment.colocated.max_num_batched_tokens = max(grid.max_prefill_tokens, max(grid.prefill_lens))
     deployment.colocated.max_num_seqs = max(max(grid.decode_batches), max(grid.prefill_batches))
-    instance = Instance(config, resolve_instances(deployment, config)[0])
+    instance = build_instance(config, resolve_instances(deployment, config)[0])
     rng = random.Random(seed)
     vocab = config.vocab_size
     ids = iter(range(1 << 30))
@@ -111,7 +112,7 @@ def profile_engine(
         bar.update(1)
     bar.close()
     instance.close()
-    meta = {"model": config.name, "threads": threads, "device": str(instance.runner.device), "dtype": str(config.dtype)}
+    meta = {"model": config.name, "threads": threads, "device": str(instance.executor.runner.device), "dtype": str(config.dtype)}
     return fit_best(prefill, decode, meta)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from distserve.bench.arrivals import arrival_times
 from distserve.bench.metrics import RequestRecord, find_goodput, slo_attainment
-from distserve.config import DeploymentConfig, PhaseConfig
+from distserve.config import DeploymentConfig, Mode, PhaseConfig, Role
 from distserve.planner.hardware import Cluster, ModelShape, fits_in_memory, kv_capacity_tokens
 from distserve.planner.latency_model import (
     AnalyticalLatencyModel,
@@ -36,7 +36,8 @@ from distserve.planner.latency_model import (
     published_model,
     published_tp_degrees,
 )
-from distserve.planner.simulator import ClusterSpec, InstanceSpec, simulate
+from distserve.planner.deployment import PhaseModel
+from distserve.planner.simulator import ClusterSpec, Cutoff, InstanceSpec, simulate
 
 INSTANT = FittedLatencyModel((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
 
@@ -116,22 +117,28 @@ class PlanProblem:
             return a.tpot
         return a.both if self.criterion == "joint" else min(a.ttft, a.tpot)
 
-    def run(self, spec: ClusterSpec, rate: float, prefill_only: bool = False) -> list[RequestRecord]:
+    def run(self, spec: ClusterSpec, rate: float, prefill_only: bool = False, part: str | None = None) -> list[RequestRecord]:
         """`duration` seconds of Poisson arrivals at `rate` (within the request bounds),
         lengths drawn in turn from the workload. `prefill_only` stops every request at its
-        first token (TTFT of a prefill instance alone)."""
+        first token (TTFT of a prefill instance alone). With `part`, the simulation stops
+        as soon as the attainment of that part can no longer reach the target."""
         n = min(self.max_requests, max(self.min_requests, math.ceil(rate * self.duration)))
         lengths = [self.lengths[i % len(self.lengths)] for i in range(n)]
         if prefill_only:
             lengths = [(p, 1) for p, _ in lengths]
-        return simulate(spec, arrival_times(n, rate, seed=self.seed), lengths)
+        cutoff = None
+        if part is not None:
+            kind = "separate" if part == "both" and self.criterion == "separate" else part
+            cutoff = Cutoff(self.ttft, self.tpot, math.floor(n * (1 - self.target) + 1e-9), kind)
+        return simulate(spec, arrival_times(n, rate, seed=self.seed), lengths, cutoff)
 
     def goodput(self, spec: ClusterSpec, part: str = "both") -> float:
         """Highest simulated rate (req/s) whose attainment reaches the target."""
         prefill_only = part == "ttft"
-        return find_goodput(lambda rate: self.attainment(self.run(spec, rate, prefill_only), part), self.target, 1.0, self.iterations)
+        return find_goodput(lambda rate: self.attainment(self.run(spec, rate, prefill_only, part), part), self.target, 1.0,
+                            self.iterations)
 
-    def instance(self, role: str, par: Parallelism, latency: LatencyModel | None = None, capacity: int | None = None) -> InstanceSpec:
+    def instance(self, role: Role, par: Parallelism, latency: LatencyModel | None = None, capacity: int | None = None) -> InstanceSpec:
         return InstanceSpec(
             role,
             latency or self.latency_model(par),
@@ -140,9 +147,24 @@ class PlanProblem:
             max_num_batched_tokens=self.max_num_batched_tokens,
         )
 
-    def transfer(self, link: str):  # noqa: ANN201 - a tokens -> seconds function
+    def transfer(self, link: str) -> Callable[[int], float]:
         shape, device = self.shape, self.cluster.device
         return lambda tokens: kv_transfer_time(shape, device, tokens, link)
+
+    def phase_model(self, scale: float = 1.0) -> PhaseModel:
+        """Each phase's latency model and KV capacity from its parallelism (for
+        `simulated_cluster`), every step `scale` times as long."""
+
+        def model(role: Role, cfg: PhaseConfig) -> tuple[LatencyModel, int]:
+            par = Parallelism(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+            latency = self.latency_model(par)
+            if scale != 1.0:
+                if not isinstance(latency, FittedLatencyModel):
+                    raise ValueError("a latency scale needs a fitted or published latency model (--latency fitted:... or published).")
+                latency = latency.scaled(scale)
+            return latency, self.kv_capacity(par)
+
+        return model
 
 
 @dataclass
@@ -162,18 +184,18 @@ def _evaluate(args: tuple[PlanProblem, Candidate]) -> Candidate:
     problem, cand = args
     big = 1 << 40
     if cand.kind == "prefill":  # a prefill instance alone: decode costs nothing
-        spec = ClusterSpec([problem.instance("prefill", cand.prefill), problem.instance("decode", Parallelism(1, 1), INSTANT, big)])
+        spec = ClusterSpec([problem.instance(Role.PREFILL, cand.prefill), problem.instance(Role.DECODE, Parallelism(1, 1), INSTANT, big)])
         cand.goodput = problem.goodput(spec, "ttft")
     elif cand.kind == "decode":  # a decode instance alone: prompts arrive prefilled, over the slowest link there is
         link = "network" if problem.cluster.num_nodes > 1 else "node"
-        spec = ClusterSpec([problem.instance("prefill", Parallelism(1, 1), INSTANT, big), problem.instance("decode", cand.decode)],
+        spec = ClusterSpec([problem.instance(Role.PREFILL, Parallelism(1, 1), INSTANT, big), problem.instance(Role.DECODE, cand.decode)],
                            problem.transfer(link))
         cand.goodput = problem.goodput(spec, "tpot")
     elif cand.kind == "pair":
-        spec = ClusterSpec([problem.instance("prefill", cand.prefill), problem.instance("decode", cand.decode)], problem.transfer("node"))
+        spec = ClusterSpec([problem.instance(Role.PREFILL, cand.prefill), problem.instance(Role.DECODE, cand.decode)], problem.transfer("node"))
         cand.goodput = problem.goodput(spec)
     else:
-        spec = ClusterSpec([problem.instance("colocated", cand.prefill)])
+        spec = ClusterSpec([problem.instance(Role.COLOCATED, cand.prefill)])
         cand.goodput = problem.goodput(spec)
     return cand
 
@@ -214,13 +236,20 @@ class Placement:
     def per_device_goodput(self) -> float:
         return self.goodput / self.devices
 
+    def cluster_spec(self, problem: PlanProblem) -> ClusterSpec:
+        """The placement as the simulator runs it."""
+        return ClusterSpec(
+            [problem.instance(Role.PREFILL, self.prefill)] * self.num_prefill + [problem.instance(Role.DECODE, self.decode)] * self.num_decode,
+            problem.transfer("node" if self.algorithm == 2 else "network"),
+        )
+
     def deployment(self, model: str | None, max_num_batched_tokens: int, max_num_seqs: int) -> DeploymentConfig:
         def phase(n: int, par: Parallelism) -> PhaseConfig:
             return PhaseConfig(num_instances=n, tensor_parallel_size=par.tp, pipeline_parallel_size=par.pp,
                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
 
         # Algorithm 2 places each prefill instance with its decode instance on one node
-        return DeploymentConfig(model=model, mode="disaggregated", prefill=phase(self.num_prefill, self.prefill),
+        return DeploymentConfig(model=model, mode=Mode.DISAGGREGATED, prefill=phase(self.num_prefill, self.prefill),
                                 decode=phase(self.num_decode, self.decode), pair_placement=self.algorithm == 2)
 
 
@@ -275,7 +304,3 @@ def best_colocated(problem: PlanProblem, progress: bool = True) -> Candidate:
     cands = [Candidate("colocated", prefill=p, devices=p.devices) for p in problem.candidates(problem.cluster.devices_per_node)]
     done = evaluate_all(problem, cands, progress=progress)
     return max(done, key=lambda c: (c.per_device, -c.devices))
-
-
-def workload_lengths(requests: Sequence) -> list[tuple[int, int]]:
-    return [(r.prompt_len, r.output_len) for r in requests]

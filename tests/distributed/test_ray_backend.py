@@ -84,7 +84,8 @@ try:
                 "transports": sorted({str(o.metrics.transfer_transport) for o in outputs}),
                 "stats": {s.role: [s.transferred_bytes, s.transferred_bytes_by_transport, s.kv_blocks_free == s.kv_blocks_total]
                           for s in engine.get_stats()},
-                "nodes": {v.role: sorted({h.machine for h in v.ready.kv_handles}) for v in engine.controller.instances.values()},
+                "nodes": {c.role.value: sorted({h.machine for h in engine.engine._controller.ready[name].kv_handles})
+                          for name, c in engine.engine._controller.configs.items()},
             }
 finally:
     cluster.shutdown()

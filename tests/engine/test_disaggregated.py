@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distserve import LLM, EngineDeadError, SamplingParams
+from distserve import LLM, EngineDeadError, RequestOutput, SamplingParams
 from tests.tiny_models import hf_greedy, load_reference, mixed_prompts
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
@@ -90,7 +90,7 @@ def engine_1p1d(checkpoints):
 
 
 def pids(engine: LLM) -> dict[str, int]:
-    return engine.controller.backend.pids()
+    return engine.engine.pids()
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:
@@ -103,38 +103,60 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
 def test_decode_instance_maps_the_prefill_cache_before_any_request(engine_1p1d) -> None:
     """The first pull pays no mapping: the decode process maps the prefill instance's
     shared-memory cache at start."""
-    shm = engine_1p1d.controller.instances["prefill-0"].ready.kv_handles[0].shm_name
+    shm = engine_1p1d.engine._controller.ready["prefill-0"].kv_handles[0].shm_name
     assert shm is not None
     maps = Path(f"/proc/{pids(engine_1p1d)['decode-0']}/maps")
     wait_for(lambda: shm in maps.read_text())
     assert all(s.num_transfers == 0 for s in engine_1p1d.get_stats())
 
 
-def poll_until(engine: LLM, predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        engine.controller.poll(0.02)
+class Outputs:
+    """The latest output of each request, as the engine steps."""
+
+    def __init__(self, engine: LLM) -> None:
+        self.engine = engine.engine
+        self.latest: dict[str, RequestOutput] = {}
+
+    def add(self, prompt: dict, params: SamplingParams) -> str:
+        return self.engine.add_request(prompt, params)
+
+    def poll_until(self, predicate, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            for out in self.engine.step(0.02):
+                self.latest[out.request_id] = out
+
+    def tokens(self, rid: str) -> int:
+        return len(self.latest[rid].outputs[0].token_ids) if rid in self.latest else 0
+
+    def finished(self, rid: str) -> bool:
+        return rid in self.latest and self.latest[rid].finished
+
+
+def instance_stats(engine: LLM, name: str):  # noqa: ANN201 - InstanceStats
+    return next(s.stats for s in engine.engine.instance_status() if s.name == name)
 
 
 @pytest.mark.parametrize("stage", ["queued", "awaiting_migration", "decoding"])
 def test_abort_at_each_stage_frees_every_block(engine_1p1d, stage: str) -> None:
-    engine, controller = engine_1p1d, engine_1p1d.controller
+    engine, outputs = engine_1p1d, Outputs(engine_1p1d)
     long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     stopped = pids(engine)["prefill-0" if stage == "queued" else "decode-0"]
-    state = None
+    rid = None
     try:
         if stage == "decoding":
-            state = controller.add_request({"prompt_token_ids": [5] * 40}, long)
-            poll_until(engine, lambda: len(state.token_ids) >= 3)
+            rid = outputs.add({"prompt_token_ids": [5] * 40}, long)
+            outputs.poll_until(lambda: outputs.tokens(rid) >= 3)
         os.kill(stopped, signal.SIGSTOP)
         if stage != "decoding":
-            state = controller.add_request({"prompt_token_ids": [5] * 40}, long)
+            rid = outputs.add({"prompt_token_ids": [5] * 40}, long)
         if stage == "awaiting_migration":  # prefilled, KV held, the pull not done yet
-            poll_until(engine, lambda: state.decode_instance is not None)
-            assert "prefill-0" in state.holders and "decode-0" in state.holders
-        controller.abort(state.request_id)
-        assert state.finish_reason == "abort"
+            outputs.poll_until(lambda: outputs.tokens(rid) == 1 and outputs.latest[rid].metrics.decode_instance is not None)
+            outputs.poll_until(lambda: instance_stats(engine, "prefill-0").num_awaiting_pull == 1)
+        engine.engine.abort(rid)
+        outputs.poll_until(lambda: outputs.finished(rid))
+        assert outputs.latest[rid].outputs[0].finish_reason == "abort"
     finally:
         os.kill(stopped, signal.SIGCONT)
     assert all_free(engine)
@@ -143,25 +165,28 @@ def test_abort_at_each_stage_frees_every_block(engine_1p1d, stage: str) -> None:
 
 
 def test_abort_at_random_times_leaves_every_block_free(engine_1p1d) -> None:
-    controller = engine_1p1d.controller
-    states = [controller.add_request({"prompt_token_ids": p}, GREEDY) for p in mixed_prompts(24, seed=5)]
-    for i, state in enumerate(states):
+    outputs = Outputs(engine_1p1d)
+    rids = [outputs.add({"prompt_token_ids": p}, GREEDY) for p in mixed_prompts(24, seed=5)]
+    for i, rid in enumerate(rids):
         if i % 2 == 0:
-            controller.abort(state.request_id)
-        controller.poll(0.01)
-    poll_until(engine_1p1d, lambda: all(s.finished for s in states))
+            engine_1p1d.engine.abort(rid)
+        outputs.poll_until(lambda: True)
+        for out in engine_1p1d.engine.step(0.01):
+            outputs.latest[out.request_id] = out
+    outputs.poll_until(lambda: all(outputs.finished(rid) for rid in rids))
     assert all_free(engine_1p1d)
 
 
 def test_a_killed_decode_instance_fails_its_requests_quickly(checkpoints) -> None:
     with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64) as engine:
-        controller = engine.controller
-        states = [controller.add_request({"prompt_token_ids": [9] * 20}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)) for _ in range(4)]
-        poll_until(engine, lambda: all(len(s.token_ids) >= 2 for s in states))
+        outputs = Outputs(engine)
+        rids = [outputs.add({"prompt_token_ids": [9] * 20}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0))
+                for _ in range(4)]
+        outputs.poll_until(lambda: all(outputs.tokens(rid) >= 2 for rid in rids))
         killed_at = time.monotonic()
         os.kill(pids(engine)["decode-0"], signal.SIGKILL)
-        poll_until(engine, lambda: all(s.finished for s in states), timeout=10)
+        outputs.poll_until(lambda: all(outputs.finished(rid) for rid in rids), timeout=10)
         assert time.monotonic() - killed_at < 5
-        assert all(s.error and "decode-0" in s.error for s in states)
+        assert all(outputs.latest[rid].error and "decode-0" in outputs.latest[rid].error for rid in rids)
         with pytest.raises(EngineDeadError, match="decode"):
             engine.generate("more", SamplingParams(max_tokens=2), use_tqdm=False)

@@ -32,7 +32,7 @@ def server(checkpoints):
     port = free_port()
     cmd = [
         sys.executable, "-m", "distserve.entrypoints.cli", "serve", str(checkpoints("llama-gqa")),
-        "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL,
+        "--mode", "disaggregated", "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL,
         "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

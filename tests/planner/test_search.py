@@ -11,7 +11,7 @@ import pytest
 
 from distserve.config import DeploymentConfig
 from distserve.entrypoints.cli import build_parser
-from distserve.entrypoints.cli_tools import cmd_plan  # noqa: F401 - the command under test is run through the parser
+from distserve.entrypoints.cli_planner import cmd_plan  # noqa: F401 - the command under test is run through the parser
 from distserve.planner.hardware import Cluster, fits_in_memory, model_shape
 from distserve.planner.search import Parallelism, PlanProblem, algorithm1, algorithm2
 

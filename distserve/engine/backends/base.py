@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from distserve.config import InstanceConfig, ModelConfig
-from distserve.engine.messages import InstanceFailed, InstanceReady
+from distserve.engine.messages import InstanceEvent, InstanceFailed, InstanceMessage, InstanceReady
 
 
 @dataclass
@@ -29,16 +29,16 @@ class Backend(abc.ABC):
         """Start every instance and wait until each has loaded its model."""
 
     @abc.abstractmethod
-    def send(self, instance: str, message: object) -> None:
-        """Queue a message for an instance (never blocks)."""
+    def send(self, instance: str, messages: list[InstanceMessage]) -> None:
+        """Queue messages for an instance, in one delivery (never blocks)."""
 
     @abc.abstractmethod
-    def recv(self, timeout: float) -> list[object]:
+    def recv(self, timeout: float) -> list[InstanceEvent]:
         """Events from any instance, waiting up to `timeout` seconds for the first."""
 
     @abc.abstractmethod
     def dead(self) -> list[InstanceDied]:
-        """Instances whose process (or actor) is gone."""
+        """Instances whose process (or actor) is gone (without blocking)."""
 
     @abc.abstractmethod
     def pids(self) -> dict[str, int]:

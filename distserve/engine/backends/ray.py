@@ -25,11 +25,11 @@ import threading
 import time
 from typing import Any
 
-from distserve.config import InstanceConfig, ModelConfig, available_cores
+from distserve.config import InstanceConfig, ModelConfig, Role, available_cores
 from distserve.distributed.group import GroupSpec, free_port
 from distserve.engine.backends.base import Backend, InstanceDied
-from distserve.engine.backends.local import OPENMP_SPIN, group_spec, instance_main
-from distserve.engine.messages import InstanceReady, Shutdown
+from distserve.engine.instance_loop import OPENMP_SPIN, group_spec, instance_main, worker_main
+from distserve.engine.messages import InstanceEvent, InstanceMessage, InstanceReady, Shutdown
 
 # Ray routes its own traffic over the machine's first interface unless told; this keeps a
 # local cluster on 127.0.0.1 (see docs/multi_node.md)
@@ -62,22 +62,26 @@ class InstanceDriver:
     def _serve(self, model_config: ModelConfig, config: InstanceConfig, outbox: Any, group: GroupSpec | None) -> None:
         _where_am_i()
         # Ray ends the actor when the controller's job ends: no parent to watch
-        instance_main(model_config, config, self.inbox, outbox, None, group)
+        instance_main(model_config, config, self.inbox.get, outbox.put, lambda: True, group)
 
-    def send(self, message: object) -> None:
-        self.inbox.put(message)
+    def send(self, messages: list[InstanceMessage]) -> None:
+        self.inbox.put(messages)
 
     def wait(self, timeout: float) -> bool:
         """Whether the instance loop has ended (after a Shutdown, or an error)."""
         return self.ended.wait(timeout)
+
+    def ended_ref(self) -> bool:
+        """Returns when the instance loop ends: a reference the backend polls for liveness
+        (it fails with the actor, if the actor dies)."""
+        self.ended.wait()
+        return True
 
 
 class InstanceWorker:
     """Ray actor: a worker other than the driver; `run` serves the driver's steps until stop."""
 
     def run(self, model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
-        from distserve.engine.backends.local import worker_main
-
         _where_am_i()
         worker_main(model_config, config, group, rank)
 
@@ -92,11 +96,11 @@ class RayBackend(Backend):
         self.ray = ray
         self._address = address
         self._started_cluster = False
-        self._environ: dict[str, str] = dict(os.environ)
+        self._ray_environ: dict[str, str | None] = {}  # what ray.init set, and what it replaced
         self._outbox: Any = None
         self._drivers: dict[str, Any] = {}
         self._workers: dict[str, list[Any]] = {}
-        self._runs: dict[str, list[Any]] = {}  # refs that end only when an actor stops
+        self._runs: dict[str, list[Any]] = {}  # refs that end only when an actor stops (driver's first)
         self._groups: list[Any] = []
         self._pids: dict[str, int] = {}
         self._stopping = False
@@ -118,8 +122,8 @@ class RayBackend(Backend):
 
         sets: list[list[InstanceConfig]] = []
         if pair:
-            prefill = [c for c in instances if c.role == "prefill"]
-            decode = [c for c in instances if c.role == "decode"]
+            prefill = [c for c in instances if c.role is Role.PREFILL]
+            decode = [c for c in instances if c.role is Role.DECODE]
             for i in range(max(len(prefill), len(decode))):
                 sets.append(prefill[i : i + 1] + decode[i : i + 1])
         else:
@@ -160,7 +164,7 @@ class RayBackend(Backend):
         from ray.util.queue import Queue
 
         ray = self.ray
-        self._environ = dict(os.environ)  # ray.init adds variables; shutdown puts them back
+        before = dict(os.environ)  # ray.init sets variables; shutdown undoes those, and only those
         if not ray.is_initialized():
             env = {"GOMP_SPINCOUNT": OPENMP_SPIN}
             if self._address is None:
@@ -174,6 +178,7 @@ class RayBackend(Backend):
                 self._started_cluster = True
             else:
                 ray.init(address=self._address, log_to_driver=False, runtime_env={"env_vars": env})
+        self._ray_environ = {k: before.get(k) for k, v in os.environ.items() if before.get(k) != v}
         self._outbox = Queue()
 
     def start(self, model_config: ModelConfig, instances: list[InstanceConfig], timeout: float) -> dict[str, InstanceReady]:
@@ -189,7 +194,8 @@ class RayBackend(Backend):
             self._drivers[config.name] = driver
             host, port = self.ray.get(driver.address.remote())
             spec = group_spec(config, f"tcp://{host}:{port}")
-            self._runs[config.name] = [driver.run.remote(model_config, worker_config[0], self._outbox, spec)]
+            driver.run.remote(model_config, worker_config[0], self._outbox, spec)
+            self._runs[config.name] = [driver.ended_ref.remote()]
             self._workers[config.name] = []
             for rank in range(1, config.num_workers):
                 worker = self._actor(InstanceWorker, worker_config[rank], group, first + rank)
@@ -200,13 +206,13 @@ class RayBackend(Backend):
         return ready
 
     # -- messages ------------------------------------------------------------------------------
-    def send(self, instance: str, message: object) -> None:
-        self._drivers[instance].send.remote(message)
+    def send(self, instance: str, messages: list[InstanceMessage]) -> None:
+        self._drivers[instance].send.remote(messages)
 
-    def recv(self, timeout: float) -> list[object]:
+    def recv(self, timeout: float) -> list[InstanceEvent]:
         from ray.util.queue import Empty
 
-        events: list[object] = []
+        events: list[InstanceEvent] = []
         try:
             events.extend(self._outbox.get(block=timeout > 0, timeout=timeout if timeout > 0 else None))
             while True:
@@ -216,17 +222,14 @@ class RayBackend(Backend):
         return events
 
     def dead(self) -> list[InstanceDied]:
-        """Instances one of whose actors failed (a worker's `run` ending is a failure too)."""
+        """Instances one of whose actors ended or failed: the driver's loop ending, or a
+        worker's `run` returning, is a failure too. Polls references; never blocks."""
         if self._stopping:
             return []
         dead = []
         for name, refs in self._runs.items():
-            try:
-                driver_ended = self.ray.get(self._drivers[name].wait.remote(0), timeout=30)
-            except self.ray.exceptions.RayError:
-                driver_ended = True
-            worker_ended = len(refs) > 1 and bool(self.ray.wait(refs[1:], timeout=0)[0])
-            if driver_ended or worker_ended:
+            ended, _ = self.ray.wait(refs, num_returns=1, timeout=0)
+            if ended:
                 dead.append(InstanceDied(name, self._pids.get(name, -1), None))
         return dead
 
@@ -271,9 +274,13 @@ class RayBackend(Backend):
         self._restore_environ()
 
     def _restore_environ(self) -> None:
-        for key in set(os.environ) - set(self._environ):
-            del os.environ[key]
-        os.environ.update(self._environ)
+        """Undo what ray.init set in this process's environment (and nothing else)."""
+        for key, value in self._ray_environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._ray_environ = {}
 
 
 def _where_am_i() -> None:

@@ -1,4 +1,10 @@
-"""The controller's record of a request: where it is, its text so far, its timeline."""
+"""Requests out: generated tokens turned into text (incrementally, stop strings applied),
+logprobs and the request's output so far.
+
+The controller reports tokens as `RequestUpdate`s; `OutputProcessor.process` applies them to
+each request's `RequestState` and returns the new `RequestOutput`s, and the requests a stop
+string finished, which the engine must release on its instances (they do not know text).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,16 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from distserve.engine.messages import TokenOutput
+from distserve.engine.messages import RequestUpdate, TokenOutput
 from distserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
 from distserve.sampling_params import SamplingParams
 from distserve.tokenizer import IncrementalDetokenizer
 
 
-class EngineDeadError(RuntimeError):
-    """An instance holding the request died; the message says which."""
-
-
 @dataclass
 class RequestState:
+    """A request's output so far: its tokens, text, logprobs, and how it finished."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -30,9 +34,6 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
-    holders: set[str] = field(default_factory=set)  # instances that may hold its KV blocks
-    prefill_instance: str | None = None
-    decode_instance: str | None = None
     _delta_ids: list[int] = field(default_factory=list)
 
     @property
@@ -99,3 +100,57 @@ class RequestState:
             delta_token_ids=delta_ids,
             error=self.error,
         )
+
+
+class OutputProcessor:
+    """Every unfinished request's `RequestState`, updated from the controller's news."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, metrics: RequestMetrics
+    ) -> None:
+        self.states[request_id] = RequestState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            metrics=metrics,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
+        )
+
+    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
+        """The outputs of the requests with news (each once, finished ones forgotten), and the
+        ids of those a stop string finished (still running on their instances)."""
+        touched: dict[str, RequestState] = {}
+        stopped: list[str] = []
+        for update in updates:
+            state = self.states.get(update.request_id)
+            if state is None or state.finished:
+                continue
+            touched[state.request_id] = state
+            if update.error is not None:
+                state.finish("abort", None, update.time, error=update.error)
+                continue
+            for token in update.tokens:
+                state.add_token(token, self.tokenizer, update.time)
+                if state.finished:
+                    if token.finish_reason is None:  # a stop string: the instance does not know
+                        stopped.append(state.request_id)
+                    break
+        outputs = []
+        for rid, state in touched.items():
+            outputs.append(state.output())
+            if state.finished:
+                del self.states[rid]
+        return outputs, stopped
+
+    def abort(self, request_id: str, now: float) -> RequestOutput | None:
+        """Finish a request at the front's request (its instances are told by the caller)."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        state.finish("abort", None, now)
+        return state.output()

@@ -1,0 +1,121 @@
+"""The life of an instance's processes, the same under every backend.
+
+    instance_main   worker 0 (the driver): pin cores, load its shard, build the `Instance`,
+                    report ready, then `serve_instance` until Shutdown or the parent is gone
+    serve_instance  take the controller's messages (blocking only while idle), step, send
+                    the step's events
+    worker_main     every other worker: serve the driver's steps until it stops
+
+A backend starts these (`backends/local.py` as OS processes, `backends/ray.py` as Ray actors)
+and carries the messages; `get` returns one list of messages, `put` takes one of events.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from collections.abc import Callable
+
+from distserve.config import InstanceConfig, ModelConfig
+from distserve.distributed.group import GroupSpec
+from distserve.engine.messages import InstanceEvent, InstanceFailed, InstanceMessage, Shutdown, StatsRequest, StepOutput
+
+IDLE_WAIT = 0.05
+# OpenMP worker threads spin this long for the next parallel region before sleeping: a
+# decode step runs hundreds of small ops between matmuls, and waking sleeping threads for
+# each matmul cost ~15% of a step here. Idle instances still go to sleep.
+OPENMP_SPIN = "10000000"
+
+Get = Callable[..., list[InstanceMessage]]  # get(timeout=seconds) -> messages, or queue.Empty
+Put = Callable[[list[InstanceEvent]], None]
+
+
+def configure_process(config: InstanceConfig) -> None:
+    """Pin the process to its cores and size torch's thread pool."""
+    import torch
+
+    if config.cpu_cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, config.cpu_cores)
+    torch.set_num_threads(config.num_threads)
+
+
+def group_spec(config: InstanceConfig, rendezvous: str) -> GroupSpec | None:
+    """How an instance's workers meet, or None for a single worker."""
+    if config.num_workers == 1:
+        return None
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    return GroupSpec(config.phase.tensor_parallel_size, config.phase.pipeline_parallel_size, rendezvous, backend)
+
+
+def build_instance(model_config: ModelConfig, config: InstanceConfig, group: GroupSpec | None = None):  # noqa: ANN201
+    """An `Instance` driving this process's worker (rank 0 of `group`, or the only one)."""
+    from distserve.engine.instance import Instance
+    from distserve.engine.worker import Worker
+
+    return Instance(config, Worker(model_config, config, group, rank=0), model_config.max_model_len)
+
+
+def instance_main(
+    model_config: ModelConfig, config: InstanceConfig, get: Get, put: Put, parent_alive: Callable[[], bool],
+    group: GroupSpec | None = None,
+) -> None:
+    """Worker 0 of an instance: build it, say it is ready, serve it; any error is reported
+    as `InstanceFailed` with its traceback."""
+    configure_process(config)
+    try:
+        instance = build_instance(model_config, config, group)
+    except BaseException:
+        put([InstanceFailed(config.name, traceback.format_exc())])
+        return
+    put([instance.ready_message(os.getpid())])
+    try:
+        serve_instance(instance, get, put, parent_alive)
+    except BaseException:
+        put([InstanceFailed(config.name, traceback.format_exc())])
+    finally:
+        instance.close()
+
+
+def worker_main(model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
+    """A worker other than the driver: it serves the driver's steps. It ends when the driver
+    says stop, or when the driver is gone (the group breaks)."""
+    configure_process(config)
+    from distserve.engine.worker import Worker
+
+    worker = Worker(model_config, config, group, rank)
+    try:
+        worker.serve()
+    except RuntimeError:
+        pass  # the driver's end of the group closed: the instance is going away
+    finally:
+        worker.close()
+
+
+def serve_instance(instance, get: Get, put: Put, parent_alive: Callable[[], bool]) -> None:  # noqa: ANN001 - an Instance
+    """The instance loop: messages, then a step, then events out."""
+    while True:
+        messages: list[InstanceMessage] = []
+        try:
+            messages.extend(get(timeout=0 if instance.has_work() else IDLE_WAIT))
+            while True:
+                messages.extend(get(timeout=0))
+        except queue.Empty:
+            pass
+        if not parent_alive():
+            return
+        events: list[InstanceEvent] = []
+        for message in messages:
+            if isinstance(message, Shutdown):
+                return
+            answer = instance.handle(message)
+            if answer is not None:
+                events.append(answer)
+        stepped = instance.step()
+        events.extend(stepped)
+        if messages and not any(isinstance(e, StepOutput) for e in stepped) and not any(
+            isinstance(m, StatsRequest) for m in messages
+        ):
+            events.append(instance.current_stats())  # blocks may have been freed without a step
+        if events:
+            put(events)
