@@ -62,11 +62,12 @@ class InstanceSpec:
     chunked: bool = False
     block_size: int = 16
 
-    def instance_config(self, name: str) -> InstanceConfig:
+    def instance_config(self, name: str, step_log: str | None = None) -> InstanceConfig:
         """The engine's configuration of this instance (what its scheduler reads)."""
         phase = PhaseConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens, policy=self.policy)
         return InstanceConfig(name=name, role=Role(self.role), phase=phase, block_size=self.block_size, device="cpu",
-                              num_threads=1, cpu_cores=None, seed=0, swap_space_gb=0.0, chunked_prefill=self.chunked)
+                              num_threads=1, cpu_cores=None, seed=0, swap_space_gb=0.0, chunked_prefill=self.chunked,
+                              step_log=step_log)
 
 
 @dataclass
@@ -76,6 +77,8 @@ class ClusterSpec:
     # the machine's speed at a time (a factor on every step starting then), shared by every
     # instance; None: steady
     speed: Callable[[float], float] | None = None
+    # a folder: each simulated instance writes the engine's step log there (virtual times)
+    step_log: str | None = None
 
 
 class SpeedDrift:
@@ -225,7 +228,7 @@ class SimulatedCluster:
             counts[role] += 1
             clock = VirtualClock()
             executor = SimulatedExecutor(instance_spec, clock, spec)
-            instance = Instance(instance_spec.instance_config(name), executor, UNBOUNDED_CONTEXT, clock)
+            instance = Instance(instance_spec.instance_config(name, spec.step_log), executor, UNBOUNDED_CONTEXT, clock)
             self.hosts[name] = _Host(instance, clock, executor)
         if not any(h.instance.config.role.takes_prompts for h in self.hosts.values()):
             raise ValueError("a cluster needs a prefill or colocated instance")
@@ -245,6 +248,10 @@ class SimulatedCluster:
         while events and not stop():
             self.now, _, action = heapq.heappop(events)
             action()
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.instance.close()
 
     def receive(self, name: str, messages: list[InstanceMessage]) -> None:
         host = self.hosts[name]
@@ -349,6 +356,7 @@ def simulate(
         add = AddRequest(str(i), [0] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True), m.arrival_time, frozenset())
         cluster.at(m.arrival_time, lambda add=add, m=m: cluster.controller.add_requests([(add, m)]))
     cluster.run(cutoff.reached if cutoff is not None else lambda: False)
+    cluster.close()
     out = []
     for (prompt_len, output_len), m, n in zip(lengths, metrics, tokens):
         done = n == output_len
