@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -50,8 +52,23 @@ def expected(checkpoints):
 def test_ray_backend_starts_and_stops_its_own_cluster(checkpoints, expected) -> None:
     assert not ray_daemons(), "a Ray cluster is already running"
     prompts, tokens = expected
-    got, stats = run(checkpoints("llama-gqa"), prompts, backend="ray", prefill={"tensor_parallel_size": 2})
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64, backend="ray",
+             prefill={"tensor_parallel_size": 2}) as engine:
+        outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        stats = engine.get_stats()
+        # the liveness check polls: an instance that does not answer (stopped) does not block it
+        backend, pid = engine.engine._controller.backend, engine.engine.pids()["decode-0"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            assert backend.dead() == []
+            assert time.monotonic() - start < 1.0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        os.environ["DISTSERVE_TEST_SET_WHILE_RAY_RAN"] = "kept"  # not Ray's: shutdown leaves it
+    got = [o.outputs[0].token_ids for o in outputs]
     import ray
+    assert os.environ.pop("DISTSERVE_TEST_SET_WHILE_RAY_RAN") == "kept"
     assert got == tokens
     assert all(s.kv_blocks_free == s.kv_blocks_total for s in stats)
     assert sum(s.num_transfers for s in stats if s.role == "decode") == len(prompts)

@@ -190,3 +190,23 @@ def test_a_killed_decode_instance_fails_its_requests_quickly(checkpoints) -> Non
         assert all(outputs.latest[rid].error and "decode-0" in outputs.latest[rid].error for rid in rids)
         with pytest.raises(EngineDeadError, match="decode"):
             engine.generate("more", SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_prefilled_requests_fail_cleanly_when_no_decode_instance_is_alive(checkpoints) -> None:
+    """The decode instance dies while prompts wait on the prefill instance: when each prefill
+    finishes there is nowhere to send it; the request fails with a clear error, the prefill
+    instance frees its blocks, and the other events of the batch are still handled."""
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64) as engine:
+        outputs = Outputs(engine)
+        prefill = pids(engine)["prefill-0"]
+        os.kill(prefill, signal.SIGSTOP)
+        try:
+            rids = [outputs.add({"prompt_token_ids": p}, GREEDY) for p in mixed_prompts(3, seed=2)]
+            os.kill(pids(engine)["decode-0"], signal.SIGKILL)
+            outputs.poll_until(lambda: not [s for s in engine.engine.instance_status() if s.name == "decode-0"][0].alive)
+        finally:
+            os.kill(prefill, signal.SIGCONT)
+        outputs.poll_until(lambda: all(outputs.finished(rid) for rid in rids), timeout=10)
+        for rid in rids:
+            assert "no decode instance is alive" in outputs.latest[rid].error
+        outputs.poll_until(lambda: (s := instance_stats(engine, "prefill-0")) is not None and s.kv_blocks_free == s.kv_blocks_total)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -78,3 +79,27 @@ def test_explicit_abort_ends_the_stream(engine) -> None:
     outputs = asyncio.run(run())
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
     assert all_free(engine)
+
+
+def test_a_failing_poll_backs_off_and_recovers(engine) -> None:
+    """A persistent error while polling the instances is logged with a growing pause, not in a
+    tight loop; once it clears, requests are served again."""
+    calls = []
+    real_step = engine.engine.step
+
+    def broken(timeout: float):  # noqa: ANN202
+        calls.append(timeout)
+        raise RuntimeError("the instances' queue is broken")
+
+    engine.engine.step = broken
+    try:
+        time.sleep(1.0)
+    finally:
+        engine.engine.step = real_step
+    assert 3 <= len(calls) <= 8  # 0.05 + 0.1 + 0.2 + 0.4 s of pauses in the second
+    outputs = asyncio.run(_collect(engine, "the", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 4
+
+
+async def _collect(engine: AsyncLLM, prompt: str, params: SamplingParams) -> list:
+    return [o async for o in engine.generate(prompt, params)]

@@ -1,0 +1,41 @@
+"""Deployments from `LLM(...)`'s keyword arguments: instance counts, per-phase overrides, enums."""
+
+from __future__ import annotations
+
+import pytest
+
+from distserve.config import DEFAULT_MODE, Mode, PhaseConfig, Policy, PreemptionMode, Role, build_deployment, deployment_from
+
+
+def test_instance_counts_come_from_either_place_and_must_agree() -> None:
+    d = build_deployment(None, "disaggregated", num_prefill_instances=2, prefill=PhaseConfig(tensor_parallel_size=2))
+    assert d.prefill.num_instances == 2 and d.prefill.tensor_parallel_size == 2
+    d = build_deployment(None, "disaggregated", prefill=PhaseConfig(num_instances=3), decode={"num_instances": 2, "max_num_seqs": 8})
+    assert (d.prefill.num_instances, d.decode.num_instances, d.decode.max_num_seqs) == (3, 2, 8)
+    d = build_deployment(None, "disaggregated", num_decode_instances=2, decode={"max_num_seqs": 4}, max_num_seqs=16)
+    assert (d.decode.num_instances, d.decode.max_num_seqs, d.prefill.max_num_seqs) == (2, 4, 16)
+    with pytest.raises(ValueError, match="num_prefill_instances=2 contradicts prefill.num_instances=3"):
+        build_deployment(None, "disaggregated", num_prefill_instances=2, prefill={"num_instances": 3})
+    with pytest.raises(ValueError, match="unknown decode settings"):
+        build_deployment(None, "disaggregated", decode={"batch": 4})
+
+
+def test_modes_roles_and_policies_are_enums_parsed_from_their_names() -> None:
+    d = build_deployment(None, "chunked", preemption_mode="swap")
+    assert d.mode is Mode.CHUNKED and d.colocated.preemption_mode is PreemptionMode.SWAP
+    assert d.phases() == (Role.COLOCATED,) and Mode.DISAGGREGATED.phases == (Role.PREFILL, Role.DECODE)
+    assert build_deployment().mode is DEFAULT_MODE
+    assert PhaseConfig(policy="sjf").policy is Policy.SJF
+    assert f"{Mode.CHUNKED}" == "chunked" and Mode.CHUNKED == "chunked"
+    with pytest.raises(ValueError, match=r"mode must be one of \['disaggregated', 'colocated', 'chunked'\]"):
+        build_deployment(None, "pipelined")
+    with pytest.raises(ValueError, match="sjf' is a prefill policy"):
+        build_deployment(None, "disaggregated", decode={"policy": "sjf"})
+
+
+def test_a_whole_config_or_keyword_arguments_not_both() -> None:
+    config = build_deployment(None, "colocated", max_num_seqs=8)
+    d = deployment_from("other-model", "disaggregated", config, {})
+    assert d.model == "other-model" and d.mode is Mode.COLOCATED and config.model is None
+    with pytest.raises(TypeError, match="not both"):
+        deployment_from(None, DEFAULT_MODE, config, {"max_num_seqs": 4})
