@@ -12,9 +12,9 @@ Prints a table and writes benchmarks/results/decode_attention.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 

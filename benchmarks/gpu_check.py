@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.tiny_models import trained_tokenizer  # noqa: E402
-
 from distserve import LLM, SamplingParams  # noqa: E402
+from tests.tiny_models import trained_tokenizer  # noqa: E402
 
 NUM_PROMPTS, PROMPT_LENS, NEW_TOKENS = 8, (17, 64, 130, 300, 511, 700, 1023, 1500), 48
 

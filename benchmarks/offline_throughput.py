@@ -187,7 +187,8 @@ def decode_floor(model: Path) -> dict:
     rows, bandwidths = [], []
     for batch in (1, 32):
         for i in range(batch):
-            instance.handle(AddRequest(f"{batch}-{i}", list(range(100, 356)), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), time.time(), frozenset()))
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+            instance.handle(AddRequest(f"{batch}-{i}", list(range(100, 356)), params, time.time(), frozenset()))
         instance.step()  # the prefill
         steps, floors = [], []
         while instance.has_work():
@@ -200,7 +201,8 @@ def decode_floor(model: Path) -> dict:
         ratios = [step / floor for step, floor in zip(steps[5:], floors[5:])]
         rows.append({"batch": batch, "step_ms": 1e3 * statistics.median(steps[5:]), "floor_ms": 1e3 * statistics.median(floors[5:]),
                      "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]})
-    return {"read_bandwidth_gbps": statistics.median(bandwidths) / 1e9, "read_bandwidth_range_gbps": [min(bandwidths) / 1e9, max(bandwidths) / 1e9],
+    return {"read_bandwidth_gbps": statistics.median(bandwidths) / 1e9,
+            "read_bandwidth_range_gbps": [min(bandwidths) / 1e9, max(bandwidths) / 1e9],
             "matmul_gflops": flops / 1e9, "weight_bytes": weight_bytes, "steps": rows}
 
 
@@ -217,7 +219,8 @@ def main() -> None:
     args = parser.parse_args()
     global NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN
     NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = WORKLOADS[args.workload]
-    args.out = args.out or str(RESULTS / ("offline_throughput.json" if args.workload == "long" else f"offline_throughput-{args.workload}.json"))
+    name = "offline_throughput.json" if args.workload == "long" else f"offline_throughput-{args.workload}.json"
+    args.out = args.out or str(RESULTS / name)
     root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
     report: dict = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": [MIN_LEN, MAX_LEN], "output_len": OUTPUT_LEN}, "models": {}}
@@ -247,10 +250,12 @@ def main() -> None:
                 print(f"{system:<14} {r['seconds']:>8.1f} {r['tokens_per_second']:>10.1f} {r['tokens_per_second'] / base:>12.2f}x")
         f = result["decode_floor"]
         low, high = f["read_bandwidth_range_gbps"]
-        print(f"read bandwidth {f['read_bandwidth_gbps']:.1f} GB/s (median; {low:.1f}-{high:.1f}), matmul {f['matmul_gflops']:.0f} GFLOP/s, weights {f['weight_bytes'] / 1e6:.0f} MB")
+        print(f"read bandwidth {f['read_bandwidth_gbps']:.1f} GB/s (median; {low:.1f}-{high:.1f}), "
+              f"matmul {f['matmul_gflops']:.0f} GFLOP/s, weights {f['weight_bytes'] / 1e6:.0f} MB")
         for row in f["steps"]:
             print(f"decode step batch {row['batch']:>2}: {row['step_ms']:.1f} ms, floor {row['floor_ms']:.1f} ms "
-                  f"({row['ratio']:.2f}x, each step against the bandwidth read just before it; {row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}x)")
+                  f"({row['ratio']:.2f}x, each step against the bandwidth read just before it; "
+                  f"{row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

@@ -108,9 +108,9 @@ def main() -> None:
             rows.append({
                 "setting": name,
                 "batch": batch,
-                "distserve_ms": 1e3 * timed(lambda: sample(x, sampling, generator)),
-                "transformers_ms": 1e3 * timed(lambda: transformers_sample(x, **kwargs)),
-                "exponential_race_ms": 1e3 * timed(lambda: exponential_race(x, **kwargs)),
+                "distserve_ms": 1e3 * timed(lambda x=x, sampling=sampling: sample(x, sampling, generator)),
+                "transformers_ms": 1e3 * timed(lambda x=x, kwargs=kwargs: transformers_sample(x, **kwargs)),
+                "exponential_race_ms": 1e3 * timed(lambda x=x, kwargs=kwargs: exponential_race(x, **kwargs)),
             })
     report(rows, [("setting", "setting", "<30"), ("batch", "batch", "d"), ("distserve ms", "distserve_ms", ".2f"),
                   ("transformers ms", "transformers_ms", ".2f"), ("previous (exp. race) ms", "exponential_race_ms", ".2f")],

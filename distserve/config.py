@@ -19,7 +19,6 @@ import torch
 from transformers import PretrainedConfig
 
 
-
 class NamedEnum(str, enum.Enum):
     """An enum whose members are their names as users write them (in flags, JSON, messages)."""
 

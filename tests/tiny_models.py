@@ -11,12 +11,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from distserve.config import DeploymentConfig, resolve_instances
-from distserve.engine.instance import Instance
-from distserve.engine.instance_loop import build_instance
-from distserve.engine.messages import AddRequest
-from distserve.sampling_params import SamplingParams
-from distserve.weights.source import load_model_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +22,13 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from distserve.config import DeploymentConfig, resolve_instances
+from distserve.engine.instance import Instance
+from distserve.engine.instance_loop import build_instance
+from distserve.engine.messages import AddRequest
+from distserve.sampling_params import SamplingParams
+from distserve.weights.source import load_model_config
 
 VOCAB = 512
 EOS = "<|endoftext|>"

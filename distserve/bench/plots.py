@@ -85,7 +85,9 @@ def plot_report(data: dict, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, times in transfers.items():
             ax.plot([1e3 * t for t in times], [(i + 1) / len(times) for i in range(len(times))], label=name)
-        ax.set_xscale("log" if max(max(t) for t in transfers.values()) / max(min(min(t) for t in transfers.values()), 1e-9) > 50 else "linear")
+        longest = max(max(t) for t in transfers.values())
+        shortest = max(min(min(t) for t in transfers.values()), 1e-9)
+        ax.set_xscale("log" if longest / shortest > 50 else "linear")
         ax.set_xlabel("KV transfer time per request (ms)")
         ax.set_ylabel("CDF")
         ax.legend()

@@ -237,7 +237,8 @@ def report(systems: list[SystemResult], settings: BenchSettings, workload: dict,
 
 def print_report(data: dict) -> None:
     s = data["settings"]
-    print(f"\nSLOs: TTFT {s['ttft_slo'] * 1e3:.0f} ms, TPOT {s['tpot_slo'] * 1e3:.0f} ms, target {s['target']:.0%} ({s['arrival']} arrivals)")
+    print(f"\nSLOs: TTFT {s['ttft_slo'] * 1e3:.0f} ms, TPOT {s['tpot_slo'] * 1e3:.0f} ms, "
+          f"target {s['target']:.0%} ({s['arrival']} arrivals)")
     names = list(data["systems"])
     rates = sorted({run["rate"] for sys_ in data["systems"].values() for run in sys_["runs"]})
     header = f"{'rate (req/s)':>12} " + " ".join(f"{n[:16]:>16}" for n in names)

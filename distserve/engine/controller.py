@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from distserve.config import DeploymentConfig, InstanceConfig, ModelConfig, Mode, Role, resolve_instances
+from distserve.config import DeploymentConfig, InstanceConfig, Mode, ModelConfig, Role, resolve_instances
 from distserve.engine.backends.base import Backend
 from distserve.engine.errors import EngineDeadError
 from distserve.engine.messages import (
@@ -173,7 +173,7 @@ class Controller:
         with self._lock:
             self._check_alive()
             now = self.clock()
-            for add, metrics in requests:
+            for add, _ in requests:
                 if add.request_id in self.requests:
                     raise ValueError(f"request id {add.request_id!r} is already in use.")
             for add, metrics in requests:

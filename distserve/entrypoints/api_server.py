@@ -198,8 +198,8 @@ class OpenAIServer:
     async def run(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> RequestOutput:
         final: RequestOutput | None = None
         try:
-            async for final in self.stream(prompt, params, request_id):
-                pass
+            async for out in self.stream(prompt, params, request_id):
+                final = out
         except EngineDeadError as exc:
             raise APIError(503, str(exc), "ServiceUnavailableError") from None
         assert final is not None

@@ -24,7 +24,8 @@ class InstanceCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["instance", "role"]
         gauges = {
-            "num_waiting": GaugeMetricFamily("distserve_queue_length", "Requests queued on the instance (prompts or migrations).", labels=labels),
+            "num_waiting": GaugeMetricFamily("distserve_queue_length", "Requests queued on the instance (prompts or migrations).",
+                labels=labels),
             "num_running": GaugeMetricFamily("distserve_running_requests", "Requests in the instance's running batch.", labels=labels),
             "kv_blocks_used": GaugeMetricFamily("distserve_kv_blocks_used", "KV cache blocks in use.", labels=labels),
             "kv_blocks_free": GaugeMetricFamily("distserve_kv_blocks_free", "KV cache blocks free.", labels=labels),

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import abc
 import collections
-from dataclasses import dataclass
 import mmap
+from dataclasses import dataclass
 
 import torch
 

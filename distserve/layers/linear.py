@@ -21,7 +21,6 @@ from distserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_al
 from distserve.kernels import native_ops
 from distserve.weights.loader import LoadedWeight, materialize, narrow
 
-
 # Batch size oneDNN lays a packed weight out for; it serves every batch size.
 _PACK_BATCH_HINT = 32
 # Up to this many rows, a streaming kernel over the plain weight beats oneDNN (decode steps

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from distserve.kernels import native_ops
 from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from distserve.kernels import native_ops
 from distserve.layers.linear import (
     FUSED_DECODE_BATCH,
     FUSED_STREAM_ROWS,

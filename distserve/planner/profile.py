@@ -72,7 +72,8 @@ def profile_engine(
         return [rng.randrange(3, vocab) for _ in range(n)]
 
     # warm up both paths
-    instance.handle(AddRequest("warmup", tokens(64), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), time.time(), frozenset()))
+    instance.handle(AddRequest("warmup", tokens(64), SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), time.time(),
+        frozenset()))
     while instance.has_work():
         instance.step()
 
@@ -87,7 +88,8 @@ def profile_engine(
         times = []
         for _ in range(grid.repeats):
             for _ in range(k):
-                instance.handle(AddRequest(f"p{next(ids)}", tokens(l), SamplingParams(max_tokens=1, temperature=0), time.time(), frozenset()))
+                instance.handle(AddRequest(f"p{next(ids)}", tokens(l), SamplingParams(max_tokens=1, temperature=0), time.time(),
+                    frozenset()))
             times.append(_time_step(instance))
             assert not instance.has_work(), "a profiled prefill batch did not fit one step"
         prefill.append(([l] * k, statistics.median(times)))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from distserve.bench.arrivals import arrival_times
 from distserve.bench.metrics import RequestRecord, find_goodput, slo_attainment
 from distserve.config import DeploymentConfig, Mode, PhaseConfig, Role
+from distserve.planner.deployment import PhaseModel
 from distserve.planner.hardware import Cluster, ModelShape, fits_in_memory, kv_capacity_tokens
 from distserve.planner.latency_model import (
     AnalyticalLatencyModel,
@@ -36,7 +37,6 @@ from distserve.planner.latency_model import (
     published_model,
     published_tp_degrees,
 )
-from distserve.planner.deployment import PhaseModel
 from distserve.planner.simulator import ClusterSpec, Cutoff, InstanceSpec, simulate
 
 INSTANT = FittedLatencyModel((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
@@ -94,7 +94,8 @@ class PlanProblem:
         """TP dividing the heads, PP dividing the layers, fitting the memory."""
         tps = [t for t in (1, 2, 3, 4, 6, 8) if self.shape.num_heads % t == 0 and t <= self.cluster.devices_per_node]
         if self.latency.startswith("published"):
-            tps = [t for t in tps if t in published_tp_degrees(self.shape.name, "vllm" if self.latency == "published-vllm" else "distserve")]
+            engine = "vllm" if self.latency == "published-vllm" else "distserve"
+            tps = [t for t in tps if t in published_tp_degrees(self.shape.name, engine)]
         if self.latency.startswith("fitted:"):
             tps = [1]
         pps = [p for p in range(1, self.shape.num_layers + 1) if self.shape.num_layers % p == 0]
@@ -103,7 +104,8 @@ class PlanProblem:
         for tp in tps:
             for pp in pps:
                 par = Parallelism(tp, pp)
-                if par.devices <= max_devices and fits_in_memory(self.shape, self.cluster.device, tp, pp, longest) and self.kv_capacity(par) >= longest:
+                fits = fits_in_memory(self.shape, self.cluster.device, tp, pp, longest) and self.kv_capacity(par) >= longest
+                if par.devices <= max_devices and fits:
                     out.append(par)
                     if self.latency.startswith("fitted:"):
                         return out
@@ -192,7 +194,8 @@ def _evaluate(args: tuple[PlanProblem, Candidate]) -> Candidate:
                            problem.transfer(link))
         cand.goodput = problem.goodput(spec, "tpot")
     elif cand.kind == "pair":
-        spec = ClusterSpec([problem.instance(Role.PREFILL, cand.prefill), problem.instance(Role.DECODE, cand.decode)], problem.transfer("node"))
+        spec = ClusterSpec([problem.instance(Role.PREFILL, cand.prefill), problem.instance(Role.DECODE, cand.decode)],
+            problem.transfer("node"))
         cand.goodput = problem.goodput(spec)
     else:
         spec = ClusterSpec([problem.instance(Role.COLOCATED, cand.prefill)])
@@ -239,7 +242,8 @@ class Placement:
     def cluster_spec(self, problem: PlanProblem) -> ClusterSpec:
         """The placement as the simulator runs it."""
         return ClusterSpec(
-            [problem.instance(Role.PREFILL, self.prefill)] * self.num_prefill + [problem.instance(Role.DECODE, self.decode)] * self.num_decode,
+            [problem.instance(Role.PREFILL, self.prefill)] * self.num_prefill
+            + [problem.instance(Role.DECODE, self.decode)] * self.num_decode,
             problem.transfer("node" if self.algorithm == 2 else "network"),
         )
 

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from glob import glob
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -18,7 +18,7 @@ from safetensors import safe_open
 from distserve.config import ModelConfig
 
 # A checkpoint tensor: a torch.Tensor, or a safetensors slice not read yet.
-LoadedWeight = Union[torch.Tensor, Any]
+LoadedWeight = torch.Tensor | Any
 
 
 def narrow(weight: LoadedWeight, dim: int, start: int, length: int) -> torch.Tensor:

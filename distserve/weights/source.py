@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from distserve.config import ModelConfig, resolve_dtype, resolve_device
+from distserve.config import ModelConfig, resolve_device, resolve_dtype
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -21,7 +21,7 @@ def test_bench_compare_quick_writes_results_and_plots(checkpoints, tmp_path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads((out / "results.json").read_text())
     assert set(data["systems"]) == {"disaggregated", "colocated"}
-    for name, system in data["systems"].items():
+    for system in data["systems"].values():
         run = system["runs"][0]
         assert run["rate"] == 4 and len(run["requests"]) == 8 and run["errors"] == 0
         assert all(r["num_tokens"] == r["output_len"] and r["ttft"] > 0 for r in run["requests"])

@@ -74,7 +74,8 @@ def test_humaneval_from_a_jsonl_gz(tmp_path, tokenizer) -> None:
 
 def test_longbench_jsonl(tmp_path, tokenizer) -> None:
     path = tmp_path / "lb.jsonl"
-    path.write_text("\n".join(json.dumps({"context": "the café " * 50, "input": "summarize", "answers": ["the end of it"]}) for _ in range(3)))
+    path.write_text("\n".join(json.dumps({"context": "the café " * 50, "input": "summarize",
+        "answers": ["the end of it"]}) for _ in range(3)))
     requests = load_workload(WorkloadSpec.parse(f"longbench:{path}"), tokenizer)
     assert len(requests) == 3 and all(r.prompt_len > 50 and r.output_len == len(tokenizer("the end of it")["input_ids"]) for r in requests)
 

@@ -119,9 +119,11 @@ def test_stream_sends_tokens_whose_text_is_held_back(client) -> None:
 
 def test_chat_completion_and_stream(client) -> None:
     messages = [{"role": "user", "content": "the café"}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0,
+        extra_body={"ignore_eos": True})
     assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens == 9
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
@@ -133,11 +135,14 @@ def test_sampling_params_reach_the_engine(client) -> None:
     a = client.completions.create(**kwargs).choices[0].text
     b = client.completions.create(**kwargs).choices[0].text
     assert a == b
-    greedy = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    greedy = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0,
+        extra_body={"ignore_eos": True}).choices[0].text
     stop = greedy[2:5]
-    cut = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    cut = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, stop=[stop],
+        extra_body={"ignore_eos": True}).choices[0]
     assert cut.text == greedy[: greedy.index(stop)] and cut.finish_reason == "stop"
-    penalized = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, frequency_penalty=2.0, presence_penalty=2.0, extra_body={"ignore_eos": True})
+    penalized = client.completions.create(model=MODEL, prompt="the", max_tokens=10, temperature=0, frequency_penalty=2.0,
+        presence_penalty=2.0, extra_body={"ignore_eos": True})
     assert penalized.usage.completion_tokens == 10
 
 
@@ -173,7 +178,8 @@ def test_async_client_streams_concurrently(aclient, server) -> None:
 
 def test_async_chat(aclient) -> None:
     async def run():
-        return await aclient().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        return await aclient().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            temperature=0, extra_body={"ignore_eos": True})
 
     assert asyncio.run(run()).usage.completion_tokens == 4
 
@@ -206,7 +212,8 @@ def test_metrics_are_prometheus(server, client) -> None:
     # one machine: every byte through shared memory, all of them counted under it
     by_transport = {s.labels["transport"]: s.value for s in families["distserve_kv_transfer_transport_bytes"]
                     if s.name.endswith("_total") and s.labels["instance"] == "decode-0"}
-    total = next(s.value for s in families["distserve_kv_transfer_bytes"] if s.name.endswith("_total") and s.labels["instance"] == "decode-0")
+    total = next(s.value for s in families["distserve_kv_transfer_bytes"]
+                 if s.name.endswith("_total") and s.labels["instance"] == "decode-0")
     assert by_transport == {"shm": total} and total > 0
 
 
@@ -264,8 +271,10 @@ def test_openai_client_sees_errors_as_exceptions(client) -> None:
 
 def test_generate_endpoint(server) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    out = httpx.post(f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "temperature": 0, "ignore_eos": True}, headers=headers).json()
+    out = httpx.post(f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+        headers=headers).json()
     assert out["text"][0].startswith("the") and out["metrics"]["num_generated_tokens"] == 3
-    with httpx.stream("POST", f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "stream": True, "ignore_eos": True}, headers=headers) as r:
+    with httpx.stream("POST", f"{server}/generate", json={"prompt": "the", "max_tokens": 3, "stream": True, "ignore_eos": True},
+        headers=headers) as r:
         chunks = [json.loads(c) for c in b"".join(r.iter_bytes()).split(b"\0") if c]
     assert chunks and chunks[-1]["text"][0].startswith("the")

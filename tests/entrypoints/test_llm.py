@@ -56,7 +56,8 @@ def test_seeded_sampling_is_reproducible(llm) -> None:
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     alone = llm.generate(prompts[2], params[2], use_tqdm=False)[0].outputs[0].token_ids
     assert first == again and alone == first[2]
-    other_seed = llm.generate(prompts[2], SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1, ignore_eos=True), use_tqdm=False)
+    other_seed = llm.generate(prompts[2], SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1, ignore_eos=True),
+        use_tqdm=False)
     assert other_seed[0].outputs[0].token_ids != first[2]
 
 
@@ -76,7 +77,8 @@ def test_stop_strings_and_stop_tokens(llm) -> None:
     assert cut.text == full.text[: full.text.index(stop)]
     assert (cut.finish_reason, cut.stop_reason) == ("stop", stop)
     token = full.token_ids[7]
-    by_token = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[token]), use_tqdm=False)[0].outputs[0]
+    by_token = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[token]),
+        use_tqdm=False)[0].outputs[0]
     assert by_token.token_ids == full.token_ids[: full.token_ids.index(token) + 1]
     assert (by_token.finish_reason, by_token.stop_reason) == ("stop", token)
     assert_all_blocks_free(llm)

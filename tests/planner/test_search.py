@@ -19,7 +19,8 @@ LENGTHS = [(200 + 37 * (i % 11), 50 + 13 * (i % 7)) for i in range(120)]
 
 
 def problem(model: str = "facebook/opt-13b", cluster: str = "1x4xa100-80gb", latency: str = "published") -> PlanProblem:
-    return PlanProblem(model_shape(model), Cluster.parse(cluster), LENGTHS, ttft=0.4, tpot=0.1, latency=latency, min_requests=100, max_requests=400)
+    return PlanProblem(model_shape(model), Cluster.parse(cluster), LENGTHS, ttft=0.4, tpot=0.1, latency=latency, min_requests=100,
+        max_requests=400)
 
 
 def test_memory_infeasible_parallelism_is_never_a_candidate() -> None:

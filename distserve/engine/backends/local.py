@@ -114,7 +114,7 @@ class LocalBackend(Backend):
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._outbox is None:
             return
-        for name, p in self._procs.items():
+        for p in self._procs.values():
             if p.process.is_alive():
                 try:
                     p.inbox.put([Shutdown()])
