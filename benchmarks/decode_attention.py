@@ -4,7 +4,7 @@ reads per second. With `--against OLD.cpp` (e.g. `git show REV:distserve/kernels
 that source's kernel is built too and the two alternate call by call; their outputs must be
 equal bit for bit.
 
-    python benchmarks/decode_attention.py [--against /tmp/old_cpu_ops.cpp]
+    python -m benchmarks.decode_attention [--against /tmp/old_cpu_ops.cpp]
 
 Prints a table and writes benchmarks/results/decode_attention.json.
 """
@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from report import report  # noqa: E402
-
-from distserve.kernels import FUNCTIONS, cpu_ops  # noqa: E402
-from distserve.weights.gguf import cache_root  # noqa: E402
+from benchmarks.report import report
+from distserve.kernels import FUNCTIONS, cpu_ops
+from distserve.weights.gguf import cache_root
 
 RESULTS = Path("benchmarks/results")
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30

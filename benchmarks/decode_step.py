@@ -10,32 +10,30 @@ This is what sets `FUSED_DECODE_BATCH` and `FUSED_STREAM_ROWS`.
 
 SmolLM2-135M float32, 2 threads, contexts drawn from 64-600 tokens, greedy.
 
-    python benchmarks/decode_step.py
+    python -m benchmarks.decode_step
 
 Prints a table and writes benchmarks/results/decode_step.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from offline_throughput import smollm2_folder  # noqa: E402
-from report import report  # noqa: E402
-
-import distserve.models.llama as llama  # noqa: E402
-from distserve.config import DeploymentConfig, resolve_instances  # noqa: E402
-from distserve.engine.instance_loop import build_instance  # noqa: E402
-from distserve.request import Request  # noqa: E402
-from distserve.sampling_params import SamplingParams  # noqa: E402
-from distserve.weights.source import load_model_config  # noqa: E402
+import distserve.models.llama as llama
+from benchmarks.checkpoints import smollm2_folder
+from benchmarks.report import report
+from distserve.config import DeploymentConfig, resolve_instances
+from distserve.engine.instance_loop import build_instance
+from distserve.request import Request
+from distserve.sampling_params import SamplingParams
+from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
 BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -50,6 +48,7 @@ def set_stream_rows(layers: list, rows: int) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(2)
     model = str(smollm2_folder(Path("/tmp/distserve-bench-models")))
     config = load_model_config(model, max_model_len=2048)

@@ -5,8 +5,8 @@ outputs). Then the planner's simulator, with latency models fitted to this engin
 (`distserve profile`), predicts the attainment of the same workloads and arrivals for 1P+1D and
 colocated: its fidelity against the measurement.
 
-    python benchmarks/goodput.py [--vllm-python /tmp/vllm-venv/bin/python] [--only chatbot]
-    python benchmarks/goodput.py --only chatbot-fidelity --repeat 2 [--systems colocated]
+    python -m benchmarks.goodput [--vllm-python /tmp/vllm-venv/bin/python] [--only chatbot]
+    python -m benchmarks.goodput --only chatbot-fidelity --repeat 2 [--systems colocated]
 
 Everything goes to benchmarks/results/goodput/<workload>/ (results.json, plots, server logs)
 and benchmarks/results/goodput/fidelity.json. SLOs are K x the unloaded TTFT and TPOT of the
@@ -26,12 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from offline_throughput import smollm2_folder  # noqa: E402 - the same float32 checkpoint for every system
-
-from distserve.config import build_deployment  # noqa: E402
-from distserve.planner.latency_model import FittedLatencyModel  # noqa: E402
-from distserve.planner.profile import read_step_log  # noqa: E402
+from benchmarks.checkpoints import smollm2_folder
+from distserve.config import build_deployment
+from distserve.planner.latency_model import FittedLatencyModel
+from distserve.planner.profile import read_step_log
 
 RESULTS = Path("benchmarks/results/goodput")
 # how far a few percent of step time (this machine's drift between runs) move the simulated

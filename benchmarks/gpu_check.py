@@ -12,7 +12,7 @@
    must equal the colocated run's. On one GPU it goes over gloo through host memory; with two
    or more GPUs the prefill and decode workers get a GPU each and it goes over NCCL.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check.json]
+    python -m benchmarks.gpu_check [--out benchmarks/results/gpu_check.json]
 
 Exits 1 when a must-match check fails. Needs a GPU; about 3 minutes on an H100.
 """
@@ -28,25 +28,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from distserve import LLM, SamplingParams  # noqa: E402
-from tests.tiny_models import trained_tokenizer  # noqa: E402
+from benchmarks.checkpoints import random_checkpoint
+from distserve import LLM, SamplingParams
 
+VOCAB = 49152  # SmolLM2's tokenizer, which the random checkpoint reads its prompts with
 NUM_PROMPTS, PROMPT_LENS, NEW_TOKENS = 8, (17, 64, 130, 300, 511, 700, 1023, 1500), 48
 
 
 def checkpoint(folder: Path, dtype: torch.dtype) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=trained_tokenizer().vocab_size, max_position_embeddings=4096,
+                         num_key_value_heads=8, vocab_size=VOCAB, max_position_embeddings=4096,
                          rope_theta=500000.0, torch_dtype=dtype, initializer_range=0.05)
-    model = LlamaForCausalLM(config).to(dtype)
-    path = folder / str(dtype).split(".")[-1]
-    model.save_pretrained(path)
-    trained_tokenizer().save_pretrained(path)
-    return path
+    return random_checkpoint(folder, str(dtype).split(".")[-1], config, dtype)
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -120,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, name in ((torch.float32, "float32"), (torch.float16, "float16")):
             path = checkpoint(Path(tmp), dtype)
-            batch = prompts(trained_tokenizer().vocab_size)
+            batch = prompts(VOCAB)
             reference = hf_tokens(path, dtype, batch)
             colocated, _ = distserve_run(path, name, "colocated", batch)
             disaggregated, metrics = distserve_run(path, name, "disaggregated", batch)

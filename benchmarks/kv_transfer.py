@@ -7,23 +7,19 @@ request's end-to-end latency; once per transport: shared memory (one machine) an
 torch.distributed point to point over gloo (what instances on two machines use; here over
 loopback).
 
-    python benchmarks/kv_transfer.py [--model M] [--requests 8] [--max-tokens 64] [--transports shm torch]
+    python -m benchmarks.kv_transfer [--model M] [--requests 8] [--max-tokens 64] [--transports shm torch]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from report import report  # noqa: E402
-
-from distserve import LLM, SamplingParams  # noqa: E402
+from benchmarks.report import report
+from distserve import LLM, SamplingParams
 
 LENGTHS = (128, 512, 2048)
 

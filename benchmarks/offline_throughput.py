@@ -6,7 +6,7 @@ ignored), float32, the same 2 cores for every system. Models: the built-in SmolL
 (its GGUF dequantized once into a Hugging Face folder so that every system reads the same
 weights) and an OPT-125m-shaped random checkpoint.
 
-    python benchmarks/offline_throughput.py [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf] [--workload chat]
+    python -m benchmarks.offline_throughput [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf] [--workload chat]
 
 vLLM runs in its own virtual environment (see ../shared/ENVIRONMENT.md for the recipe); it is
 skipped, and said so, when that interpreter is missing.
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.checkpoints import opt125m_folder, smollm2_folder
 
 RESULTS = Path("benchmarks/results")
 # prompts, prompt lengths (uniform), output tokens
@@ -56,43 +58,6 @@ def make_prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(MIN_LEN, MAX_LEN + 1, (NUM_PROMPTS,), generator=g).tolist()
     return [torch.randint(100, vocab - 100, (n,), generator=g).tolist() for n in lengths]
-
-
-def smollm2_folder(root: Path) -> Path:
-    """The built-in GGUF as a float32 Hugging Face folder (made once)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distserve.weights.source import builtin_model_path
-
-    target = root / "smollm2-135m-f32"
-    if (target / "config.json").exists():
-        return target
-    path = builtin_model_path()
-    loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    config = loaded.config
-    config.__dict__.pop("quantization_config", None)  # transformers will not save a GGUF-loaded model as is
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(target)
-    return target
-
-
-def opt125m_folder(root: Path) -> Path:
-    """A random checkpoint of OPT-125m's shape, with a GPT-2 style tokenizer padded to its vocabulary."""
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
-
-    target = root / "opt-125m-random"
-    if (target / "config.json").exists():
-        return target
-    torch.manual_seed(0)
-    config = OPTConfig(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=50272,
-                       max_position_embeddings=2048, word_embed_proj_dim=768)
-    OPTForCausalLM(config).save_pretrained(target)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(root))
-    tokenizer.add_tokens([f"<pad_{i}>" for i in range(config.vocab_size - len(tokenizer))])
-    tokenizer.save_pretrained(target)
-    return target
 
 
 def run_distserve(model: Path, prompts: list[list[int]]) -> dict:

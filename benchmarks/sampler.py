@@ -6,27 +6,25 @@ entry, `argmax(probs / E)`).
 The logits are SmolLM2-135M-Instruct's own (vocabulary 49,152) at the last token of ShareGPT
 prompts, so the distributions are as peaked as a real model's. 2 threads, float32.
 
-    python benchmarks/sampler.py
+    python -m benchmarks.sampler
 
 Prints a table and writes benchmarks/results/sampler.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from offline_throughput import smollm2_folder  # noqa: E402
-from report import report  # noqa: E402
-
-from distserve.layers.sampler import SamplingBatch, sample  # noqa: E402
-from distserve.sampling_params import SamplingParams  # noqa: E402
+from benchmarks.checkpoints import smollm2_folder
+from benchmarks.report import report
+from distserve.layers.sampler import SamplingBatch, sample
+from distserve.sampling_params import SamplingParams
 
 RESULTS = Path("benchmarks/results")
 BATCHES = (1, 16, 64)
@@ -96,6 +94,7 @@ def timed(fn, repeats: int = 7) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(2)
     logits = model_logits(max(BATCHES))
     rows = []
