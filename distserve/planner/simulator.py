@@ -113,6 +113,7 @@ class SimulatedExecutor:
     """Runs an instance's steps in the time its latency model gives them (a `StepExecutor`)."""
 
     load_seconds = 0.0
+    can_rerun = True
 
     def __init__(self, spec: InstanceSpec, clock: VirtualClock, cluster: ClusterSpec) -> None:
         self.spec = spec
@@ -123,11 +124,15 @@ class SimulatedExecutor:
         self.handles = []
         self.pp = max(1, int(getattr(spec.latency, "pp", 1)))
         self.step_gap = spec.latency.step_gap
+        self.speed = 1.0  # the machine's speed factor for the step under way (read at its start)
+
+    def start_step(self) -> None:
+        """A step (its KV pulls and its batch) begins: it runs at the machine's speed now."""
+        if self.cluster.speed is not None:
+            self.speed = self.cluster.speed(self.clock.now)
 
     def _advance(self, seconds: float) -> None:
-        if self.cluster.speed is not None:
-            seconds *= self.cluster.speed(self.clock.now)
-        self.clock.now += seconds
+        self.clock.now += seconds * self.speed
 
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         self._advance(self.step_seconds(batch))
@@ -269,6 +274,7 @@ class SimulatedCluster:
             if not isinstance(message, StatsRequest):
                 instance.handle(message)
         start = host.clock.now = self.now
+        host.executor.start_step()
         events = instance.step()
         if not events:  # nothing to run until a message comes
             host.busy = False
