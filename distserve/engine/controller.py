@@ -19,6 +19,7 @@ while another polls.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from distserve.config import DeploymentConfig, InstanceConfig, Mode, ModelConfig, Role, resolve_instances
 from distserve.engine.backends.base import Backend
-from distserve.engine.errors import EngineDeadError
+from distserve.engine.errors import EngineDeadError, EngineOverloadedError
 from distserve.engine.messages import (
     AbortRequest,
     AddRequest,
@@ -41,6 +42,7 @@ from distserve.engine.messages import (
     MigrationDone,
     PrefillDone,
     ReleaseKV,
+    RequestFailed,
     RequestUpdate,
     StatsRequest,
     StepOutput,
@@ -48,6 +50,8 @@ from distserve.engine.messages import (
 from distserve.engine.router import InstanceLoad, Router
 from distserve.engine.scheduler import admission_capacity
 from distserve.outputs import RequestMetrics
+
+logger = logging.getLogger(__name__)
 
 DEATH_CHECK_INTERVAL = 0.2
 
@@ -111,9 +115,11 @@ class Controller:
         backend: Backend,
         clock: Callable[[], float] = time.time,
         kv_store: object | None = None,
+        max_queue_len: int | None = None,
     ) -> None:
         self.backend = backend
         self.clock = clock
+        self.max_queue_len = max_queue_len  # prompts waiting per instance before new ones are refused
         self.configs: dict[str, InstanceConfig] = {c.name: c for c in configs}
         self.ready = ready
         self.roles = {c.role for c in configs}
@@ -137,7 +143,9 @@ class Controller:
         self._flush()
 
     @classmethod
-    def start(cls, deployment: DeploymentConfig, model_config: ModelConfig, start_timeout: float = 900.0) -> Controller:
+    def start(
+        cls, deployment: DeploymentConfig, model_config: ModelConfig, start_timeout: float = 900.0, max_queue_len: int | None = None
+    ) -> Controller:
         """Start every instance of the deployment on its backend and wait until each is ready."""
         deployment.validate()
         configs = resolve_instances(deployment, model_config)
@@ -148,7 +156,7 @@ class Controller:
         except BaseException:  # a failed start, or Ctrl-C / SIGTERM while models load
             backend.shutdown()
             raise
-        return cls(configs, ready, backend, kv_store=kv_store)
+        return cls(configs, ready, backend, kv_store=kv_store, max_queue_len=max_queue_len)
 
     def kv_capacity_tokens(self) -> dict[str, int]:
         """Tokens of KV one request may hold on each instance (the rest is the watermark)."""
@@ -168,17 +176,24 @@ class Controller:
 
     # -- requests in ------------------------------------------------------------------------
     def add_requests(self, requests: list[tuple[AddRequest, RequestMetrics]]) -> None:
-        """Route each request's prompt; raises EngineDeadError (adding none) when no instance
-        can take prompts."""
+        """Route each request's prompt; adds none, raising EngineDeadError, when no instance
+        can take prompts, or EngineOverloadedError, when their queues have no room for all."""
         with self._lock:
             self._check_alive()
             now = self.clock()
             for add, _ in requests:
                 if add.request_id in self.requests:
                     raise ValueError(f"request id {add.request_id!r} is already in use.")
+            limit = self.max_queue_len
+            if limit is not None:
+                room = sum(max(0, limit - len(i.queued)) for i in self.router.prompt_instances())
+                if room < len(requests):
+                    raise EngineOverloadedError(
+                        f"every instance already has {limit} requests waiting (--max-queue-len); retry later."
+                    )
             for add, metrics in requests:
-                target = self.router.route_prompt(add.request_id, len(add.prompt_token_ids))
-                assert target is not None  # _check_alive
+                target = self.router.route_prompt(add.request_id, len(add.prompt_token_ids), limit)
+                assert target is not None  # checked above
                 tracked = TrackedRequest(add, metrics, prefill_instance=target.name, holders={target.name})
                 metrics.prefill_instance = target.name
                 metrics.prefill_queued_time = now
@@ -258,7 +273,13 @@ class Controller:
             case InstanceStats():
                 self._on_stats(event)
                 self._pending_stats[event.name] = event
+            case RequestFailed():
+                tracked = self.requests.get(event.request_id)
+                if tracked is not None:
+                    tracked.holders.discard(event.instance)  # it freed the blocks itself
+                    self._fail(tracked, event.error, updates)
             case InstanceFailed():
+                logger.error("instance %s failed:\n%s", event.name, event.error.rstrip())
                 self._on_instance_death(event.name, f"failed: {event.error.strip().splitlines()[-1]}", updates)
             case InstanceReady():
                 pass  # only while starting
@@ -362,7 +383,8 @@ class Controller:
     def instance_status(self) -> list[InstanceStatus]:
         with self._lock:
             return [
-                InstanceStatus(name, c.role, self.router.instances[name].alive, self.ready[name].num_blocks, self.stats.get(name))
+                InstanceStatus(name, c.role, self.router.instances[name].alive, self.ready[name].num_blocks, self.stats.get(name),
+                               self.ready[name].pid)
                 for name, c in self.configs.items()
             ]
 

@@ -28,6 +28,14 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]
 
 
+def check_text(what: str, text: str) -> None:
+    """Text that can be encoded (JSON lets a client send half of a surrogate pair)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode: {exc.reason} at position {exc.start}.") from None
+
+
 class InputProcessor:
     def __init__(
         self,
@@ -67,6 +75,7 @@ class InputProcessor:
             return ProcessedPrompt(None, list(prompt))
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a string or token ids, got {type(prompt).__name__}.")
+        check_text("the prompt", prompt)
         return ProcessedPrompt(prompt, self.tokenizer(prompt)["input_ids"])
 
     def render_chat(
@@ -85,6 +94,9 @@ class InputProcessor:
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts.")
+        for i, m in enumerate(messages):
+            if isinstance(m["content"], str):
+                check_text(f"message {i}", m["content"])
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs

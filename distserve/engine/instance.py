@@ -14,6 +14,7 @@ processes; `engine/instance_loop.py` hosts it for every backend.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from distserve.engine.messages import (
     MigrationDone,
     PrefillDone,
     ReleaseKV,
+    RequestFailed,
     StatsRequest,
     StepOutput,
     TokenOutput,
@@ -42,7 +44,9 @@ from distserve.kv.transfer import KVPull
 from distserve.layers.sampler import SampleResult
 from distserve.request import Request, RequestStatus
 
-Event = StepOutput | PrefillDone | MigrationDone
+logger = logging.getLogger(__name__)
+
+Event = StepOutput | PrefillDone | MigrationDone | RequestFailed
 
 
 class StepExecutor(Protocol):
@@ -52,6 +56,9 @@ class StepExecutor(Protocol):
     num_swap_blocks: int  # swap space blocks (0: none)
     load_seconds: float
     handles: list[KVCacheHandle]  # its workers' caches, for decode instances to pull from
+    # whether a failed step can be run again, a request at a time (a single worker: no other
+    # worker is left waiting in a collective)
+    can_rerun: bool
 
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None]:
         """Run the batch; a sample for each request whose last token was computed."""
@@ -160,7 +167,16 @@ class Instance:
         # what the step log records is the batch as scheduled, before the step updates it
         logged = self._step_entry(batch) if self._step_log is not None else None
         start = self.clock()
-        samples = self.executor.execute(batch)
+        try:
+            samples = self.executor.execute(batch)
+        except Exception:
+            if not self.executor.can_rerun or batch.swap_in or batch.swap_out:
+                raise
+            batch, samples, failed = self._rerun_alone(batch)
+            events.extend(failed)
+            if not batch.requests:
+                self._update_stats()
+                return events
         finished = self.scheduler.update(batch, samples)
         end = self.clock()
         if logged is not None:
@@ -192,6 +208,28 @@ class Instance:
         out.stats = self._update_stats().snapshot()
         # the step's tokens go first: a PrefillDone refers to the first token they carry
         return [out, *events]
+
+    def _rerun_alone(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, list[SampleResult | None], list[RequestFailed]]:
+        """A step raised: run each of its requests alone (writing a request's KV again writes
+        the same values), so that only the requests that fail by themselves fail."""
+        logger.exception("instance %s: a step of %d requests failed; running each alone", self.name, len(batch))
+        kept = ScheduledBatch(preempted=batch.preempted)
+        samples: list[SampleResult | None] = []
+        failed: list[RequestFailed] = []
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            try:
+                sample = self.executor.execute(ScheduledBatch([request], [n]))[0]
+            except Exception as exc:
+                logger.exception("instance %s: request %s fails alone; it is dropped", self.name, request.request_id)
+                self.scheduler.abort(request.request_id)
+                self._sources.pop(request.request_id, None)
+                self._started.discard(request.request_id)
+                failed.append(RequestFailed(request.request_id, self.name, f"the engine failed on this request: "
+                                            f"{type(exc).__name__}: {exc}"))
+                continue
+            kept.add(request, n)
+            samples.append(sample)
+        return kept, samples, failed
 
     @staticmethod
     def _step_entry(batch: ScheduledBatch) -> dict[str, list]:

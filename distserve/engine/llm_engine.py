@@ -29,7 +29,13 @@ from distserve.weights.source import load_model_config
 
 
 class LLMEngine:
-    def __init__(self, deployment: DeploymentConfig, start_timeout: float = 900.0) -> None:
+    def __init__(
+        self,
+        deployment: DeploymentConfig,
+        start_timeout: float = 900.0,
+        max_queue_len: int | None = None,
+        trust_request_chat_template: bool = False,
+    ) -> None:
         deployment.validate()
         self.deployment = deployment
         self.model_config: ModelConfig = load_model_config(
@@ -37,8 +43,10 @@ class LLMEngine:
         )
         self.tokenizer = load_tokenizer(self.model_config, deployment.tokenizer)
         self.eos_token_ids = eos_token_ids(self.model_config, self.tokenizer)
-        self._controller = Controller.start(deployment, self.model_config, start_timeout)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer, self._controller.kv_capacity_tokens())
+        self._controller = Controller.start(deployment, self.model_config, start_timeout, max_queue_len)
+        self.input_processor = InputProcessor(
+            self.model_config, self.tokenizer, self._controller.kv_capacity_tokens(), trust_request_chat_template
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -46,10 +54,11 @@ class LLMEngine:
 
     @classmethod
     def from_args(
-        cls, model: str | None, mode: Mode | str, config: DeploymentConfig | str | None, kwargs: dict[str, Any]
+        cls, model: str | None, mode: Mode | str, config: DeploymentConfig | str | None, kwargs: dict[str, Any], **engine: Any
     ) -> LLMEngine:
-        """The engine `LLM(...)` and `AsyncLLM(...)` describe (see `config.deployment_from`)."""
-        return cls(deployment_from(model, mode, config, kwargs))
+        """The engine `LLM(...)` and `AsyncLLM(...)` describe (see `config.deployment_from`);
+        `engine` holds this class's own settings."""
+        return cls(deployment_from(model, mode, config, kwargs), **engine)
 
     @property
     def max_model_len(self) -> int:
@@ -104,6 +113,17 @@ class LLMEngine:
         self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         return self.add_requests([(prompt, params or SamplingParams(), request_id)])[0]
+
+    def fail_all(self, message: str) -> None:
+        """End every unfinished request with an error (its last output comes from the next
+        `step`), and free them on their instances: a server shutting down does this last."""
+        with self._lock:
+            now = time.time()
+            for request_id in list(self.output_processor.states):
+                output = self.output_processor.fail(request_id, message, now)
+                if output is not None:
+                    self._aborted.append(output)
+                self._controller.release(request_id)
 
     def abort(self, request_id: str) -> None:
         """Finish the request (its last output, `finish_reason="abort"`, comes from the next

@@ -7,7 +7,7 @@ Two channels, each with its own union:
                              Shutdown
     instance -> controller   InstanceEvent: InstanceReady, InstanceFailed, InstanceStats,
                              StepOutput (tokens and stage stamps), PrefillDone (a request's KV
-                             is ready to pull), MigrationDone
+                             is ready to pull), MigrationDone, RequestFailed
 
 Both travel in lists: whatever one side has for the other at a time goes in one send.
 """
@@ -174,7 +174,17 @@ class MigrationDone:
     transports: tuple[str, ...] = ()  # the transports that moved its KV
 
 
-InstanceEvent = InstanceReady | InstanceFailed | InstanceStats | StepOutput | PrefillDone | MigrationDone
+@dataclass
+class RequestFailed:
+    """The instance could not run this request (its step raised with it alone); the instance
+    freed its blocks and goes on serving the others."""
+
+    request_id: str
+    instance: str
+    error: str
+
+
+InstanceEvent = InstanceReady | InstanceFailed | InstanceStats | StepOutput | PrefillDone | MigrationDone | RequestFailed
 
 
 # -- controller -> the engine's front (LLMEngine) ------------------------------------------------
@@ -198,3 +208,4 @@ class InstanceStatus:
     alive: bool
     num_blocks: int
     stats: InstanceStats | None
+    pid: int  # its driver's process (on the machine it runs on)

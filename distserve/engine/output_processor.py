@@ -149,8 +149,12 @@ class OutputProcessor:
 
     def abort(self, request_id: str, now: float) -> RequestOutput | None:
         """Finish a request at the front's request (its instances are told by the caller)."""
+        return self.fail(request_id, None, now)
+
+    def fail(self, request_id: str, error: str | None, now: float) -> RequestOutput | None:
+        """Finish a request as aborted, with `error` if it failed (the caller tells its instances)."""
         state = self.states.pop(request_id, None)
         if state is None:
             return None
-        state.finish("abort", None, now)
+        state.finish("abort", None, now, error=error)
         return state.output()

@@ -54,10 +54,14 @@ class Router:
         return [i for i in self.instances.values() if i.role is role and i.alive]
 
     # -- decisions -----------------------------------------------------------------------------
-    def route_prompt(self, request_id: str, num_prompt_tokens: int) -> InstanceLoad | None:
+    def prompt_instances(self) -> list[InstanceLoad]:
+        """The live instances new requests go to."""
+        return [i for i in self.instances.values() if i.role.takes_prompts and i.alive]
+
+    def route_prompt(self, request_id: str, num_prompt_tokens: int, max_queued: int | None = None) -> InstanceLoad | None:
         """The prefill (or colocated) instance for a new request, charged with its prompt;
-        None when none is alive."""
-        candidates = [i for i in self.instances.values() if i.role.takes_prompts and i.alive]
+        None when none is alive, or none has fewer than `max_queued` prompts waiting."""
+        candidates = [i for i in self.prompt_instances() if max_queued is None or len(i.queued) < max_queued]
         if not candidates:
             return None
         if candidates[0].role is Role.PREFILL:

@@ -96,6 +96,10 @@ class Worker:
     def load_seconds(self) -> float:
         return self.runner.load_seconds
 
+    @property
+    def can_rerun(self) -> bool:
+        return self.state.world_size == 1
+
     # -- what every worker does with a step -------------------------------------------------
     def _run(self, step: WorkerStep) -> tuple[dict[str, int], list[SampleResult | None] | None]:
         moved: collections.Counter[str] = collections.Counter()

@@ -6,8 +6,12 @@
 
 Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`): 400 for
 invalid parameters or a prompt too long for the context, 401 without the API key, 404 for
-an unknown model. A client that goes away aborts its request on every instance. The server
-talks to the engine only through `AsyncLLM`.
+an unknown model, 413 for a body past the limit, 503 (with Retry-After) when the queues are
+full or the server drains, 504 past the request timeout. A client that goes away, streaming
+or not, aborts its request on every instance. On SIGTERM or SIGINT the server drains: it
+refuses new requests, lets running ones finish for up to the shutdown timeout, then ends
+each remaining stream with an error event and `[DONE]`. The server talks to the engine only
+through `AsyncLLM`.
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distserve.engine.errors import EngineDeadError
+from distserve.engine.errors import EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from distserve.engine.input_processor import ProcessedPrompt
-from distserve.entrypoints.async_llm import AsyncLLM
+from distserve.entrypoints.async_llm import AsyncLLM, RequestStream
+from distserve.entrypoints.http_gate import RETRY_AFTER_SECONDS, HTTPGate
 from distserve.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from distserve.entrypoints.openai_responses import (
     APIError,
@@ -43,18 +52,45 @@ from distserve.entrypoints.server_metrics import ServerMetrics
 from distserve.outputs import RequestOutput
 from distserve.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 DISCONNECT_POLL = 0.5
+SHUTDOWN_MESSAGE = "the server is shutting down; the request was cut short."
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_request_bytes: int = 8 << 20  # a request body past this gets a 413
+    shutdown_timeout: float = 30.0  # seconds running requests may take to finish on SIGTERM / SIGINT
+    request_timeout: float | None = None  # seconds a request may run before it is aborted (504)
 
 
 class OpenAIServer:
-    """The routes, sharing the engine, the served model names and the metrics."""
+    """The routes, sharing the engine, the served model names, the metrics and the settings."""
 
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], settings: ServerSettings | None = None) -> None:
         self.engine = engine
         self.names = served_model_names
-        self.api_key = api_key
+        self.settings = settings or ServerSettings()
         self.metrics = ServerMetrics(engine.instance_status)
         self.max_model_len = engine.max_model_len
+        self.draining = False
+
+    async def drain(self) -> None:
+        """Refuse new requests; let the running ones finish for up to the shutdown timeout;
+        then end the rest with an error (streams get an error event and [DONE])."""
+        self.draining = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        logger.info("draining: %d requests running, up to %.0f s", self.engine.num_unfinished_requests(), self.settings.shutdown_timeout)
+        while self.engine.num_unfinished_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_unfinished_requests():
+            logger.warning("drain timeout: ending %d requests", self.engine.num_unfinished_requests())
+            self.engine.fail_all(SHUTDOWN_MESSAGE)
+            end = time.monotonic() + 5.0  # their last events reach the clients
+            while self.engine.num_unfinished_requests() and time.monotonic() < end:
+                await asyncio.sleep(0.02)
 
     # -- routes -----------------------------------------------------------------------------
     async def health(self) -> Response:
@@ -85,14 +121,13 @@ class OpenAIServer:
         ]
         base_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        streams = await self.admit([(p, sp, f"{base_id}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))])
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_completions(prompts, params, base_id, created, model, include_usage), media_type="text/event-stream"
+                self._stream_completions(streams, params, base_id, created, model, include_usage), media_type="text/event-stream"
             )
-        outputs = await _until_disconnected(
-            raw, asyncio.gather(*(self.run(p, sp, f"{base_id}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))))
-        )
+        outputs = await _until_disconnected(raw, asyncio.gather(*(self.collect(stream) for stream in streams)))
         choices = []
         for i, out in enumerate(outputs):
             c = out.outputs[0]
@@ -122,13 +157,14 @@ class OpenAIServer:
         params = self.params(lambda: body.sampling_params(self.max_tokens(requested, len(prompt.prompt_token_ids)), top_logprobs))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        (stream,) = await self.admit([(prompt, params, request_id)])
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_chat(prompt, params, request_id, created, model, include_usage, top_logprobs),
+                self._stream_chat(stream, request_id, created, model, include_usage, top_logprobs),
                 media_type="text/event-stream",
             )
-        out = await _until_disconnected(raw, self.run(prompt, params, request_id))
+        out = await _until_disconnected(raw, self.collect(stream))
         c = out.outputs[0]
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -147,15 +183,18 @@ class OpenAIServer:
         prompt = await self.prompt(body.prompt)
         params = self.params(body.sampling_params)
         self.max_tokens(params.max_tokens, len(prompt.prompt_token_ids))
-        request_id = f"gen-{uuid.uuid4().hex}"
+        (stream,) = await self.admit([(prompt, params, f"gen-{uuid.uuid4().hex}")])
         prefix = prompt.prompt or ""
         if body.stream:
             async def chunks() -> AsyncIterator[bytes]:
-                async for out in self.stream(prompt, params, request_id):
-                    yield (json.dumps({"text": [prefix + out.outputs[0].text]}) + "\0").encode()
+                try:
+                    async for out in self.outputs(stream):
+                        yield (json.dumps({"text": [prefix + out.outputs[0].text]}) + "\0").encode()
+                except (EngineDeadError, RequestTimeoutError) as exc:
+                    yield (json.dumps(error_body(str(exc), "ServiceUnavailableError")) + "\0").encode()
 
             return StreamingResponse(chunks(), media_type="application/octet-stream")
-        out = await _until_disconnected(raw, self.run(prompt, params, request_id))
+        out = await _until_disconnected(raw, self.collect(stream))
         return JSONResponse({"text": [prefix + out.outputs[0].text], "metrics": timeline(out)})
 
     # -- request pieces -----------------------------------------------------------------------
@@ -195,46 +234,66 @@ class OpenAIServer:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 
-    async def run(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> RequestOutput:
-        final: RequestOutput | None = None
+    async def admit(self, requests: list[tuple[ProcessedPrompt, SamplingParams, str]]) -> list[RequestStream]:
+        """The requests in the engine, all or none; 503 (Retry-After) when full or dead."""
         try:
-            async for out in self.stream(prompt, params, request_id):
-                final = out
+            return await self.engine.submit(requests, timeout=self.settings.request_timeout)
+        except EngineOverloadedError as exc:
+            self.metrics.observe_status("rejected")
+            raise APIError(503, str(exc), "ServiceUnavailableError", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except EngineDeadError as exc:
+            self.metrics.observe_status("error")
             raise APIError(503, str(exc), "ServiceUnavailableError") from None
-        assert final is not None
-        return final
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
 
-    async def stream(self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """The request's outputs; every request is counted once in the metrics, including
-        one whose client went away (the engine aborts it when the stream is closed)."""
-        finished = False
+    async def outputs(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        """A request's outputs; every request is counted once in the metrics, by how it ended:
+        its finish reason, `error` (it failed, or timed out), or `abort` (its client left)."""
+        finished, status = False, "abort"
         try:
-            async for out in self.engine.generate(prompt, params, request_id=request_id):
+            async for out in stream:
                 if out.finished:
                     finished = True
                     self.metrics.observe(out)
                 yield out
+        except (EngineDeadError, RequestTimeoutError):
+            status = "error"
+            raise
         finally:
+            await stream.aclose()
             if not finished:
-                self.metrics.observe_status("abort")
+                self.metrics.observe_status(status)
+
+    async def collect(self, stream: RequestStream) -> RequestOutput:
+        """A request's final output (503 if it failed, 504 if it timed out)."""
+        final: RequestOutput | None = None
+        try:
+            async for out in self.outputs(stream):
+                final = out
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), "ServiceUnavailableError") from None
+        except RequestTimeoutError as exc:
+            raise APIError(504, str(exc), "TimeoutError") from None
+        assert final is not None
+        return final
 
     # -- streams ------------------------------------------------------------------------------
     async def _stream_completions(
-        self, prompts: list[ProcessedPrompt], params: list[SamplingParams], base_id: str, created: int, model: str,
+        self, streams: list[RequestStream], params: list[SamplingParams], base_id: str, created: int, model: str,
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
 
-        async def pump(i: int, prompt: ProcessedPrompt, p: SamplingParams) -> None:
+        async def pump(i: int, stream: RequestStream) -> None:
             try:
-                async for out in self.stream(prompt, p, f"{base_id}-{i}"):
+                async for out in self.outputs(stream):
                     await queue.put((i, out))
-            except BaseException as exc:  # EngineDeadError, or cancellation when the client left
+            except BaseException as exc:  # EngineDeadError, a timeout, or cancellation when the client left
                 await queue.put(exc)
                 raise
 
-        tasks = [asyncio.ensure_future(pump(i, prompt, p)) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
         remaining, prompt_tokens, completion_tokens = len(tasks), 0, 0
         offsets = [0] * len(tasks)
         try:
@@ -242,6 +301,7 @@ class OpenAIServer:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     yield sse(error_body(str(item), "ServiceUnavailableError"))
+                    yield sse("[DONE]")
                     return
                 i, out = item
                 c = out.outputs[0]
@@ -273,8 +333,7 @@ class OpenAIServer:
                 task.cancel()
 
     async def _stream_chat(
-        self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str, created: int, model: str, include_usage: bool,
-        top_logprobs: int | None,
+        self, stream: RequestStream, request_id: str, created: int, model: str, include_usage: bool, top_logprobs: int | None,
     ) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": extra.pop("logprobs", None), "finish_reason": finish}
@@ -286,7 +345,7 @@ class OpenAIServer:
         yield chunk({"role": "assistant", "content": ""})
         final: RequestOutput | None = None
         try:
-            async for out in self.stream(prompt, params, request_id):
+            async for out in self.outputs(stream):
                 c = out.outputs[0]
                 logprobs = None
                 if top_logprobs is not None and out.delta_token_ids:
@@ -298,8 +357,9 @@ class OpenAIServer:
                                 stop_reason=c.stop_reason, metrics=timeline(out))
                 elif out.delta_token_ids or out.delta_text:  # as for completions: a chunk per step
                     yield chunk({"content": out.delta_text}, logprobs=logprobs)
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestTimeoutError) as exc:
             yield sse(error_body(str(exc), "ServiceUnavailableError"))
+            yield sse("[DONE]")
             return
         if include_usage and final is not None:
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
@@ -310,7 +370,7 @@ class OpenAIServer:
     async def on_api_error(self, _: Request, exc: APIError) -> JSONResponse:
         if exc.status in (400, 404):
             self.metrics.observe_status("rejected")
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     async def on_validation_error(self, _: Request, exc: RequestValidationError) -> JSONResponse:
         self.metrics.observe_status("rejected")
@@ -321,16 +381,14 @@ class OpenAIServer:
     async def on_http_error(self, _: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    async def authenticate(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        protected = request.url.path.startswith("/v1") or request.url.path == "/generate"
-        if self.api_key and protected and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return error_response(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                                  "AuthenticationError", code="invalid_api_key")
-        return await call_next(request)
+    async def on_unexpected_error(self, request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        self.metrics.observe_status("error")
+        return error_response(500, f"the server failed on this request: {type(exc).__name__}", "InternalServerError")
 
 
-def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | None = None) -> FastAPI:
-    server = OpenAIServer(engine, served_model_names, api_key)
+def build_app(engine: AsyncLLM, served_model_names: list[str], settings: ServerSettings | None = None) -> FastAPI:
+    server = OpenAIServer(engine, served_model_names, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -342,7 +400,10 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], api_key: str | No
     app.add_exception_handler(APIError, server.on_api_error)
     app.add_exception_handler(RequestValidationError, server.on_validation_error)
     app.add_exception_handler(StarletteHTTPException, server.on_http_error)
-    app.middleware("http")(server.authenticate)
+    app.add_exception_handler(Exception, server.on_unexpected_error)
+    s = server.settings
+    app.add_middleware(HTTPGate, api_key=s.api_key, max_body_bytes=s.max_request_bytes, draining=lambda: server.draining,
+                       on_refused=server.metrics.observe_status)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
@@ -378,3 +439,34 @@ async def _until_disconnected(raw: Request, work: Awaitable[Any]) -> Any:
             except (asyncio.CancelledError, APIError):
                 pass
             raise APIError(499, "client disconnected", "ClientClosedRequest")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM or SIGINT drains the server (`OpenAIServer.drain`)
+    before it stops; a second one stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # uvicorn raises it again once stopped
+        self._draining = asyncio.get_event_loop().create_task(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True
+
+
+def run_server(engine: AsyncLLM, served_model_names: list[str], settings: ServerSettings, host: str, port: int,
+               log_level: str = "warning") -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return."""
+    app = build_app(engine, served_model_names, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.server.drain).run()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from distserve.config import DEFAULT_MODE, DeploymentConfig, Mode, ModelConfig
-from distserve.engine.errors import EngineDeadError
+from distserve.engine.errors import EngineDeadError, RequestTimeoutError
 from distserve.engine.input_processor import ProcessedPrompt, PromptType
 from distserve.engine.llm_engine import LLMEngine
 from distserve.engine.messages import InstanceStats, InstanceStatus
@@ -36,9 +36,15 @@ class AsyncLLM:
         mode: Mode | str = DEFAULT_MODE,
         *,
         config: DeploymentConfig | str | None = None,
+        max_queue_len: int | None = None,
+        trust_request_chat_template: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.engine = LLMEngine.from_args(model, mode, config, kwargs)
+        """`max_queue_len`: prompts that may wait per instance before new requests are refused
+        (EngineOverloadedError); `trust_request_chat_template`: render chat templates a request
+        brings (they run on this machine)."""
+        self.engine = LLMEngine.from_args(model, mode, config, kwargs, max_queue_len=max_queue_len,
+                                          trust_request_chat_template=trust_request_chat_template)
         self.engine.set_external_poller(True)
         self.deployment = self.engine.deployment
         self.tokenizer = self.engine.tokenizer
@@ -90,6 +96,34 @@ class AsyncLLM:
         event loop."""
         return await asyncio.to_thread(self.engine.render_chat, messages, add_generation_prompt, template_kwargs)
 
+    async def submit(
+        self, requests: list[tuple[PromptType | ProcessedPrompt, SamplingParams, str | None]], timeout: float | None = None
+    ) -> list[RequestStream]:
+        """Admit requests (prompt, params, id or None) together, or none of them (ValueError,
+        EngineDeadError, EngineOverloadedError); a stream of outputs for each, which aborts
+        its request if closed (or dropped) before the end. `timeout`: seconds each may run."""
+        prepared = []
+        for prompt, params, request_id in requests:
+            if not isinstance(prompt, ProcessedPrompt):
+                prompt = await self.process(prompt, params)
+            prepared.append((prompt, params, request_id or f"req-{uuid.uuid4().hex}"))
+        loop = asyncio.get_running_loop()
+        streams = []
+        with self._streams_lock:
+            if any(rid in self._streams for _, _, rid in prepared):
+                raise ValueError("a request id is already in use.")
+            for _, _, rid in prepared:
+                queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+                self._streams[rid] = (loop, queue)
+                streams.append(RequestStream(self, rid, queue, None if timeout is None else loop.time() + timeout))
+        try:
+            self.engine.add_requests(prepared)
+        except BaseException:
+            for stream in streams:
+                stream.forget()
+            raise
+        return streams
+
     async def generate(
         self,
         prompt: PromptType | ProcessedPrompt,
@@ -98,34 +132,23 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that produced a token, the last
         with `finished=True`."""
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        params = sampling_params or SamplingParams()
-        if not isinstance(prompt, ProcessedPrompt):
-            prompt = await self.process(prompt, params)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        with self._streams_lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use.")
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        finished = False
+        (stream,) = await self.submit([(prompt, sampling_params or SamplingParams(), request_id)])
         try:
-            self.engine.add_request(prompt, params, request_id)
-            while not finished:
-                output = await queue.get()
-                while not queue.empty() and not output.finished:
-                    output = _merge(output, queue.get_nowait())
-                finished = output.finished
-                if output.error:
-                    raise EngineDeadError(output.error)
+            async for output in stream:
                 yield output
         finally:
-            with self._streams_lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.engine.abort(request_id)
+            await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    def fail_all(self, message: str) -> None:
+        """End every unfinished request with an error (each stream raises EngineDeadError)."""
+        self.engine.fail_all(message)
+
+    def num_unfinished_requests(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
 
     # -- state ------------------------------------------------------------------------------
     async def get_stats(self) -> list[InstanceStats]:
@@ -144,6 +167,56 @@ class AsyncLLM:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.engine.shutdown()
+
+
+class RequestStream:
+    """The outputs of one admitted request, as the engine makes them; closing it (or dropping
+    it) before the last output aborts the request on every instance."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, queue: asyncio.Queue[RequestOutput], deadline: float | None) -> None:
+        self.llm = llm
+        self.request_id = request_id
+        self._queue = queue
+        self._deadline = deadline  # on the event loop's clock
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._deadline is None:
+                output = await self._queue.get()
+            else:
+                output = await asyncio.wait_for(self._queue.get(), max(0.0, self._deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            await self.aclose()
+            raise RequestTimeoutError(f"request {self.request_id} ran past its timeout and was aborted.") from None
+        while not self._queue.empty() and not output.finished:
+            output = _merge(output, self._queue.get_nowait())
+        if output.finished:
+            self.forget()
+        if output.error:
+            raise EngineDeadError(output.error)
+        return output
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.forget()
+            self.llm.engine.abort(self.request_id)
+
+    def forget(self) -> None:
+        """Stop listening (the request finished, or was never added)."""
+        self._done = True
+        with self.llm._streams_lock:
+            self.llm._streams.pop(self.request_id, None)
+
+    def __del__(self) -> None:
+        if not self._done:  # dropped unread (a client gone before its stream began): abort it
+            self.forget()
+            self.llm.engine.abort(self.request_id)
 
 
 def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:

@@ -86,20 +86,24 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from distserve.entrypoints.api_server import build_app
+    from distserve.entrypoints.api_server import ServerSettings, run_server
     from distserve.entrypoints.async_llm import AsyncLLM
 
-    # SIGTERM ends the process like Ctrl-C does, through the finally below; uvicorn restores
-    # this handler and re-raises the signal after its own graceful shutdown
+    # SIGTERM ends the process like Ctrl-C does, through the finally below (while the model
+    # loads; serving, the server drains first, then re-raises the signal)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    for name in ("max_queue_len", "max_request_bytes", "shutdown_timeout", "request_timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")
     deployment = deployment_from_args(args)
-    engine = AsyncLLM(config=deployment)
+    engine = AsyncLLM(config=deployment, max_queue_len=args.max_queue_len,
+                      trust_request_chat_template=args.trust_request_chat_template)
     names = args.served_model_name or [engine.model_config.name]
-    app = build_app(engine, names, args.api_key)
+    settings = ServerSettings(api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                              shutdown_timeout=args.shutdown_timeout, request_timeout=args.request_timeout)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
+        run_server(engine, names, settings, args.host, args.port, args.uvicorn_log_level)
     finally:
         engine.shutdown()
 
@@ -129,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /generate")
     group.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model's)")
     group.add_argument("--uvicorn-log-level", default="warning")
+    group.add_argument("--max-queue-len", type=int, default=4096, metavar="N",
+                       help="requests that may wait per instance; past it new requests get 503 with Retry-After (default 4096)")
+    group.add_argument("--max-request-bytes", type=int, default=8 << 20, metavar="BYTES",
+                       help="largest request body; a larger one gets 413 (default 8 MiB)")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM / SIGINT, seconds running requests may take to finish before their streams are "
+                       "ended with an error (default 30)")
+    group.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                       help="seconds a request may run before it is aborted with an error (default: no limit)")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="render a chat template a request brings (chat_template_kwargs.chat_template); refused otherwise")
     serve.set_defaults(func=cmd_serve)
     from distserve.entrypoints import cli_bench, cli_planner
 

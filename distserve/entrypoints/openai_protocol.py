@@ -76,9 +76,13 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
-            if len(parts) != len(self.content):
-                raise ValueError("only text content parts are supported.")
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise ValueError("only text content parts are supported.")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"a text content part's 'text' must be a string, got {part.get('text')!r}.")
+                parts.append(part["text"])
             return "".join(parts)
         return self.content or ""
 

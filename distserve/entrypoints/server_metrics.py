@@ -30,6 +30,7 @@ class InstanceCollector(Collector):
             "kv_blocks_used": GaugeMetricFamily("distserve_kv_blocks_used", "KV cache blocks in use.", labels=labels),
             "kv_blocks_free": GaugeMetricFamily("distserve_kv_blocks_free", "KV cache blocks free.", labels=labels),
             "alive": GaugeMetricFamily("distserve_instance_up", "1 while the instance process is alive.", labels=labels),
+            "pid": GaugeMetricFamily("distserve_instance_pid", "Process id of the instance's driver.", labels=labels),
         }
         counters = {
             "num_transfers": CounterMetricFamily("distserve_kv_transfers", "KV cache pulls done by the instance.", labels=labels),
@@ -44,6 +45,10 @@ class InstanceCollector(Collector):
             stats, key = status.stats, [status.name, str(status.role)]
             for transport, n in (stats.transferred_bytes_by_transport if stats else {}).items():
                 by_transport.add_metric([*key, transport], n)
+            gauges["alive"].add_metric(key, 1.0 if status.alive else 0.0)
+            gauges["pid"].add_metric(key, status.pid)
+            if not status.alive:  # its last stats describe nothing any more
+                continue
             total = status.num_blocks
             free = stats.kv_blocks_free if stats else total
             waiting = (stats.num_waiting + stats.num_pending_migrations) if stats else 0
@@ -51,7 +56,6 @@ class InstanceCollector(Collector):
             gauges["num_running"].add_metric(key, stats.num_running if stats else 0)
             gauges["kv_blocks_used"].add_metric(key, total - free)
             gauges["kv_blocks_free"].add_metric(key, free)
-            gauges["alive"].add_metric(key, 1.0 if status.alive else 0.0)
             for name, family in counters.items():
                 family.add_metric(key, getattr(stats, name) if stats else 0)
         yield from gauges.values()

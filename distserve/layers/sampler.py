@@ -159,7 +159,10 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cumulative[:, -1:].contiguous()
     chosen = torch.searchsorted(cumulative, u * total, right=True)
     last = torch.searchsorted(cumulative, total, right=False)
-    return torch.minimum(chosen, last).squeeze(1)
+    tokens = torch.minimum(chosen, last).squeeze(1)
+    if bool((tokens >= probs.shape[-1]).any()):  # a NaN distribution finds no token
+        raise ValueError("a sampling distribution has no valid token (NaN probabilities).")
+    return tokens
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

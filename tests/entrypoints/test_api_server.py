@@ -5,54 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
-import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.entrypoints.serving import metrics, serving
 
 API_KEY = "test-key"
 MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "distserve.entrypoints.cli", "serve", str(checkpoints("llama-gqa")),
-        "--mode", "disaggregated", "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL,
-        "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.3)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    yield base
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, f"server left processes behind: {alive}"
+    with serving(checkpoints("llama-gqa"), "--mode", "disaggregated", "--api-key", API_KEY, "--served-model-name", MODEL,
+                 "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256") as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +33,6 @@ def client(server) -> openai.OpenAI:
 def aclient(server):
     """A factory: an async client belongs to the event loop it is first used in."""
     return lambda: openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY)
-
-
-def metrics(server: str) -> dict[str, list]:
-    text = httpx.get(f"{server}/metrics").text
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 
 def wait_all_blocks_free(server: str, timeout: float = 15.0) -> None:
