@@ -7,12 +7,15 @@ exits on `Shutdown`, when its parent dies, or after reporting an error.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -30,6 +33,26 @@ def local_instance_main(
     """An instance's driver process: its loop on the backend's queues, for as long as the
     controller process (`parent`) lives."""
     instance_main(model_config, config, inbox.get, outbox.put, lambda: _alive(parent), group)
+
+
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """Start processes without them importing the user's main module: multiprocessing runs a
+    script's top level again in every process it starts (and in its fork server), so a script
+    without an `if __name__ == "__main__":` guard would start its engine again in each. Our
+    processes run distserve's own functions on distserve's own types: they need none of it."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _alive(pid: int) -> bool:
@@ -61,6 +84,11 @@ class LocalBackend(Backend):
         self._rendezvous = tempfile.mkdtemp(prefix="distserve-")  # file stores of worker groups
 
     def start(self, model_config: ModelConfig, instances: list[InstanceConfig], timeout: float) -> dict[str, InstanceReady]:
+        with main_module_hidden():
+            self._start_processes(model_config, instances)
+        return self.wait_ready(list(self._procs), timeout)
+
+    def _start_processes(self, model_config: ModelConfig, instances: list[InstanceConfig]) -> None:
         for config in instances:
             inbox = self._ctx.Queue()
             group = group_spec(config, f"file://{os.path.join(self._rendezvous, config.name)}")
@@ -82,7 +110,6 @@ class LocalBackend(Backend):
                 worker.start()
                 workers.append(worker)
             self._procs[config.name] = _Proc(process, inbox, workers)
-        return self.wait_ready(list(self._procs), timeout)
 
     def send(self, instance: str, messages: list[InstanceMessage]) -> None:
         self._procs[instance].inbox.put(messages)
