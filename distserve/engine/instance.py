@@ -253,7 +253,8 @@ class Instance:
         for request in self.scheduler.admit_migrations():
             source, handles, src_blocks = self._sources.pop(request.request_id)
             start = self.clock()
-            by_transport = self.executor.pull([KVPull(handles, src_blocks, request.block_table[: len(src_blocks)])])
+            pull = KVPull(handles, src_blocks, request.block_table[: len(src_blocks)], request.num_prompt_tokens)
+            by_transport = self.executor.pull([pull])
             end = self.clock()
             moved = sum(by_transport.values())
             for transport, n in by_transport.items():

@@ -23,11 +23,13 @@ from distserve.kv.cache import KVCache, KVCacheHandle, KVLayout, attach_cuda, at
 
 @dataclass
 class KVPull:
-    """Pull `src_blocks` of a prefill instance (all its workers' handles) into `dst_blocks`."""
+    """Pull `src_blocks` of a prefill instance (all its workers' handles) into `dst_blocks`:
+    the KV of `num_tokens` tokens (the last block may be partly filled)."""
 
     sources: list[KVCacheHandle]
     src_blocks: list[int]
     dst_blocks: list[int]
+    num_tokens: int
 
 
 @dataclass(frozen=True)

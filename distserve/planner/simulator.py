@@ -169,8 +169,7 @@ class SimulatedExecutor:
         return sum(stages) + (self.pp - 1) * max(stages)
 
     def pull(self, pulls: list[KVPull]) -> dict[str, int]:
-        tokens = sum(len(p.dst_blocks) for p in pulls) * self.spec.block_size
-        self._advance(self.cluster.transfer_time(tokens))
+        self._advance(self.cluster.transfer_time(sum(p.num_tokens for p in pulls)))
         return {}
 
     def connect(self, sources: list) -> None:  # noqa: ANN001 - nothing to map
