@@ -171,6 +171,10 @@ class DeploymentConfig:
     # a folder: each instance appends one JSON line per step to <folder>/<instance>.jsonl
     # (when it ran, how long, the prompt chunks and decode contexts it computed)
     step_log: str | None = None
+    # an instance that dies is started again, up to `max_restarts` times in any
+    # `restart_window` seconds; past that it stays down and the engine reports unhealthy
+    max_restarts: int = 3
+    restart_window: float = 600.0
 
     def __post_init__(self) -> None:
         self.mode = Mode.parse(self.mode, "mode")
@@ -189,6 +193,10 @@ class DeploymentConfig:
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}.")
+        if not self.restart_window > 0:
+            raise ValueError(f"restart_window must be > 0 seconds, got {self.restart_window!r}.")
         for phase in self.phases():
             self.phase(phase).validate(phase)
 

@@ -7,7 +7,10 @@
     MigrationDone the decode instance has the KV -> ReleaseKV to the prefill instance
     release       a request the front finished (abort, stop string): AbortRequest to every
                   instance that may hold its blocks
-    instance died the requests it held fail with EngineDeadError's message
+    instance died its requests that have streamed nothing and were only on it go to another
+                  instance (or wait for it to come back); the others fail with the cause. It
+                  is started again, within a budget (`supervisor.py`); work for its role waits
+                  while it comes back
 
 It knows requests by their tokens, never their text: tokenizing and validating happen before
 (`input_processor.py`), detokenizing and stop strings after (`output_processor.py`), in the
@@ -49,6 +52,7 @@ from distserve.engine.messages import (
 )
 from distserve.engine.router import InstanceLoad, Router
 from distserve.engine.scheduler import admission_capacity
+from distserve.engine.supervisor import Health, Supervisor
 from distserve.outputs import RequestMetrics
 
 logger = logging.getLogger(__name__)
@@ -116,6 +120,8 @@ class Controller:
         clock: Callable[[], float] = time.time,
         kv_store: object | None = None,
         max_queue_len: int | None = None,
+        max_restarts: int = 0,
+        restart_window: float = 600.0,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -126,7 +132,12 @@ class Controller:
         self.router = Router([InstanceLoad(c.name, c.role, ready[c.name].num_blocks, ready[c.name].block_size) for c in configs])
         self.stats: dict[str, InstanceStats] = {}
         self.requests: dict[str, TrackedRequest] = {}
-        self.dead: dict[str, str] = {}
+        self.dead: dict[str, str] = {}  # why each instance last died
+        # an instance in a torch.distributed KV transfer group cannot join it again alone
+        self.supervisor = Supervisor({c.name: c.role for c in configs}, max_restarts, restart_window, can_restart=kv_store is None)
+        self._parked: list[TrackedRequest] = []  # prompts waiting for an instance to come back
+        self._starting: set[str] = set()  # instances started again, not ready yet
+        self._parked_migrations: list[PrefillDone] = []  # prefilled, waiting for a decode instance to come back
         self._kv_store = kv_store  # kept alive: the KV transfer group meets at it
         self._lock = threading.RLock()
         self._outgoing: dict[str, list[InstanceMessage]] = {}
@@ -136,10 +147,7 @@ class Controller:
         self._closed = False
         # the front polls from its own thread; get_stats then waits for it instead of polling
         self.external_poller = False
-        sources = [h for c in configs if c.role is Role.PREFILL for h in ready[c.name].kv_handles]
-        for c in configs:
-            if c.role is Role.DECODE:
-                self._send(c.name, ConnectSources(sources))
+        self._connect_sources(self.configs)
         self._flush()
 
     @classmethod
@@ -156,7 +164,8 @@ class Controller:
         except BaseException:  # a failed start, or Ctrl-C / SIGTERM while models load
             backend.shutdown()
             raise
-        return cls(configs, ready, backend, kv_store=kv_store, max_queue_len=max_queue_len)
+        return cls(configs, ready, backend, kv_store=kv_store, max_queue_len=max_queue_len,
+                   max_restarts=deployment.max_restarts, restart_window=deployment.restart_window)
 
     def kv_capacity_tokens(self) -> dict[str, int]:
         """Tokens of KV one request may hold on each instance (the rest is the watermark)."""
@@ -165,6 +174,15 @@ class Controller:
     # -- outgoing messages ------------------------------------------------------------------
     def _send(self, instance: str, message: InstanceMessage) -> None:
         self._outgoing.setdefault(instance, []).append(message)
+
+    def _connect_sources(self, decode_instances: list[str] | dict) -> None:  # noqa: ANN001
+        """Tell decode instances the caches of the running prefill instances (all of them:
+        they let go of any other)."""
+        sources = [h for name, c in self.configs.items() if c.role is Role.PREFILL and self.supervisor.running(name)
+                   for h in self.ready[name].kv_handles]
+        for name in decode_instances:
+            if self.configs[name].role is Role.DECODE and self.supervisor.running(name):
+                self._send(name, ConnectSources(sources))
 
     def _flush(self) -> None:
         if not self._outgoing:
@@ -186,20 +204,31 @@ class Controller:
                     raise ValueError(f"request id {add.request_id!r} is already in use.")
             limit = self.max_queue_len
             if limit is not None:
-                room = sum(max(0, limit - len(i.queued)) for i in self.router.prompt_instances())
+                live = self.router.prompt_instances()
+                room = sum(max(0, limit - len(i.queued)) for i in live) if live else limit - len(self._parked)
                 if room < len(requests):
                     raise EngineOverloadedError(
                         f"every instance already has {limit} requests waiting (--max-queue-len); retry later."
                     )
             for add, metrics in requests:
-                target = self.router.route_prompt(add.request_id, len(add.prompt_token_ids), limit)
-                assert target is not None  # checked above
-                tracked = TrackedRequest(add, metrics, prefill_instance=target.name, holders={target.name})
-                metrics.prefill_instance = target.name
+                tracked = TrackedRequest(add, metrics)
                 metrics.prefill_queued_time = now
                 self.requests[add.request_id] = tracked
-                self._send(target.name, add)
+                self._route_prompt(tracked)
             self._flush()
+
+    def _route_prompt(self, tracked: TrackedRequest) -> None:
+        """Send a request's prompt to an instance, or park it until one comes back."""
+        target = self.router.route_prompt(tracked.request_id, len(tracked.add.prompt_token_ids), self.max_queue_len)
+        if target is None:
+            target = self.router.route_prompt(tracked.request_id, len(tracked.add.prompt_token_ids))  # re-queued: no limit
+        if target is None:
+            self._parked.append(tracked)
+            return
+        tracked.prefill_instance = target.name
+        tracked.holders = {target.name}
+        tracked.metrics.prefill_instance = target.name
+        self._send(target.name, tracked.add)
 
     def release(self, request_id: str) -> None:
         """The front finished the request (aborted, or stopped by a stop string): free it on
@@ -208,6 +237,7 @@ class Controller:
             tracked = self.requests.pop(request_id, None)
             if tracked is not None:
                 self._release(tracked)
+                self._parked = [t for t in self._parked if t is not tracked]
                 self._flush()
 
     def _release(self, tracked: TrackedRequest) -> None:
@@ -226,7 +256,7 @@ class Controller:
 
     def _check_alive(self) -> None:
         for role in self.roles:
-            if not self.router.alive(role):
+            if not self.supervisor.serving(role):
                 raise EngineDeadError(f"no {role} instance is alive ({self._death_summary()}); restart the engine.")
 
     def _death_summary(self) -> str:
@@ -279,10 +309,12 @@ class Controller:
                     tracked.holders.discard(event.instance)  # it freed the blocks itself
                     self._fail(tracked, event.error, updates)
             case InstanceFailed():
-                logger.error("instance %s failed:\n%s", event.name, event.error.rstrip())
-                self._on_instance_death(event.name, f"failed: {event.error.strip().splitlines()[-1]}", updates)
+                logger.error("instance %s (pid %d) failed:\n%s", event.name, event.pid, event.error.rstrip())
+                # while it starts again, its last incarnation's failure may still come in
+                if not (event.name in self._starting and event.pid == self.ready[event.name].pid):
+                    self._on_instance_death(event.name, f"failed: {event.error.strip().splitlines()[-1]}", updates)
             case InstanceReady():
-                pass  # only while starting
+                self._on_instance_ready(event)
 
     def _on_stats(self, stats: InstanceStats) -> None:
         self.stats[stats.name] = stats
@@ -329,6 +361,9 @@ class Controller:
             self._send(done.instance, ReleaseKV(done.request_id))
             return
         decode = self.router.route_decode(tracked.request_id, done.num_tokens)
+        if decode is None and self.supervisor.coming_back(Role.DECODE):
+            self._parked_migrations.append(done)  # its KV waits on the prefill instance
+            return
         if decode is None:
             self._fail(tracked, f"no decode instance is alive to take the prefilled request ({self._death_summary()})", updates)
             return
@@ -362,29 +397,95 @@ class Controller:
         m.transfer_seconds += done.end - done.start
         m.transfer_transport = "+".join(done.transports) or None
 
-    # -- failures -----------------------------------------------------------------------------
+    # -- failures and restarts ---------------------------------------------------------------
     def _check_deaths(self, updates: list[RequestUpdate]) -> None:
         for died in self.backend.dead():
-            if died.name not in self.dead:
+            if self.supervisor.running(died.name) or died.name in self._starting:
                 self._on_instance_death(died.name, f"process {died.pid} exited with code {died.exitcode}", updates)
 
     def _on_instance_death(self, name: str, why: str, updates: list[RequestUpdate]) -> None:
-        if name in self.dead:
-            return
+        """Its requests go elsewhere (nothing streamed yet) or fail; it starts again, or stays down."""
+        if not (self.supervisor.running(name) or name in self._starting):
+            return  # this death was handled already (its process exit and its error both tell)
+        logger.error("instance %s died: %s", name, why)
         self.dead[name] = why
-        self.router.instances[name].alive = False
+        self._starting.discard(name)
+        self.router.reset(name, self.ready[name].num_blocks, alive=False)
+        restart = self.supervisor.died(name)
         message = f"instance {name} died ({why})"
         for tracked in list(self.requests.values()):
-            if name in tracked.holders:
-                tracked.holders.discard(name)
+            if name not in tracked.holders:
+                continue
+            tracked.holders.discard(name)
+            if not tracked.output_token_ids and not tracked.holders:  # nothing streamed: run it elsewhere
+                tracked.prefill_instance = None
+                self._route_prompt(tracked)
+            else:
                 self._fail(tracked, message, updates)
+        for done in [d for d in self._parked_migrations if d.instance == name]:  # their KV is gone
+            self._parked_migrations.remove(done)
+            tracked = self.requests.get(done.request_id)
+            if tracked is not None:
+                self._fail(tracked, message, updates)
+        self.backend.reclaim(self.ready[name])
+        self._connect_sources(list(self.configs))  # decode instances let go of its cache
+        if restart:
+            logger.warning("starting %s again (restart %d)", name, self.supervisor.restarts[name])
+            self._starting.add(name)
+            self.backend.restart(self.configs[name])
+        else:
+            logger.error("%s stays down: %s", name, "its restart budget is spent" if self.supervisor.max_restarts
+                         else "restarts are off (or not possible with a torch.distributed KV transfer group)")
+            self._fail_parked(updates)
+
+    def _on_instance_ready(self, ready: InstanceReady) -> None:
+        """A restarted instance is up: it takes work again, and what waited for it."""
+        if ready.name not in self._starting:
+            return
+        self._starting.discard(ready.name)
+        self.ready[ready.name] = ready
+        self.router.reset(ready.name, ready.num_blocks, alive=True)
+        self.supervisor.ready(ready.name)
+        self.dead.pop(ready.name, None)
+        logger.warning("%s is serving again (pid %d)", ready.name, ready.pid)
+        self._connect_sources(list(self.configs))
+        parked, self._parked = self._parked, []
+        for tracked in parked:
+            self._route_prompt(tracked)
+        migrations, self._parked_migrations = self._parked_migrations, []
+        for done in migrations:
+            self._on_prefill_done(done, self._updates)
+
+    def _fail_parked(self, updates: list[RequestUpdate]) -> None:
+        """Requests waiting for a role that no instance serves any more fail."""
+        for role in self.roles:
+            if self.supervisor.serving(role):
+                continue
+            message = f"no {role} instance is alive ({self._death_summary()})"
+            for tracked in [t for t in self._parked if role.takes_prompts]:
+                self._parked.remove(tracked)
+                self._fail(tracked, message, updates)
+            for done in [d for d in self._parked_migrations if role is Role.DECODE]:
+                self._parked_migrations.remove(done)
+                tracked = self.requests.get(done.request_id)
+                if tracked is not None:
+                    self._fail(tracked, message, updates)
+
+    def health(self) -> Health:
+        with self._lock:
+            return self.supervisor.health()
+
+    def serving_now(self) -> bool:
+        """Whether every role has an instance running (requests are served, not parked)."""
+        with self._lock:
+            return all(any(self.supervisor.running(n) for n, c in self.configs.items() if c.role is role) for role in self.roles)
 
     # -- stats and shutdown ----------------------------------------------------------------
     def instance_status(self) -> list[InstanceStatus]:
         with self._lock:
             return [
-                InstanceStatus(name, c.role, self.router.instances[name].alive, self.ready[name].num_blocks, self.stats.get(name),
-                               self.ready[name].pid)
+                InstanceStatus(name, c.role, self.supervisor.running(name), self.ready[name].num_blocks, self.stats.get(name),
+                               self.ready[name].pid, str(self.supervisor.state[name]), self.supervisor.restarts[name])
                 for name, c in self.configs.items()
             ]
 

@@ -66,13 +66,13 @@ def instance_main(
     try:
         instance = build_instance(model_config, config, group)
     except BaseException:
-        put([InstanceFailed(config.name, traceback.format_exc())])
+        put([InstanceFailed(config.name, traceback.format_exc(), os.getpid())])
         return
     put([instance.ready_message(os.getpid())])
     try:
         serve_instance(instance, get, put, parent_alive)
     except BaseException:
-        put([InstanceFailed(config.name, traceback.format_exc())])
+        put([InstanceFailed(config.name, traceback.format_exc(), os.getpid())])
     finally:
         instance.close()
 

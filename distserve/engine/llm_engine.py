@@ -22,6 +22,7 @@ from distserve.engine.controller import Controller
 from distserve.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from distserve.engine.messages import AddRequest, InstanceStats, InstanceStatus
 from distserve.engine.output_processor import OutputProcessor
+from distserve.engine.supervisor import Health
 from distserve.outputs import RequestMetrics, RequestOutput
 from distserve.sampling_params import SamplingParams
 from distserve.tokenizer import eos_token_ids, load_tokenizer
@@ -161,10 +162,16 @@ class LLMEngine:
 
     def pids(self) -> dict[str, int]:
         """Process id of each instance's driver."""
-        return self._controller.backend.pids()
+        return {s.name: s.pid for s in self.instance_status()}
+
+    def health(self) -> Health:
+        """healthy (every instance runs), degraded (some restart or are down, every role still
+        served) or unhealthy (some role has no instance left)."""
+        return self._controller.health()
 
     def is_healthy(self) -> bool:
-        return all(s.alive for s in self.instance_status())
+        """Whether requests are served now: every role has an instance running."""
+        return self._controller.serving_now()
 
     def shutdown(self) -> None:
         self._controller.shutdown()

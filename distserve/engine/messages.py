@@ -124,7 +124,8 @@ class InstanceReady:
 @dataclass
 class InstanceFailed:
     name: str
-    error: str
+    error: str  # the traceback
+    pid: int = 0  # the process that failed (a restarted instance runs in another)
 
 
 @dataclass
@@ -209,3 +210,5 @@ class InstanceStatus:
     num_blocks: int
     stats: InstanceStats | None
     pid: int  # its driver's process (on the machine it runs on)
+    state: str = "running"  # running, restarting or down (`supervisor.InstanceState`)
+    restarts: int = 0

@@ -103,5 +103,10 @@ class Router:
         self.pulled(name, request_id)
         self.instances[name].assigned.discard(request_id)
 
+    def reset(self, name: str, num_blocks: int, alive: bool) -> None:
+        """The instance (re)started, or died: none of the requests it had are there any more."""
+        old = self.instances[name]
+        self.instances[name] = InstanceLoad(name, old.role, num_blocks, old.block_size, alive)
+
     def report_free_blocks(self, name: str, free_blocks: int) -> None:
         self.instances[name].reported_free_blocks = free_blocks

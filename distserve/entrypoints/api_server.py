@@ -94,7 +94,11 @@ class OpenAIServer:
 
     # -- routes -----------------------------------------------------------------------------
     async def health(self) -> Response:
-        return Response(status_code=200 if self.engine.is_healthy() else 503)
+        """200 while requests are served, else 503; the body says healthy, degraded (an instance
+        restarts or is down) or unhealthy (a role has no instance left), and each instance's state."""
+        status = {"status": str(self.engine.health()),
+                  "instances": {s.name: {"state": s.state, "restarts": s.restarts} for s in self.engine.instance_status()}}
+        return JSONResponse(status, status_code=200 if self.engine.is_healthy() else 503)
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

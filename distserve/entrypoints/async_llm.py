@@ -20,6 +20,7 @@ from distserve.engine.errors import EngineDeadError, RequestTimeoutError
 from distserve.engine.input_processor import ProcessedPrompt, PromptType
 from distserve.engine.llm_engine import LLMEngine
 from distserve.engine.messages import InstanceStats, InstanceStatus
+from distserve.engine.supervisor import Health
 from distserve.outputs import RequestOutput
 from distserve.sampling_params import SamplingParams
 
@@ -159,7 +160,11 @@ class AsyncLLM:
         return self.engine.instance_status()
 
     def is_healthy(self) -> bool:
+        """Whether requests are served now: every role has an instance running."""
         return self.engine.is_healthy()
+
+    def health(self) -> Health:
+        return self.engine.health()
 
     def shutdown(self) -> None:
         """Stop polling and stop every instance (idempotent)."""

@@ -39,6 +39,8 @@ class InstanceCollector(Collector):
             "transfer_seconds": CounterMetricFamily("distserve_kv_transfer_seconds", "Seconds spent pulling KV cache.", labels=labels),
             "num_preemptions": CounterMetricFamily("distserve_preemptions", "Requests preempted for lack of KV blocks.", labels=labels),
         }
+        restarts = CounterMetricFamily("distserve_instance_restarts", "Times the instance was started again after dying.",
+                                       labels=labels)
         by_transport = CounterMetricFamily("distserve_kv_transfer_transport_bytes", "Bytes of KV cache pulled, by transport.",
                                            labels=[*labels, "transport"])
         for status in self.instance_status():
@@ -46,6 +48,7 @@ class InstanceCollector(Collector):
             for transport, n in (stats.transferred_bytes_by_transport if stats else {}).items():
                 by_transport.add_metric([*key, transport], n)
             gauges["alive"].add_metric(key, 1.0 if status.alive else 0.0)
+            restarts.add_metric(key, status.restarts)
             gauges["pid"].add_metric(key, status.pid)
             if not status.alive:  # its last stats describe nothing any more
                 continue
@@ -60,6 +63,7 @@ class InstanceCollector(Collector):
                 family.add_metric(key, getattr(stats, name) if stats else 0)
         yield from gauges.values()
         yield from counters.values()
+        yield restarts
         yield by_transport
 
 

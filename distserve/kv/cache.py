@@ -68,6 +68,12 @@ class KVCacheHandle:
     cuda_ipc: tuple | None = None  # what rebuilds the cache tensor in a process of its node (GPU)
     machine: str = "127.0.0.1"  # which machine it shares memory with: its host, or its Ray node
     gpu: str | None = None  # the UUID of the GPU it is on
+    pid: int = 0  # the process that holds it: a restarted instance's caches are new ones
+
+    @property
+    def key(self) -> tuple[str, int, str, int]:
+        """Which cache this is: one worker of one instance, in one incarnation of its process."""
+        return self.instance, self.rank, self.machine, self.pid
 
     @property
     def reachable_by_cuda_ipc(self) -> bool:
@@ -102,7 +108,7 @@ class KVCache:
     ) -> KVCacheHandle:
         gpu = gpu_uuid(self.tensor.device.index) if self.tensor.is_cuda else None
         return KVCacheHandle(instance, rank, self.layout, self._shm.name if self._shm else None, self.device, host, kv_rank,
-                             self._cuda_ipc, machine or host, gpu)
+                             self._cuda_ipc, machine or host, gpu, os.getpid())
 
     def close(self) -> None:
         """Remove the shared-memory name; the memory goes when the last mapping does."""

@@ -127,12 +127,19 @@ class KVTransport(abc.ABC):
         """Copy the overlap of one source worker's blocks; returns bytes moved."""
 
     def connect(self, sources: list[KVCacheHandle], dst: KVLayout) -> None:
-        """Get ready to pull from the source workers this worker needs (map their memory)."""
-        for handle, _ in needed_sources(sources, dst):
+        """Get ready to pull from the source workers this worker needs (map their memory); the
+        sources are all there are now: what was reached of any other (a dead instance's cache)
+        is let go."""
+        needed = needed_sources(sources, dst)
+        self.forget_others({handle.key for handle, _ in needed})
+        for handle, _ in needed:
             self.attach(handle)
 
     def attach(self, source: KVCacheHandle) -> None:
         """Reach one source worker's cache ahead of its first pull, where that costs anything."""
+
+    def forget_others(self, keys: set[tuple]) -> None:
+        """Let go of what reaches any cache but these (`KVCacheHandle.key`)."""
 
     def close(self) -> None:
         """Let go of any peer memory this transport holds."""
@@ -143,14 +150,14 @@ class MappedTransport(KVTransport):
     runs of blocks straight out of it."""
 
     def __init__(self) -> None:
-        self._peers: dict[tuple[str, int], object] = {}  # (instance, rank) -> what _map returned
+        self._peers: dict[tuple, tuple[torch.Tensor, object]] = {}  # KVCacheHandle.key -> what _map returned
 
     @abc.abstractmethod
     def _map(self, handle: KVCacheHandle) -> tuple[torch.Tensor, object]:
         """The source's cache tensor, and whatever must stay alive while it is used."""
 
     def _tensor(self, handle: KVCacheHandle) -> torch.Tensor:
-        key = (handle.instance, handle.rank)
+        key = handle.key
         if key not in self._peers:
             self._peers[key] = self._map(handle)
         return self._peers[key][0]
@@ -160,6 +167,10 @@ class MappedTransport(KVTransport):
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
         return copy_blocks(self._tensor(source), src_blocks, dst.tensor, dst_blocks, ov)
+
+    def forget_others(self, keys: set[tuple]) -> None:
+        for key in [k for k in self._peers if k not in keys]:
+            del self._peers[key]  # unmapped when the last reference goes
 
     def close(self) -> None:
         self._peers.clear()
@@ -213,6 +224,11 @@ class RoutingTransport(KVTransport):
 
     def attach(self, source: KVCacheHandle) -> None:
         self.route(source).attach(source)
+
+    def forget_others(self, keys: set[tuple]) -> None:
+        for transport in (self.local, self.remote, self.gpu):
+            if transport is not None:
+                transport.forget_others(keys)
 
     def copy(self, source: KVCacheHandle, ov: Overlap, src_blocks: list[int], dst: KVCache, dst_blocks: list[int]) -> int:
         return self.route(source).copy(source, ov, src_blocks, dst, dst_blocks)

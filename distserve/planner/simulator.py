@@ -208,9 +208,6 @@ class SimulatedBackend(Backend):
     def dead(self) -> list[InstanceDied]:
         return []
 
-    def pids(self) -> dict[str, int]:
-        return {}
-
     def shutdown(self, timeout: float = 10.0) -> None:
         pass
 

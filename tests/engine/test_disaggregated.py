@@ -178,7 +178,9 @@ def test_abort_at_random_times_leaves_every_block_free(engine_1p1d) -> None:
 
 
 def test_a_killed_decode_instance_fails_its_requests_quickly(checkpoints) -> None:
-    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64) as engine:
+    """With restarts off, a dead decode instance fails the requests it held at once, and the
+    engine refuses new ones."""
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64, max_restarts=0) as engine:
         outputs = Outputs(engine)
         rids = [outputs.add({"prompt_token_ids": [9] * 20}, SamplingParams(max_tokens=400, ignore_eos=True, temperature=0))
                 for _ in range(4)]
@@ -188,6 +190,7 @@ def test_a_killed_decode_instance_fails_its_requests_quickly(checkpoints) -> Non
         outputs.poll_until(lambda: all(outputs.finished(rid) for rid in rids), timeout=10)
         assert time.monotonic() - killed_at < 5
         assert all(outputs.latest[rid].error and "decode-0" in outputs.latest[rid].error for rid in rids)
+        assert str(engine.engine.health()) == "unhealthy"
         with pytest.raises(EngineDeadError, match="decode"):
             engine.generate("more", SamplingParams(max_tokens=2), use_tqdm=False)
 
@@ -196,7 +199,7 @@ def test_prefilled_requests_fail_cleanly_when_no_decode_instance_is_alive(checkp
     """The decode instance dies while prompts wait on the prefill instance: when each prefill
     finishes there is nowhere to send it; the request fails with a clear error, the prefill
     instance frees its blocks, and the other events of the batch are still handled."""
-    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64) as engine:
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=64, max_restarts=0) as engine:
         outputs = Outputs(engine)
         prefill = pids(engine)["prefill-0"]
         os.kill(prefill, signal.SIGSTOP)

@@ -40,9 +40,14 @@ class Backend(abc.ABC):
     def dead(self) -> list[InstanceDied]:
         """Instances whose process (or actor) is gone (without blocking)."""
 
-    @abc.abstractmethod
-    def pids(self) -> dict[str, int]:
-        """Process id of each instance's main process."""
+    def restart(self, config: InstanceConfig) -> None:
+        """Start a dead instance again with its configuration (what is left of its processes
+        is stopped first); its InstanceReady, or InstanceFailed, comes through `recv`."""
+        raise NotImplementedError(f"the {type(self).__name__} cannot restart an instance")
+
+    def reclaim(self, ready: InstanceReady) -> None:
+        """Free what a dead instance left behind on this machine (a shared-memory KV cache
+        whose process could not remove it)."""
 
     @abc.abstractmethod
     def shutdown(self, timeout: float = 10.0) -> None:

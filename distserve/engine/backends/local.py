@@ -3,6 +3,11 @@
 Each instance process owns its CPU cores (or GPU), builds its `Instance`, and loops: take
 the controller's messages (blocking only while idle), step, send the step's events. It
 exits on `Shutdown`, when its parent dies, or after reporting an error.
+
+Messages go to an instance through a queue only the controller writes; events come back
+through a pipe only that instance writes. Nothing is shared between instances, so one killed
+mid-send (kill -9 while holding a shared queue's lock would stall every other sender) breaks
+only its own pipe.
 """
 
 from __future__ import annotations
@@ -10,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -28,11 +33,11 @@ from distserve.engine.messages import InstanceEvent, InstanceMessage, InstanceRe
 
 
 def local_instance_main(
-    model_config: ModelConfig, config: InstanceConfig, inbox: Any, outbox: Any, parent: int, group: GroupSpec | None
+    model_config: ModelConfig, config: InstanceConfig, inbox: Any, events: Connection, parent: int, group: GroupSpec | None
 ) -> None:
-    """An instance's driver process: its loop on the backend's queues, for as long as the
-    controller process (`parent`) lives."""
-    instance_main(model_config, config, inbox.get, outbox.put, lambda: _alive(parent), group)
+    """An instance's driver process: its loop on its inbox and its events pipe, for as long as
+    the controller process (`parent`) lives."""
+    instance_main(model_config, config, inbox.get, events.send, lambda: _alive(parent), group)
 
 
 @contextlib.contextmanager
@@ -68,7 +73,8 @@ def _alive(pid: int) -> bool:
 @dataclass
 class _Proc:
     process: BaseProcess
-    inbox: Any
+    inbox: Any  # controller -> instance (a multiprocessing queue)
+    events: Connection  # instance -> controller (the read end of its pipe)
     workers: list[BaseProcess]
 
 
@@ -79,26 +85,57 @@ class LocalBackend(Backend):
         # instances fork from a server that has imported the engine once (a spawn re-imports
         # torch and transformers in every process: seconds per instance)
         self._ctx.set_forkserver_preload(["distserve.engine.backends.local", "distserve.engine.instance", "distserve.engine.worker"])
-        self._outbox = self._ctx.Queue()
+        self._open = True
         self._procs: dict[str, _Proc] = {}
         self._rendezvous = tempfile.mkdtemp(prefix="distserve-")  # file stores of worker groups
+        self._model_config: ModelConfig | None = None
+        self._starts = 0  # each start of an instance meets at a file store of its own
 
     def start(self, model_config: ModelConfig, instances: list[InstanceConfig], timeout: float) -> dict[str, InstanceReady]:
+        self._model_config = model_config
         with main_module_hidden():
             self._start_processes(model_config, instances)
         return self.wait_ready(list(self._procs), timeout)
 
+    def restart(self, config: InstanceConfig) -> None:
+        old = self._procs.pop(config.name)
+        processes = [old.process, *old.workers]
+        for proc in processes:
+            if proc.is_alive():
+                proc.kill()
+        for proc in processes:
+            proc.join(5)
+        old.inbox.close()
+        old.inbox.cancel_join_thread()
+        old.events.close()
+        assert self._model_config is not None
+        with main_module_hidden():
+            self._start_processes(self._model_config, [config])
+
+    def reclaim(self, ready: InstanceReady) -> None:
+        from multiprocessing import resource_tracker
+
+        for handle in ready.kv_handles:
+            if handle.shm_name is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join("/dev/shm", handle.shm_name))
+                # the segment's creator registered it with the tracker all our processes share
+                resource_tracker.unregister(f"/{handle.shm_name}", "shared_memory")
+
     def _start_processes(self, model_config: ModelConfig, instances: list[InstanceConfig]) -> None:
         for config in instances:
             inbox = self._ctx.Queue()
-            group = group_spec(config, f"file://{os.path.join(self._rendezvous, config.name)}")
+            events, sender = self._ctx.Pipe(duplex=False)
+            self._starts += 1
+            group = group_spec(config, f"file://{os.path.join(self._rendezvous, f'{config.name}-{self._starts}')}")
             process = self._ctx.Process(
                 target=local_instance_main,
-                args=(model_config, config.for_worker(0), inbox, self._outbox, os.getpid(), group),
+                args=(model_config, config.for_worker(0), inbox, sender, os.getpid(), group),
                 name=f"distserve-{config.name}",
                 daemon=True,
             )
             process.start()
+            sender.close()  # the child's end: once the child is gone, reading says so
             workers = []
             for rank in range(1, config.num_workers):
                 worker = self._ctx.Process(
@@ -109,21 +146,25 @@ class LocalBackend(Backend):
                 )
                 worker.start()
                 workers.append(worker)
-            self._procs[config.name] = _Proc(process, inbox, workers)
+            self._procs[config.name] = _Proc(process, inbox, events, workers)
 
     def send(self, instance: str, messages: list[InstanceMessage]) -> None:
         self._procs[instance].inbox.put(messages)
 
     def recv(self, timeout: float) -> list[InstanceEvent]:
-        if self._outbox is None:
+        if not self._open:
             raise RuntimeError("the engine was shut down")
+        pipes = [p.events for p in self._procs.values() if not p.events.closed]
+        if not pipes:
+            time.sleep(timeout)
+            return []
         events: list[InstanceEvent] = []
-        try:
-            events.extend(self._outbox.get(timeout=timeout) if timeout > 0 else self._outbox.get_nowait())
-            while True:
-                events.extend(self._outbox.get_nowait())
-        except queue.Empty:
-            pass
+        for pipe in wait(pipes, timeout):
+            try:
+                while pipe.poll():
+                    events.extend(pipe.recv())
+            except (EOFError, OSError):  # the instance is gone; the liveness check says so
+                pipe.close()
         return events
 
     def dead(self) -> list[InstanceDied]:
@@ -135,11 +176,8 @@ class LocalBackend(Backend):
                 dead.append(InstanceDied(name, gone[0].pid or -1, gone[0].exitcode))
         return dead
 
-    def pids(self) -> dict[str, int]:
-        return {name: p.process.pid or -1 for name, p in self._procs.items()}
-
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._outbox is None:
+        if not self._open:
             return
         for p in self._procs.values():
             if p.process.is_alive():
@@ -158,8 +196,7 @@ class LocalBackend(Backend):
         for p in self._procs.values():
             p.inbox.close()
             p.inbox.cancel_join_thread()
-        self._outbox.close()
-        self._outbox.cancel_join_thread()
+            p.events.close()
         self._procs.clear()
-        self._outbox = None  # release the queue's semaphores now, not at interpreter exit
+        self._open = False
         shutil.rmtree(self._rendezvous, ignore_errors=True)

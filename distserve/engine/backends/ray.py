@@ -105,6 +105,8 @@ class RayBackend(Backend):
         self._pids: dict[str, int] = {}
         self._stopping = False
         self._pair_placement = pair_placement
+        self._model_config: ModelConfig | None = None
+        self._where: dict[str, tuple[Any, int]] = {}  # instance -> (placement group, first bundle)
 
     def advertise_host(self) -> str:
         # 127.0.0.1 for a local cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), else this node's address
@@ -183,27 +185,35 @@ class RayBackend(Backend):
 
     def start(self, model_config: ModelConfig, instances: list[InstanceConfig], timeout: float) -> dict[str, InstanceReady]:
         self._connect(instances)
-        where = self._placement_groups(instances, self._pair_placement)
+        self._model_config = model_config
+        self._where = self._placement_groups(instances, self._pair_placement)
         for config in instances:
-            group, first = where[config.name]
-            # Ray gives each actor its GPU as cuda:0; cores are Ray's to assign
-            worker_config = [
-                _for_ray(config.for_worker(rank)) for rank in range(config.num_workers)
-            ]
-            driver = self._actor(InstanceDriver, worker_config[0], group, first)
-            self._drivers[config.name] = driver
-            host, port = self.ray.get(driver.address.remote())
-            spec = group_spec(config, f"tcp://{host}:{port}")
-            driver.run.remote(model_config, worker_config[0], self._outbox, spec)
-            self._runs[config.name] = [driver.ended_ref.remote()]
-            self._workers[config.name] = []
-            for rank in range(1, config.num_workers):
-                worker = self._actor(InstanceWorker, worker_config[rank], group, first + rank)
-                self._workers[config.name].append(worker)
-                self._runs[config.name].append(worker.run.remote(model_config, worker_config[rank], spec, rank))
+            self._start_instance(config)
         ready = self.wait_ready(list(self._drivers), timeout)
         self._pids = {name: r.pid for name, r in ready.items()}
         return ready
+
+    def _start_instance(self, config: InstanceConfig) -> None:
+        group, first = self._where[config.name]
+        # Ray gives each actor its GPU as cuda:0; cores are Ray's to assign
+        worker_config = [_for_ray(config.for_worker(rank)) for rank in range(config.num_workers)]
+        driver = self._actor(InstanceDriver, worker_config[0], group, first)
+        self._drivers[config.name] = driver
+        host, port = self.ray.get(driver.address.remote())
+        spec = group_spec(config, f"tcp://{host}:{port}")
+        driver.run.remote(self._model_config, worker_config[0], self._outbox, spec)
+        self._runs[config.name] = [driver.ended_ref.remote()]
+        self._workers[config.name] = []
+        for rank in range(1, config.num_workers):
+            worker = self._actor(InstanceWorker, worker_config[rank], group, first + rank)
+            self._workers[config.name].append(worker)
+            self._runs[config.name].append(worker.run.remote(self._model_config, worker_config[rank], spec, rank))
+
+    def restart(self, config: InstanceConfig) -> None:
+        """Its actors killed, new ones in the same bundles of its placement group."""
+        for actor in [self._drivers.pop(config.name), *self._workers.pop(config.name, [])]:
+            self.ray.kill(actor, no_restart=True)
+        self._start_instance(config)
 
     # -- messages ------------------------------------------------------------------------------
     def send(self, instance: str, messages: list[InstanceMessage]) -> None:
@@ -232,9 +242,6 @@ class RayBackend(Backend):
             if ended:
                 dead.append(InstanceDied(name, self._pids.get(name, -1), None))
         return dead
-
-    def pids(self) -> dict[str, int]:
-        return dict(self._pids)
 
     # -- stop ----------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 10.0) -> None:
