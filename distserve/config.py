@@ -175,6 +175,8 @@ class DeploymentConfig:
     # `restart_window` seconds; past that it stays down and the engine reports unhealthy
     max_restarts: int = 3
     restart_window: float = 600.0
+    # automatic prefix caching: requests reuse the KV of cached blocks with the same tokens
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self.mode = Mode.parse(self.mode, "mode")
@@ -317,6 +319,7 @@ class InstanceConfig:
     kv_transport: str = "auto"
     kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
     step_log: str | None = None  # folder of the per-step log (DeploymentConfig.step_log)
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -423,6 +426,7 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             chunked_prefill=config.mode is Mode.CHUNKED,
             kv_transport=config.kv_transport,
             step_log=config.step_log,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         if device == "cuda":
             # workers take the GPUs in turn (instances share them when there are fewer)

@@ -43,6 +43,9 @@ class RequestMetrics:
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
     transfer_transport: str | None = None  # what moved the KV: shm, cuda-ipc or torch ("+" if several)
+    transfer_blocks_pulled: int = 0
+    transfer_blocks_reused: int = 0  # the decode instance's own prefix cache held them
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
     prefill_instance: str | None = None
     decode_instance: str | None = None
     num_preemptions: int = 0

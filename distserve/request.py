@@ -45,6 +45,11 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | None = None
     num_preemptions: int = 0
+    # prefix caching: the names of its full blocks (`block_manager.prefix_hashes`), how many
+    # of its blocks are named in the cache, and the prompt tokens it found there when admitted
+    block_hashes: list[int] = field(default_factory=list)
+    num_named_blocks: int = 0
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

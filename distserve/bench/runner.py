@@ -260,7 +260,19 @@ def print_report(data: dict) -> None:
 
 
 def save(data: dict, out_dir: Path) -> Path:
+    """results.json (everything, every request included) and summary.json (the same without
+    the requests: what a results table needs, small enough to keep in git)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     path.write_text(json.dumps(data, indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(summarize(data), indent=1))
     return path
+
+
+def summarize(data: dict) -> dict:
+    """A report without its per-request records."""
+    systems = {
+        name: {**system, "runs": [{k: v for k, v in run.items() if k != "requests"} for run in system["runs"]]}
+        for name, system in data["systems"].items()
+    }
+    return {**data, "systems": systems}

@@ -328,10 +328,11 @@ class Controller:
             tracked = self.requests.get(rid)
             if tracked is None:
                 continue
-            if role is Role.DECODE:
+            if role is Role.DECODE and tracked.output_token_ids:
                 tracked.metrics.decode_start_time = tracked.metrics.decode_start_time or out.step_start
             else:
                 tracked.metrics.prefill_start_time = tracked.metrics.prefill_start_time or out.step_start
+                tracked.metrics.num_cached_tokens = out.cached_tokens.get(rid, 0)
         for rid in out.preempted:
             tracked = self.requests.get(rid)
             if tracked is not None:
@@ -396,6 +397,8 @@ class Controller:
         m.transfer_bytes += done.num_bytes
         m.transfer_seconds += done.end - done.start
         m.transfer_transport = "+".join(done.transports) or None
+        m.transfer_blocks_pulled += done.num_pulled_blocks
+        m.transfer_blocks_reused += done.num_reused_blocks
 
     # -- failures and restarts ---------------------------------------------------------------
     def _check_deaths(self, updates: list[RequestUpdate]) -> None:

@@ -91,7 +91,7 @@ class Instance:
         self.name = config.name
         self.executor = executor
         self.clock = clock
-        self.blocks = BlockManager(executor.num_blocks, config.block_size)
+        self.blocks = BlockManager(executor.num_blocks, config.block_size, config.enable_prefix_caching)
         # a request stops at the model's context, or at what this instance's cache can hold
         self.max_model_len = min(max_model_len, admission_capacity(executor.num_blocks) * config.block_size)
         self.swap = BlockManager(executor.num_swap_blocks, config.block_size) if executor.num_swap_blocks else None
@@ -189,6 +189,8 @@ class Instance:
             if rid not in started:
                 started.add(rid)
                 out.started.append(rid)
+                if request.num_cached_tokens:
+                    out.cached_tokens[rid] = request.num_cached_tokens
             if sample is None:
                 continue
             if rid in done:
@@ -250,19 +252,23 @@ class Instance:
     def _pull_migrations(self) -> list[Event]:
         """Decode role: admit the prefilled requests there is room for and pull their KV."""
         events: list[Event] = []
+        bs = self.config.block_size
         for request in self.scheduler.admit_migrations():
             source, handles, src_blocks = self._sources.pop(request.request_id)
+            reused = request.num_computed_tokens // bs  # the prompt's blocks held here already
             start = self.clock()
-            pull = KVPull(handles, src_blocks, request.block_table[: len(src_blocks)], request.num_prompt_tokens)
-            by_transport = self.executor.pull([pull])
+            pull = KVPull(handles, src_blocks[reused:], request.block_table[reused : len(src_blocks)],
+                          request.num_prompt_tokens - reused * bs)
+            by_transport = self.executor.pull([pull]) if pull.src_blocks else {}
             end = self.clock()
             moved = sum(by_transport.values())
             for transport, n in by_transport.items():
                 self.stats.transferred_bytes_by_transport[transport] = self.stats.transferred_bytes_by_transport.get(transport, 0) + n
             request.num_computed_tokens = request.num_prompt_tokens
+            self.scheduler.name_blocks(request, request.num_prompt_tokens)
             self.scheduler.start_running(request)
             self.stats.num_transfers += 1
-            self.stats.transferred_tokens += request.num_prompt_tokens
+            self.stats.transferred_tokens += pull.num_tokens
             self.stats.transferred_bytes += moved
             self.stats.transfer_seconds += end - start
             events.append(
@@ -272,9 +278,11 @@ class Instance:
                     source=source,
                     start=start,
                     end=end,
-                    num_tokens=request.num_prompt_tokens,
+                    num_tokens=pull.num_tokens,
                     num_bytes=moved,
                     transports=tuple(sorted(by_transport)),
+                    num_pulled_blocks=len(pull.src_blocks),
+                    num_reused_blocks=reused,
                 )
             )
         return events
@@ -289,6 +297,8 @@ class Instance:
         s.kv_blocks_free = self.blocks.num_free_blocks
         s.num_recomputes = sched.num_recomputes
         s.num_swaps = sched.num_swaps
+        s.prefix_cache_queries = self.blocks.num_queried_tokens
+        s.prefix_cache_hits = self.blocks.num_hit_tokens
         return s
 
     def current_stats(self) -> InstanceStats:

@@ -99,6 +99,8 @@ class InstanceStats:
     transferred_bytes: int = 0
     transfer_seconds: float = 0.0
     busy_seconds: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, tokens found there (not computed, or not pulled)
     # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
     transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
 
@@ -148,6 +150,7 @@ class StepOutput:
     step_end: float
     tokens: list[TokenOutput] = field(default_factory=list)
     started: list[str] = field(default_factory=list)  # first step of a request on this instance
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # of those, prompt tokens found in the prefix cache
     preempted: list[str] = field(default_factory=list)
     stats: InstanceStats | None = None
 
@@ -173,6 +176,8 @@ class MigrationDone:
     num_tokens: int
     num_bytes: int
     transports: tuple[str, ...] = ()  # the transports that moved its KV
+    num_pulled_blocks: int = 0
+    num_reused_blocks: int = 0  # blocks the decode instance held already (its prefix cache)
 
 
 @dataclass

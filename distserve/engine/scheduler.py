@@ -8,6 +8,12 @@
 Running requests that cannot get a block are preempted, latest first: by recompute (blocks
 freed, the request prefills again later with its generated tokens) or by swap (blocks copied
 to swap space and back). A decode instance swaps by default and counts any recompute.
+
+With prefix caching, a request admitted with nothing computed starts after the longest prefix
+of its tokens whose blocks the cache holds (`kv/block_manager.py`; at least its last token is
+computed, for its logits), and a decode instance pulls only the blocks of a migrated request
+it does not hold. The full blocks a step computes are named in the cache as it is scheduled,
+so a request admitted later in the same step (another sample of one prompt) shares them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from distserve.config import InstanceConfig, Policy, PreemptionMode, Role
-from distserve.kv.block_manager import BlockManager
+from distserve.kv.block_manager import BlockManager, prefix_hashes
 from distserve.layers.sampler import SampleResult
 from distserve.request import Request, RequestStatus
 
@@ -148,13 +154,43 @@ class Scheduler:
         admitted: list[Request] = []
         while self.migrations and len(self.running) + len(admitted) < self.max_num_seqs and not self.swapped:
             request = self.migrations[0]
-            # room for the prompt's KV and the slot of the first generated token
-            if not self.blocks.can_grow(request.block_table, request.num_tokens, self.watermark):
+            # the prompt's blocks this instance holds already are not pulled
+            if not self._admit_with_cached_prefix(request, request.num_prompt_tokens, request.num_tokens):
                 break
             self.migrations.popleft()
-            self.blocks.grow(request.block_table, request.num_tokens)
             admitted.append(request)
         return admitted
+
+    def _admit_with_cached_prefix(self, request: Request, max_cached: int, num_tokens: int) -> bool:
+        """Give a request with no blocks the cached blocks of its longest prefix within
+        `max_cached` tokens, and room up to `num_tokens` tokens, if the cache has room for
+        them (watermark kept); else change nothing."""
+        blocks = self.blocks
+        hits: list[int] = []
+        if blocks.enable_caching:
+            request.block_hashes = prefix_hashes(request.token_ids, blocks.block_size, request.block_hashes)
+            hits = blocks.cached_prefix(request.token_ids, request.block_hashes, max_cached)
+        needed = blocks.blocks_for(num_tokens) - len(hits)
+        if needed + self.watermark > blocks.num_free_blocks - blocks.num_evictable(hits):
+            return False
+        if blocks.enable_caching:
+            blocks.take(hits, max_cached)
+        request.block_table = hits
+        request.num_named_blocks = len(hits)
+        cached = len(hits) * blocks.block_size
+        request.num_computed_tokens = cached
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = min(cached, request.num_prompt_tokens)
+        blocks.grow(request.block_table, num_tokens)
+        return True
+
+    def name_blocks(self, request: Request, num_tokens: int) -> None:
+        """Name in the cache the request's full blocks up to `num_tokens` (computed, or being
+        computed this step)."""
+        if num_tokens // self.blocks.block_size > request.num_named_blocks:
+            request.block_hashes = prefix_hashes(request.token_ids[:num_tokens], self.blocks.block_size, request.block_hashes)
+            request.num_named_blocks = self.blocks.cache_blocks(request.block_table, request.token_ids, request.block_hashes,
+                                                                request.num_named_blocks, num_tokens)
 
     def start_running(self, request: Request) -> None:
         request.status = RequestStatus.RUNNING
@@ -193,19 +229,33 @@ class Scheduler:
         for request in self._waiting_order():
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            remaining = request.num_tokens - request.num_computed_tokens
+            fresh = not request.block_table  # nothing computed: its prefix may be cached
+            computed = self._cached_prefix_tokens(request) if fresh else request.num_computed_tokens
+            remaining = request.num_tokens - computed
             n = min(remaining, budget) if self.chunked else remaining
             if n > budget and (batch.requests or budget < self.max_num_batched_tokens):
                 break  # a prompt longer than the whole budget runs, alone
-            end = request.num_computed_tokens + n
-            if not self.blocks.can_grow(request.block_table, end, self.watermark):
+            end = computed + n
+            if fresh:
+                if not self._admit_with_cached_prefix(request, request.num_tokens - 1, end):
+                    break
+            elif self.blocks.can_grow(request.block_table, end, self.watermark):
+                self.blocks.grow(request.block_table, end)
+            else:
                 break
-            self.blocks.grow(request.block_table, end)
+            self.name_blocks(request, end)
             self.waiting.remove(request)
             self.start_running(request)
             batch.add(request, n)
             budget -= n
         return budget
+
+    def _cached_prefix_tokens(self, request: Request) -> int:
+        """Tokens a request with no blocks would find cached if admitted now."""
+        if not self.blocks.enable_caching:
+            return 0
+        request.block_hashes = prefix_hashes(request.token_ids, self.blocks.block_size, request.block_hashes)
+        return len(self.blocks.cached_prefix(request.token_ids, request.block_hashes, request.num_tokens - 1)) * self.blocks.block_size
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         """Next tokens of the running requests, preempting the latest when blocks run out."""
@@ -219,6 +269,8 @@ class Scheduler:
                 batch.add(request, n)
                 budget -= n
                 i += 1
+                if end // block_size > request.num_named_blocks:
+                    self.name_blocks(request, end)
                 continue
             while not self.blocks.can_grow(request.block_table, end):
                 victim = self.running.pop()
@@ -227,6 +279,7 @@ class Scheduler:
                     break
             else:
                 self.blocks.grow(request.block_table, end)
+                self.name_blocks(request, end)
                 batch.add(request, n)
                 budget -= n
                 i += 1
@@ -248,6 +301,7 @@ class Scheduler:
             return
         self.blocks.free(request.block_table)
         request.num_computed_tokens = 0
+        request.num_named_blocks = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self.num_recomputes += 1
@@ -264,6 +318,7 @@ class Scheduler:
             batch.swap_in.extend(zip(request.swap_table, table))
             self.swap.free(request.swap_table)
             request.block_table = table
+            request.num_named_blocks = request.num_computed_tokens // self.blocks.block_size  # its own copies: not named
             self.blocks.grow(request.block_table, request.num_computed_tokens + n)
             self.start_running(request)
             batch.add(request, n)

@@ -32,7 +32,7 @@ def simulated_cluster(
         for _ in range(cfg.num_instances):
             instances.append(InstanceSpec(
                 role, latency, capacity, cfg.max_num_seqs, batched_token_budget(cfg, deployment.mode), cfg.policy,
-                deployment.mode is Mode.CHUNKED, deployment.block_size,
+                deployment.mode is Mode.CHUNKED, deployment.block_size, deployment.enable_prefix_caching,
             ))
     return ClusterSpec(instances, transfer_time)
 

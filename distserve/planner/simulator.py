@@ -61,13 +61,14 @@ class InstanceSpec:
     policy: Policy = Policy.FCFS
     chunked: bool = False
     block_size: int = 16
+    enable_prefix_caching: bool = True
 
     def instance_config(self, name: str, step_log: str | None = None) -> InstanceConfig:
         """The engine's configuration of this instance (what its scheduler reads)."""
         phase = PhaseConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens, policy=self.policy)
         return InstanceConfig(name=name, role=Role(self.role), phase=phase, block_size=self.block_size, device="cpu",
                               num_threads=1, cpu_cores=None, seed=0, swap_space_gb=0.0, chunked_prefill=self.chunked,
-                              step_log=step_log)
+                              step_log=step_log, enable_prefix_caching=self.enable_prefix_caching)
 
 
 @dataclass
@@ -355,7 +356,10 @@ def simulate(
     for i, (m, (prompt_len, output_len)) in enumerate(zip(metrics, lengths)):
         if prompt_len + output_len > capacity:
             raise ValueError(f"a request of {prompt_len} + {output_len} tokens does not fit any instance's KV cache")
-        add = AddRequest(str(i), [0] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True), m.arrival_time, frozenset())
+        # tokens of its own: no two simulated prompts share a prefix (cached blocks are only
+        # a request's own, taken again after a recompute preemption)
+        add = AddRequest(str(i), [i + 1] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True), m.arrival_time,
+                         frozenset())
         cluster.at(m.arrival_time, lambda add=add, m=m: cluster.controller.add_requests([(add, m)]))
     cluster.run(cutoff.reached if cutoff is not None else lambda: False)
     cluster.close()
