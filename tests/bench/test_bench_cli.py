@@ -27,6 +27,10 @@ def test_bench_compare_quick_writes_results_and_plots(checkpoints, tmp_path) -> 
         assert all(r["num_tokens"] == r["output_len"] and r["ttft"] > 0 for r in run["requests"])
         assert 0.0 <= run["attainment"] <= 1.0 and system["per_device_goodput"] >= 0
     assert all(r["transfer_seconds"] is not None for r in data["systems"]["disaggregated"]["runs"][0]["requests"])
+    summary = json.loads((out / "summary.json").read_text())  # the same, without the requests
+    for name, system in summary["systems"].items():
+        assert [{k: v for k, v in r.items() if k != "requests"} for r in data["systems"][name]["runs"]] == system["runs"]
+        assert system["goodput"] == data["systems"][name]["goodput"]
     for plot in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "latency_breakdown.png", "kv_transfer_cdf.png"):
         assert (out / plot).stat().st_size > 1000
     assert "goodput" in done.stdout
