@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from distserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -151,3 +154,22 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None  # why a request was cut short (an instance died)
+
+
+def merge_samples(request_id: str, samples: list[RequestOutput], params: SamplingParams) -> RequestOutput:
+    """The finished samples of one request (each run as a request of its own, from
+    `SamplingParams.samples`) as its output: all of them, or when best_of > n the n of highest
+    cumulative logprob (their logprobs dropped if the request did not ask for them)."""
+    chosen = list(samples)
+    if params.num_samples > params.n:
+        chosen = sorted(chosen, key=lambda o: -(o.outputs[0].cumulative_logprob or 0.0))[: params.n]
+    completions = []
+    for i, sample in enumerate(chosen):
+        c = dataclasses.replace(sample.outputs[0], index=i)
+        if params.logprobs is None:
+            c.logprobs, c.cumulative_logprob = None, None
+        completions.append(c)
+    first = samples[0]
+    errors = [s.error for s in samples if s.error]
+    return RequestOutput(request_id=request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids, outputs=completions,
+                         finished=all(s.finished for s in samples), metrics=first.metrics, error=errors[0] if errors else None)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy
+MAX_SAMPLES = 128  # n and best_of
 
 
 @dataclass
@@ -13,9 +15,14 @@ class SamplingParams:
     """Sampling and stopping parameters of one request.
 
     `temperature=0` is greedy. `seed` makes a request's samples reproducible on its own,
-    whatever else runs in the batch and whichever instance samples each token.
+    whatever else runs in the batch and whichever instance samples each token. `n` samples
+    are returned; `best_of` (>= n) are generated and the n of highest cumulative logprob
+    returned. Each sample runs as a request of its own, all admitted together so that they
+    share the prompt's blocks (`samples`); sample i is seeded `seed + i`.
     """
 
+    n: int = 1
+    best_of: int | None = None
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -42,6 +49,10 @@ class SamplingParams:
     def validate(self) -> None:
         """Every field in its range (NaN and infinities refused), or a ValueError that names
         the field and what it must be."""
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise ValueError(f"n must be an integer between 1 and {MAX_SAMPLES}, got {self.n!r}.")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES):
+            raise ValueError(f"best_of must be an integer between n ({self.n}) and {MAX_SAMPLES}, got {self.best_of!r}.")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
         _check_number("temperature", self.temperature, 0.0, None, "(0 means greedy)")
@@ -63,6 +74,23 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+
+    @property
+    def num_samples(self) -> int:
+        """Samples generated: best_of, or n."""
+        return self.best_of or self.n
+
+    def samples(self) -> list[SamplingParams]:
+        """The parameters of each sample's request: one sample each, sample i seeded seed + i;
+        when best_of > n they keep each token's logprob, which ranks them."""
+        if self.num_samples == 1:
+            return [self]
+        ranked = self.num_samples > self.n
+        return [
+            dataclasses.replace(self, n=1, best_of=None, seed=None if self.seed is None else self.seed + i,
+                                logprobs=self.logprobs if self.logprobs is not None or not ranked else 0)
+            for i in range(self.num_samples)
+        ]
 
     @property
     def greedy(self) -> bool:

@@ -49,7 +49,7 @@ from distserve.entrypoints.openai_responses import (
     usage,
 )
 from distserve.entrypoints.server_metrics import ServerMetrics
-from distserve.outputs import RequestOutput
+from distserve.outputs import RequestOutput, merge_samples
 from distserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -125,27 +125,28 @@ class OpenAIServer:
         ]
         base_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await self.admit([(p, sp, f"{base_id}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))])
+        self.check_streamable(body.stream, params)
+        streams = await self.admit(_samples(prompts, params, base_id))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 self._stream_completions(streams, params, base_id, created, model, include_usage), media_type="text/event-stream"
             )
-        outputs = await _until_disconnected(raw, asyncio.gather(*(self.collect(stream) for stream in streams)))
+        samples = await _until_disconnected(raw, asyncio.gather(*(self.collect(stream) for stream in streams)))
+        outputs = _merged(samples, params)
         choices = []
-        for i, out in enumerate(outputs):
-            c = out.outputs[0]
-            choices.append({
-                "index": i,
-                "text": c.text,
-                "logprobs": completion_logprobs(c.logprobs or [], c.token_ids, body.logprobs, 0) if body.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            })
+        for i, (out, p) in enumerate(zip(outputs, params)):
+            for c in out.outputs:
+                choices.append({
+                    "index": i * p.n + c.index,
+                    "text": c.text,
+                    "logprobs": completion_logprobs(c.logprobs or [], c.token_ids, body.logprobs, 0) if body.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                })
         return JSONResponse({
             "id": base_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": usage(sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.outputs[0].token_ids) for o in outputs)),
-            "metrics": [timeline(o) for o in outputs],
+            "usage": _usage_of(outputs, samples), "metrics": [timeline(o) for o in outputs],
         })
 
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request) -> Response:
@@ -161,25 +162,26 @@ class OpenAIServer:
         params = self.params(lambda: body.sampling_params(self.max_tokens(requested, len(prompt.prompt_token_ids)), top_logprobs))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        (stream,) = await self.admit([(prompt, params, request_id)])
+        self.check_streamable(body.stream, [params])
+        streams = await self.admit(_samples([prompt], [params], request_id))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._stream_chat(stream, request_id, created, model, include_usage, top_logprobs),
+                self._stream_chat(streams, request_id, created, model, include_usage, top_logprobs),
                 media_type="text/event-stream",
             )
-        out = await _until_disconnected(raw, self.collect(stream))
-        c = out.outputs[0]
+        samples = await _until_disconnected(raw, asyncio.gather(*(self.collect(stream) for stream in streams)))
+        (out,) = _merged(samples, [params])
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
-                "index": 0,
+                "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(c.logprobs or [], c.token_ids, top) if body.logprobs else None,
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
-            }],
-            "usage": usage(len(out.prompt_token_ids), len(c.token_ids)),
+            } for c in out.outputs],
+            "usage": _usage_of([out], samples),
             "metrics": timeline(out),
         })
 
@@ -207,6 +209,11 @@ class OpenAIServer:
             raise APIError(404, f"The model `{model}` does not exist; this server serves {self.names}.", "NotFoundError",
                            "model", "model_not_found")
         return self.names[0]
+
+    @staticmethod
+    def check_streamable(stream: bool, params: list[SamplingParams]) -> None:
+        if stream and any(p.num_samples > p.n for p in params):
+            raise APIError(400, "best_of larger than n cannot be streamed: the best are known only at the end.", param="best_of")
 
     async def prompt(self, prompt: Any) -> ProcessedPrompt:
         """Tokenized and validated (off the event loop)."""
@@ -283,91 +290,105 @@ class OpenAIServer:
         return final
 
     # -- streams ------------------------------------------------------------------------------
-    async def _stream_completions(
-        self, streams: list[RequestStream], params: list[SamplingParams], base_id: str, created: int, model: str,
-        include_usage: bool,
-    ) -> AsyncIterator[bytes]:
+    async def _interleaved(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The outputs of several requests as they come: (which stream, output); the first
+        error of any ends it (EngineDeadError, a timeout), and leaving it closes them all."""
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
 
-        async def pump(i: int, stream: RequestStream) -> None:
+        async def pump(k: int, stream: RequestStream) -> None:
             try:
                 async for out in self.outputs(stream):
-                    await queue.put((i, out))
+                    await queue.put((k, out))
             except BaseException as exc:  # EngineDeadError, a timeout, or cancellation when the client left
                 await queue.put(exc)
                 raise
 
-        tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-        remaining, prompt_tokens, completion_tokens = len(tasks), 0, 0
-        offsets = [0] * len(tasks)
+        tasks = [asyncio.ensure_future(pump(k, stream)) for k, stream in enumerate(streams)]
+        remaining = len(tasks)
         try:
             while remaining:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    yield sse(error_body(str(item), "ServiceUnavailableError"))
-                    yield sse("[DONE]")
-                    return
-                i, out = item
+                    raise item
+                remaining -= item[1].finished
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _stream_completions(
+        self, streams: list[RequestStream], params: list[SamplingParams], base_id: str, created: int, model: str,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        # stream k is sample j of prompt i: choice i * n + j
+        where = [(i, i * p.n + j) for i, p in enumerate(params) for j in range(p.num_samples)]
+        offsets = [0] * len(streams)
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for k, out in self._interleaved(streams):
+                i, index = where[k]
                 c = out.outputs[0]
                 logprobs = None
                 if params[i].logprobs is not None and out.delta_token_ids:
                     n = len(out.delta_token_ids)
-                    logprobs = completion_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, params[i].logprobs, offsets[i])
-                offsets[i] += len(out.delta_text)
-                choice = {"index": i, "text": out.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                    logprobs = completion_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, params[i].logprobs, offsets[k])
+                offsets[k] += len(out.delta_text)
+                choice = {"index": index, "text": out.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                           "stop_reason": c.stop_reason}
                 chunk: dict[str, Any] = {"id": base_id, "object": "text_completion", "created": created, "model": model,
                                          "choices": [choice]}
                 if out.finished:
-                    remaining -= 1
-                    prompt_tokens += len(out.prompt_token_ids)
-                    completion_tokens += len(c.token_ids)
+                    finals[k] = out
                     chunk["metrics"] = timeline(out)
                 # a chunk for every step that made tokens, also when their text is held back (a
                 # partial character, a special token, the tail of a possible stop string): the
                 # client sees each token when it is made, as vLLM streams
                 if out.delta_token_ids or out.delta_text or out.finished:
                     yield sse(chunk)
-            if include_usage:
-                yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
-                           "usage": usage(prompt_tokens, completion_tokens)})
+        except (EngineDeadError, RequestTimeoutError) as exc:
+            yield sse(error_body(str(exc), "ServiceUnavailableError"))
             yield sse("[DONE]")
-        finally:
-            for task in tasks:
-                task.cancel()
+            return
+        if include_usage:
+            samples = [finals[k] for k in range(len(streams))]
+            yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": _usage_of(_merged(samples, params), samples)})
+        yield sse("[DONE]")
 
     async def _stream_chat(
-        self, stream: RequestStream, request_id: str, created: int, model: str, include_usage: bool, top_logprobs: int | None,
+        self, streams: list[RequestStream], request_id: str, created: int, model: str, include_usage: bool, top_logprobs: int | None,
     ) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": extra.pop("logprobs", None), "finish_reason": finish}
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": extra.pop("logprobs", None), "finish_reason": finish}
             if finish is not None:
                 choice["stop_reason"] = extra.pop("stop_reason", None)
             return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [choice], **extra})
 
-        yield chunk({"role": "assistant", "content": ""})
-        final: RequestOutput | None = None
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        finals: dict[int, RequestOutput] = {}
         try:
-            async for out in self.outputs(stream):
+            async for index, out in self._interleaved(streams):
                 c = out.outputs[0]
                 logprobs = None
                 if top_logprobs is not None and out.delta_token_ids:
                     n = len(out.delta_token_ids)
                     logprobs = chat_logprobs((c.logprobs or [])[-n:], out.delta_token_ids, top_logprobs)
                 if out.finished:
-                    final = out
-                    yield chunk({"content": out.delta_text} if out.delta_text else {}, c.finish_reason, logprobs=logprobs,
+                    finals[index] = out
+                    yield chunk(index, {"content": out.delta_text} if out.delta_text else {}, c.finish_reason, logprobs=logprobs,
                                 stop_reason=c.stop_reason, metrics=timeline(out))
                 elif out.delta_token_ids or out.delta_text:  # as for completions: a chunk per step
-                    yield chunk({"content": out.delta_text}, logprobs=logprobs)
+                    yield chunk(index, {"content": out.delta_text}, logprobs=logprobs)
         except (EngineDeadError, RequestTimeoutError) as exc:
             yield sse(error_body(str(exc), "ServiceUnavailableError"))
             yield sse("[DONE]")
             return
-        if include_usage and final is not None:
+        if include_usage:
+            samples = [finals[k] for k in range(len(streams))]
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                       "usage": usage(len(final.prompt_token_ids), len(final.outputs[0].token_ids))})
+                       "usage": _usage_of(samples[:1], samples)})
         yield sse("[DONE]")
 
     # -- errors and authentication --------------------------------------------------------------
@@ -415,6 +436,33 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], settings: ServerS
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/generate", server.generate, methods=["POST"])
     return app
+
+
+def _samples(
+    prompts: list[ProcessedPrompt], params: list[SamplingParams], base_id: str
+) -> list[tuple[ProcessedPrompt, SamplingParams, str]]:
+    """Every sample of every prompt, as a request of its own (sample j of prompt i:
+    `base_id-i-j`); a prompt's samples are admitted together and share its blocks."""
+    return [(prompt, sample, f"{base_id}-{i}-{j}") for i, (prompt, p) in enumerate(zip(prompts, params))
+            for j, sample in enumerate(p.samples())]
+
+
+def _merged(outputs: list[RequestOutput], params: list[SamplingParams]) -> list[RequestOutput]:
+    """The outputs of every sample, in `_samples` order, as one output per prompt."""
+    merged, start = [], 0
+    for p in params:
+        samples = outputs[start : start + p.num_samples]
+        start += p.num_samples
+        merged.append(samples[0] if p.num_samples == 1 else merge_samples(samples[0].request_id, samples, p))
+    return merged
+
+
+def _usage_of(outputs: list[RequestOutput], samples: list[RequestOutput]) -> dict[str, Any]:
+    """Usage of a request's prompts (`outputs`, one per prompt: each counted once, with the
+    tokens the prefix cache served) and of every sample generated (`samples`, the best_of
+    ones not returned included)."""
+    generated = sum(len(s.outputs[0].token_ids) for s in samples)
+    return usage(sum(len(o.prompt_token_ids) for o in outputs), generated, sum(o.metrics.num_cached_tokens for o in outputs))
 
 
 def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[Any]:

@@ -12,7 +12,7 @@ from distserve.engine.errors import EngineDeadError
 from distserve.engine.input_processor import PromptType
 from distserve.engine.llm_engine import LLMEngine
 from distserve.engine.messages import InstanceStats
-from distserve.outputs import RequestOutput
+from distserve.outputs import RequestOutput, merge_samples
 from distserve.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -72,7 +72,11 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        ids = self.engine.add_requests([(prompt, p, None) for prompt, p in zip(prompts, params)])
+        # each sample of a prompt (n, best_of) is a request of its own; they are added together
+        for p in params:
+            p.validate()
+        processed = [self.engine.process(prompt) for prompt in prompts]
+        ids = self.engine.add_requests([(prompt, sample, None) for prompt, p in zip(processed, params) for sample in p.samples()])
         outputs: dict[str, RequestOutput] = {}
         errors: list[str] = []
         mine = set(ids)
@@ -94,7 +98,12 @@ class LLM:
             bar.close()
         if errors:
             raise EngineDeadError(f"{len(errors)} of {len(ids)} requests failed: {errors[0]}")
-        return [outputs[rid] for rid in ids]
+        merged, start = [], 0
+        for p in params:
+            samples = [outputs[rid] for rid in ids[start : start + p.num_samples]]
+            start += p.num_samples
+            merged.append(samples[0] if p.num_samples == 1 else merge_samples(samples[0].request_id, samples, p))
+        return merged
 
     def get_stats(self) -> list[InstanceStats]:
         """Per instance: role, queue lengths, running requests, KV blocks, transfers."""

@@ -22,6 +22,7 @@ class _SamplingRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
+    best_of: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -40,9 +41,9 @@ class _SamplingRequest(BaseModel):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's parameters (raises ValueError with the field to change)."""
-        if self.n != 1:
-            raise ValueError("n must be 1: distserve generates one choice per prompt.")
         kwargs: dict[str, Any] = dict(
+            n=self.n,
+            best_of=self.best_of,
             max_tokens=max_tokens,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,

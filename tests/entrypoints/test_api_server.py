@@ -202,7 +202,9 @@ def test_client_disconnect_aborts_the_request(server) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x " * 400}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3, "best_of": 2}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3, "stream": True}, 400, "best_of"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
@@ -242,3 +244,24 @@ def test_generate_endpoint(server) -> None:
         headers=headers) as r:
         chunks = [json.loads(c) for c in b"".join(r.iter_bytes()).split(b"\0") if c]
     assert chunks and chunks[-1]["text"][0].startswith("the")
+
+
+def test_n_choices_and_cached_tokens_reach_the_openai_client(client) -> None:
+    prompt = "the café and the " * 6  # a few full blocks
+    greedy = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    out = client.completions.create(n=3, **greedy)
+    assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) == 1
+    assert out.usage.completion_tokens == 18
+    again = client.completions.create(**greedy)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 and again.choices[0].text == out.choices[0].text
+    best = client.completions.create(n=1, best_of=3, **{**greedy, "temperature": 1.0, "seed": 4})
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 18
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=5,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] == texts[1] and texts[0]
+    finished = [choice.index for c in chunks for choice in c.choices if choice.finish_reason]
+    assert sorted(finished) == [0, 1]

@@ -138,3 +138,24 @@ def test_small_kv_budget_preempts_and_still_matches(checkpoints, reference, mode
     assert got == [hf_greedy(reference, p, 64) for p in prompts]
     assert stats[0].num_preemptions > 0
     assert stats[0].kv_blocks_free == stats[0].kv_blocks_total
+
+
+def test_n_samples_share_the_prompt_and_each_is_a_seeded_request(llm) -> None:
+    prompt = {"prompt_token_ids": mixed_prompts(1, seed=12, lengths=(40,))[0]}
+    greedy = llm.generate(prompt, SamplingParams(n=4, max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in greedy.outputs] == [0, 1, 2, 3] and len({tuple(c.token_ids) for c in greedy.outputs}) == 1
+    seeded = SamplingParams(n=4, max_tokens=12, temperature=1.0, top_p=0.9, seed=100, ignore_eos=True)
+    samples = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs
+    alone = [llm.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=100 + i, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids for i in range(4)]
+    assert [c.token_ids for c in samples] == alone and len({tuple(a) for a in alone}) > 1
+    best = llm.generate(prompt, SamplingParams(n=2, best_of=4, max_tokens=12, temperature=1.0, seed=100, ignore_eos=True),
+                        use_tqdm=False)[0].outputs
+    assert len(best) == 2 and best[0].cumulative_logprob is None  # ranked by logprobs it did not ask for
+    ranked = sorted(
+        (llm.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=100 + i, ignore_eos=True, logprobs=0),
+                      use_tqdm=False)[0].outputs[0] for i in range(4)),
+        key=lambda c: -c.cumulative_logprob,
+    )
+    assert [c.token_ids for c in best] == [c.token_ids for c in ranked[:2]]
+    assert_all_blocks_free(llm)
