@@ -177,6 +177,11 @@ class DeploymentConfig:
     restart_window: float = 600.0
     # automatic prefix caching: requests reuse the KV of cached blocks with the same tokens
     enable_prefix_caching: bool = True
+    # how requests are spread over instances (engine/router.py): cache-aware or least-loaded
+    routing_policy: str = "cache-aware"
+    # disaggregated, cache-aware: a prompt a decode instance caches all but this many tokens
+    # of is prefilled there (0: never)
+    conditional_prefill_tokens: int = 128
 
     def __post_init__(self) -> None:
         self.mode = Mode.parse(self.mode, "mode")
@@ -195,6 +200,10 @@ class DeploymentConfig:
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+        if self.routing_policy not in ("cache-aware", "least-loaded"):
+            raise ValueError(f"routing_policy must be 'cache-aware' or 'least-loaded', got {self.routing_policy!r}.")
+        if not isinstance(self.conditional_prefill_tokens, int) or self.conditional_prefill_tokens < 0:
+            raise ValueError(f"conditional_prefill_tokens must be an integer >= 0, got {self.conditional_prefill_tokens!r}.")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}.")
         if not self.restart_window > 0:

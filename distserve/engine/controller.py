@@ -50,7 +50,7 @@ from distserve.engine.messages import (
     StatsRequest,
     StepOutput,
 )
-from distserve.engine.router import InstanceLoad, Router
+from distserve.engine.router import InstanceLoad, Router, RoutingPolicy
 from distserve.engine.scheduler import admission_capacity
 from distserve.engine.supervisor import Health, Supervisor
 from distserve.outputs import RequestMetrics
@@ -122,6 +122,8 @@ class Controller:
         max_queue_len: int | None = None,
         max_restarts: int = 0,
         restart_window: float = 600.0,
+        routing_policy: RoutingPolicy = RoutingPolicy.LEAST_LOADED,
+        conditional_prefill_tokens: int = 0,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -129,7 +131,8 @@ class Controller:
         self.configs: dict[str, InstanceConfig] = {c.name: c for c in configs}
         self.ready = ready
         self.roles = {c.role for c in configs}
-        self.router = Router([InstanceLoad(c.name, c.role, ready[c.name].num_blocks, ready[c.name].block_size) for c in configs])
+        loads = [InstanceLoad(c.name, c.role, ready[c.name].num_blocks, ready[c.name].block_size) for c in configs]
+        self.router = Router(loads, routing_policy, conditional_prefill_tokens)
         self.stats: dict[str, InstanceStats] = {}
         self.requests: dict[str, TrackedRequest] = {}
         self.dead: dict[str, str] = {}  # why each instance last died
@@ -165,7 +168,9 @@ class Controller:
             backend.shutdown()
             raise
         return cls(configs, ready, backend, kv_store=kv_store, max_queue_len=max_queue_len,
-                   max_restarts=deployment.max_restarts, restart_window=deployment.restart_window)
+                   max_restarts=deployment.max_restarts, restart_window=deployment.restart_window,
+                   routing_policy=RoutingPolicy(deployment.routing_policy),
+                   conditional_prefill_tokens=deployment.conditional_prefill_tokens)
 
     def kv_capacity_tokens(self) -> dict[str, int]:
         """Tokens of KV one request may hold on each instance (the rest is the watermark)."""
@@ -219,9 +224,10 @@ class Controller:
 
     def _route_prompt(self, tracked: TrackedRequest) -> None:
         """Send a request's prompt to an instance, or park it until one comes back."""
-        target = self.router.route_prompt(tracked.request_id, len(tracked.add.prompt_token_ids), self.max_queue_len)
+        prompt = tracked.add.prompt_token_ids
+        target = self.router.route_prompt(tracked.request_id, prompt, self.max_queue_len)
         if target is None:
-            target = self.router.route_prompt(tracked.request_id, len(tracked.add.prompt_token_ids))  # re-queued: no limit
+            target = self.router.route_prompt(tracked.request_id, prompt)  # re-queued: no limit
         if target is None:
             self._parked.append(tracked)
             return
@@ -342,7 +348,7 @@ class Controller:
             tracked = self.requests.get(token.request_id)
             if tracked is None:
                 continue
-            if not tracked.output_token_ids and role is not Role.DECODE:
+            if not tracked.output_token_ids and out.instance == tracked.prefill_instance:
                 tracked.metrics.prefill_end_time = out.step_end
                 self.router.prefilled(out.instance, tracked.request_id)
             tracked.output_token_ids.append(token.token_id)
@@ -351,7 +357,8 @@ class Controller:
                 update = news[token.request_id] = RequestUpdate(token.request_id, out.step_end)
             update.tokens.append(token)
             if token.finish_reason is not None:
-                tracked.holders.discard(out.instance)  # the instance freed the blocks itself
+                tracked.holders.discard(out.instance)  # the instance freed the blocks itself (its cache keeps them)
+                self.router.finished(out.instance, tracked.request_id, tracked.add.prompt_token_ids + tracked.output_token_ids)
                 self.requests.pop(tracked.request_id, None)
                 self._release(tracked)
         updates.extend(news.values())
@@ -361,7 +368,7 @@ class Controller:
         if tracked is None:
             self._send(done.instance, ReleaseKV(done.request_id))
             return
-        decode = self.router.route_decode(tracked.request_id, done.num_tokens)
+        decode = self.router.route_decode(tracked.request_id, tracked.add.prompt_token_ids)
         if decode is None and self.supervisor.coming_back(Role.DECODE):
             self._parked_migrations.append(done)  # its KV waits on the prefill instance
             return

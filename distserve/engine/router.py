@@ -2,25 +2,44 @@
 
 The router keeps each instance's load as the controller sees it (prompt tokens sent and not
 prefilled yet, requests assigned, KV blocks promised to migrations not pulled yet, free
-blocks as last reported) and applies a named policy:
+blocks as last reported) and, for prefix caching, an approximate index of the blocks it
+caches (the names of the full blocks of the prompts sent to it and of the requests finished
+on it, as many as it has blocks, least recently used forgotten first). Named policies:
 
     least-loaded   prompts to the prefill instance with the fewest queued prompt tokens (the
                    colocated instance with the fewest requests); prefilled requests to the
                    decode instance with the most free KV blocks
+    cache-aware    prompts to the instance where the request's first token comes soonest:
+                   the least work ahead of it in prompt tokens, what is queued there plus its
+                   own tokens that instance does not cache (so a cached prefix weighs as much
+                   as that much queue), among the instances within BALANCE_SLACK requests of
+                   the least loaded; prefilled requests to the decode instance that holds the
+                   longest prefix of them (fewest blocks to pull: the one that served the
+                   conversation's last turn) among those with room, else the one with the most
+                   free blocks
 
-The engine's controller and the planner's simulator both route through this class, so a
-policy is written once.
+Conditional disaggregation (cache-aware, disaggregated): a prompt whose prefix a decode
+instance holds already, all but at most `conditional_prefill_tokens` of it (twice that while
+the prefill instances have more than 8x that many tokens queued), is prefilled on that decode
+instance itself instead of moving through a prefill instance.
+
+The engine's controller and the planner's simulator both route through this class.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from distserve.config import NamedEnum, Role
+from distserve.kv.block_manager import prefix_hashes
+
+BALANCE_SLACK = 4  # requests an instance may have over the least loaded and still be chosen for its cache
 
 
 class RoutingPolicy(NamedEnum):
     LEAST_LOADED = "least-loaded"
+    CACHE_AWARE = "cache-aware"
 
 
 @dataclass
@@ -38,52 +57,105 @@ class InstanceLoad:
     promised: dict[str, int] = field(default_factory=dict)  # decode: blocks for migrations not pulled yet
     queued_tokens: int = 0
     promised_blocks: int = 0
+    cached: OrderedDict[int, None] = field(default_factory=OrderedDict)  # block names it likely caches, LRU first
 
     @property
     def free_blocks(self) -> int:
         free = self.num_blocks if self.reported_free_blocks is None else self.reported_free_blocks
         return free - self.promised_blocks
 
+    def remember(self, hashes: list[int]) -> None:
+        """These blocks are (or will soon be) in its cache."""
+        for digest in hashes:
+            self.cached[digest] = None
+            self.cached.move_to_end(digest)
+        while len(self.cached) > self.num_blocks:
+            self.cached.popitem(last=False)
+
+    def cached_tokens(self, hashes: list[int]) -> int:
+        """Tokens of the longest prefix of these blocks it likely caches."""
+        n = 0
+        for digest in hashes:
+            if digest not in self.cached:
+                break
+            n += 1
+        return n * self.block_size
+
 
 class Router:
-    def __init__(self, instances: list[InstanceLoad], policy: RoutingPolicy = RoutingPolicy.LEAST_LOADED) -> None:
+    def __init__(
+        self, instances: list[InstanceLoad], policy: RoutingPolicy = RoutingPolicy.LEAST_LOADED, conditional_prefill_tokens: int = 0
+    ) -> None:
         self.policy = RoutingPolicy(policy)
+        self.conditional_prefill_tokens = conditional_prefill_tokens
         self.instances = {i.name: i for i in instances}
 
     def alive(self, role: Role) -> list[InstanceLoad]:
         return [i for i in self.instances.values() if i.role is role and i.alive]
 
-    # -- decisions -----------------------------------------------------------------------------
     def prompt_instances(self) -> list[InstanceLoad]:
         """The live instances new requests go to."""
         return [i for i in self.instances.values() if i.role.takes_prompts and i.alive]
 
-    def route_prompt(self, request_id: str, num_prompt_tokens: int, max_queued: int | None = None) -> InstanceLoad | None:
-        """The prefill (or colocated) instance for a new request, charged with its prompt;
-        None when none is alive, or none has fewer than `max_queued` prompts waiting."""
+    def _hashes(self, token_ids: list[int]) -> list[int]:
+        if self.policy is not RoutingPolicy.CACHE_AWARE or not self.instances:
+            return []
+        return prefix_hashes(token_ids, next(iter(self.instances.values())).block_size)
+
+    # -- decisions -----------------------------------------------------------------------------
+    def route_prompt(self, request_id: str, token_ids: list[int], max_queued: int | None = None) -> InstanceLoad | None:
+        """The instance that prefills a new request, charged with its prompt; None when none
+        is alive, or none has fewer than `max_queued` prompts waiting."""
         candidates = [i for i in self.prompt_instances() if max_queued is None or len(i.queued) < max_queued]
         if not candidates:
             return None
-        if candidates[0].role is Role.PREFILL:
+        hashes = self._hashes(token_ids)
+        target = self._conditional_target(token_ids, hashes, candidates)
+        if target is None and self.policy is RoutingPolicy.CACHE_AWARE:
+            fewest = min(len(i.assigned) for i in candidates)
+            balanced = [i for i in candidates if len(i.assigned) <= fewest + BALANCE_SLACK]
+            target = min(balanced, key=lambda i: (i.queued_tokens + len(token_ids) - i.cached_tokens(hashes), len(i.assigned)))
+        elif target is None and candidates[0].role is Role.PREFILL:
             target = min(candidates, key=lambda i: (i.queued_tokens, len(i.assigned)))
-        else:
+        elif target is None:
             target = min(candidates, key=lambda i: (len(i.assigned), i.queued_tokens))
         target.assigned.add(request_id)
-        target.queued[request_id] = num_prompt_tokens
-        target.queued_tokens += num_prompt_tokens
+        target.queued[request_id] = len(token_ids)
+        target.queued_tokens += len(token_ids)
+        target.remember(hashes)
         return target
 
-    def route_decode(self, request_id: str, num_tokens: int) -> InstanceLoad | None:
-        """The decode instance for a prefilled request of `num_tokens` tokens of KV, charged
-        with the blocks it will take (its next token's slot included); None when none is alive."""
+    def _conditional_target(self, token_ids: list[int], hashes: list[int], prefill: list[InstanceLoad]) -> InstanceLoad | None:
+        """A decode instance that caches all but a short suffix of the prompt, if any."""
+        limit = self.conditional_prefill_tokens
+        if not limit or not hashes or prefill[0].role is not Role.PREFILL:
+            return None
+        if min(i.queued_tokens for i in prefill) > 8 * limit:
+            limit *= 2  # the prefill instances are backed up
+        best = max(self.alive(Role.DECODE), key=lambda i: i.cached_tokens(hashes), default=None)
+        if best is None:
+            return None
+        cached = best.cached_tokens(hashes)
+        enough_room = best.free_blocks >= -(-(len(token_ids) + 1) // best.block_size)
+        return best if cached and len(token_ids) - cached <= limit and enough_room else None
+
+    def route_decode(self, request_id: str, token_ids: list[int]) -> InstanceLoad | None:
+        """The decode instance for a prefilled request (`token_ids`: its prompt), charged with
+        the blocks it will take (its next token's slot included); None when none is alive."""
         candidates = self.alive(Role.DECODE)
         if not candidates:
             return None
-        target = max(candidates, key=lambda i: (i.free_blocks, -len(i.assigned)))
-        blocks = -(-(num_tokens + 1) // target.block_size)
+        hashes = self._hashes(token_ids)
+        needed = -(-(len(token_ids) + 1) // candidates[0].block_size)
+        roomy = [i for i in candidates if i.free_blocks >= needed]
+        if hashes and roomy:
+            target = max(roomy, key=lambda i: (i.cached_tokens(hashes), i.free_blocks, -len(i.assigned)))
+        else:
+            target = max(candidates, key=lambda i: (i.free_blocks, -len(i.assigned)))
         target.assigned.add(request_id)
-        target.promised[request_id] = blocks
-        target.promised_blocks += blocks
+        target.promised[request_id] = needed
+        target.promised_blocks += needed
+        target.remember(hashes)
         return target
 
     # -- accounting, as the instances report -------------------------------------------------
@@ -96,6 +168,12 @@ class Router:
         """The decode instance pulled the request's KV into blocks it now reports."""
         load = self.instances[name]
         load.promised_blocks -= load.promised.pop(request_id, 0)
+
+    def finished(self, name: str, request_id: str, token_ids: list[int]) -> None:
+        """The request ended on the instance, which caches its blocks now (all its tokens
+        but the last have KV)."""
+        self.unassign(name, request_id)
+        self.instances[name].remember(self._hashes(token_ids[:-1]))
 
     def unassign(self, name: str, request_id: str) -> None:
         """The request's KV is no longer on the instance (finished, moved or aborted)."""

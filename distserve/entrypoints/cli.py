@@ -55,6 +55,11 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart-window", type=float, default=None, metavar="S", help="seconds of the restart budget (default 600)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="reuse the KV cache of prompt prefixes seen before (default: on)")
+    parser.add_argument("--routing-policy", choices=("cache-aware", "least-loaded"), default=None,
+                        help="how requests are spread over instances (default cache-aware)")
+    parser.add_argument("--conditional-prefill-tokens", type=int, default=None, metavar="N",
+                        help="disaggregated: prefill on the decode instance a prompt it caches all but N tokens of "
+                        "(default 128; 0: never)")
     parser.add_argument("--step-log", default=None, metavar="DIR",
                         help="write every engine step (start, seconds, prompt chunks, decode contexts) to DIR/<instance>.jsonl")
     group = parser.add_argument_group("colocated and chunked modes")
@@ -73,7 +78,8 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if args.model is not None:
         config.model = args.model
     for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
-                  "kv_transport", "pair_placement", "step_log", "max_restarts", "restart_window", "enable_prefix_caching"):
+                  "kv_transport", "pair_placement", "step_log", "max_restarts", "restart_window", "enable_prefix_caching",
+                  "routing_policy", "conditional_prefill_tokens"):
         value = getattr(args, field)
         if value is not None:
             setattr(config, field, value)

@@ -38,6 +38,10 @@ class InstanceCollector(Collector):
             "transferred_bytes": CounterMetricFamily("distserve_kv_transfer_bytes", "Bytes of KV cache pulled.", labels=labels),
             "transfer_seconds": CounterMetricFamily("distserve_kv_transfer_seconds", "Seconds spent pulling KV cache.", labels=labels),
             "num_preemptions": CounterMetricFamily("distserve_preemptions", "Requests preempted for lack of KV blocks.", labels=labels),
+            "prefix_cache_queries": CounterMetricFamily("distserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                                        labels=labels),
+            "prefix_cache_hits": CounterMetricFamily("distserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                                     labels=labels),
         }
         restarts = CounterMetricFamily("distserve_instance_restarts", "Times the instance was started again after dying.",
                                        labels=labels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from distserve.config import DEFAULT_KV_CACHE_GB, DeploymentConfig, Mode, PhaseConfig, Role, batched_token_budget
+from distserve.engine.router import RoutingPolicy
 from distserve.planner.latency_model import FittedLatencyModel, LatencyModel
 from distserve.planner.simulator import ClusterSpec, InstanceSpec
 
@@ -34,7 +35,8 @@ def simulated_cluster(
                 role, latency, capacity, cfg.max_num_seqs, batched_token_budget(cfg, deployment.mode), cfg.policy,
                 deployment.mode is Mode.CHUNKED, deployment.block_size, deployment.enable_prefix_caching,
             ))
-    return ClusterSpec(instances, transfer_time)
+    return ClusterSpec(instances, transfer_time, routing_policy=RoutingPolicy(deployment.routing_policy),
+                       conditional_prefill_tokens=deployment.conditional_prefill_tokens)
 
 
 def fitted_phase_model(files: dict[str, str], kv_bytes_per_token: int, scale: float = 1.0) -> PhaseModel:

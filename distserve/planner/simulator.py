@@ -39,6 +39,7 @@ from distserve.engine.controller import Controller
 from distserve.engine.instance import Instance
 from distserve.engine.messages import AddRequest, InstanceMessage, RequestUpdate, StatsRequest, StepOutput
 from distserve.engine.model_runner import micro_batches
+from distserve.engine.router import RoutingPolicy
 from distserve.engine.scheduler import BatchShape, ScheduledBatch
 from distserve.kv.transfer import KVPull
 from distserve.layers.sampler import SampleResult
@@ -80,6 +81,9 @@ class ClusterSpec:
     speed: Callable[[float], float] | None = None
     # a folder: each simulated instance writes the engine's step log there (virtual times)
     step_log: str | None = None
+    # the engine's routing (`engine/router.py`), as a deployment sets it
+    routing_policy: RoutingPolicy = RoutingPolicy.CACHE_AWARE
+    conditional_prefill_tokens: int = 128
 
 
 class SpeedDrift:
@@ -238,7 +242,8 @@ class SimulatedCluster:
             raise ValueError("prefill instances need a decode instance")
         ready = {name: h.instance.ready_message(0) for name, h in self.hosts.items()}
         self.controller = Controller([h.instance.config for h in self.hosts.values()], ready, SimulatedBackend(self),
-                                     clock=lambda: self.now)
+                                     clock=lambda: self.now, routing_policy=spec.routing_policy,
+                                     conditional_prefill_tokens=spec.conditional_prefill_tokens)
 
     # -- the event loop ----------------------------------------------------------------------
     def at(self, time: float, action: Callable[[], None]) -> None:

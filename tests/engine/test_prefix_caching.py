@@ -71,23 +71,39 @@ def test_a_repeated_prompt_computes_only_its_last_block(checkpoints, tmp_path) -
     assert stats.prefix_cache_hits == 48 and stats.prefix_cache_queries == 49 + 49
 
 
-def test_the_decode_instance_pulls_only_what_it_lacks(checkpoints, reference) -> None:
-    """A second turn extends the first: the decode instance holds the first turn's blocks
-    (prompt and answer) in its own cache and pulls only the rest."""
+def second_turn(llm: LLM) -> tuple[list[int], object, object]:
+    """A first turn, then a second whose prompt extends it: (second prompt, both outputs)."""
     first = shared_prefix_prompts()[0]
-    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=96) as llm:
-        one = llm.generate({"prompt_token_ids": first}, GREEDY, use_tqdm=False)[0]
-        turn = first + one.outputs[0].token_ids + [7, 8, 9]
-        two = llm.generate({"prompt_token_ids": turn}, GREEDY, use_tqdm=False)[0]
+    one = llm.generate({"prompt_token_ids": first}, GREEDY, use_tqdm=False)[0]
+    turn = first + one.outputs[0].token_ids + [7, 8, 9]
+    return turn, one, llm.generate({"prompt_token_ids": turn}, GREEDY, use_tqdm=False)[0]
+
+
+def test_the_decode_instance_pulls_only_what_it_lacks(checkpoints) -> None:
+    """A second turn extends the first: routed to the decode instance that served the first
+    (it holds that turn's prompt and answer in its own cache), it pulls only the rest."""
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=96, conditional_prefill_tokens=0) as llm:
+        turn, one, two = second_turn(llm)
         assert all_free(llm)
-    assert one.metrics.transfer_blocks_reused == 0 and one.metrics.transfer_blocks_pulled == -(-len(first) // BS)
+    assert one.metrics.transfer_blocks_reused == 0 and one.metrics.transfer_blocks_pulled == -(-one.metrics.num_prompt_tokens // BS)
     # the first turn's prompt and all but the last token of its answer were computed on the
     # decode instance, so its full blocks are there
-    reused = (len(first) + GREEDY.max_tokens - 1) // BS
+    reused = (one.metrics.num_prompt_tokens + GREEDY.max_tokens - 1) // BS
     assert two.metrics.transfer_blocks_reused == reused
     assert two.metrics.transfer_blocks_pulled == -(-len(turn) // BS) - reused
-    model = load_reference(checkpoints("llama-gqa"))
-    assert two.outputs[0].token_ids == hf_greedy(model, turn, GREEDY.max_tokens)
+    assert two.outputs[0].token_ids == hf_greedy(load_reference(checkpoints("llama-gqa")), turn, GREEDY.max_tokens)
+
+
+def test_a_short_uncached_suffix_is_prefilled_on_the_decode_instance(checkpoints) -> None:
+    """Conditional disaggregation: the decode instance holds all but a few tokens of the
+    second turn, so it prefills them itself; nothing moves between instances."""
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=96, conditional_prefill_tokens=32) as llm:
+        turn, one, two = second_turn(llm)
+        assert all_free(llm)
+    assert one.metrics.prefill_instance == "prefill-0"
+    assert two.metrics.prefill_instance == "decode-0" and two.metrics.decode_instance is None
+    assert two.metrics.transfer_blocks_pulled == 0 and two.metrics.num_cached_tokens >= len(turn) - 32
+    assert two.outputs[0].token_ids == hf_greedy(load_reference(checkpoints("llama-gqa")), turn, GREEDY.max_tokens)
 
 
 def test_eviction_under_pressure_stays_exact_and_leaks_nothing(checkpoints) -> None:
@@ -113,3 +129,25 @@ def test_aborting_a_request_that_shares_blocks_frees_only_its_references(checkpo
         assert outputs.latest[drop].outputs[0].finish_reason == "abort"
         assert outputs.latest[keep].outputs[0].token_ids == tokens(llm, [prompt], long)[0]
         assert all_free(llm)
+
+
+@pytest.mark.parametrize("policy", ["cache-aware", "least-loaded"])
+def test_cache_aware_routing_sends_a_shared_prefix_where_it_is_cached(checkpoints, policy: str) -> None:
+    """Two colocated instances; the first holds a system prompt's blocks and decodes a long
+    request. The same system prompt's next questions go where it is cached (cache-aware), or
+    to the instance with fewer requests, which computes it again (least-loaded)."""
+    first, *questions = shared_prefix_prompts()[:5]
+    long = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    with LLM(str(checkpoints("llama-gqa")), num_instances=2, num_kv_blocks=64, routing_policy=policy) as llm:
+        warm = llm.generate({"prompt_token_ids": first}, GREEDY, use_tqdm=False)[0]
+        outputs = Outputs(llm)
+        busy = outputs.add({"prompt_token_ids": mixed_prompts(1, seed=50, lengths=(20,))[0]}, long)
+        outputs.poll_until(lambda: outputs.tokens(busy) >= 2)
+        outs = [llm.generate({"prompt_token_ids": q}, GREEDY, use_tqdm=False)[0] for q in questions]
+        llm.engine.abort(busy)
+    assert outputs.latest[busy].metrics.prefill_instance == warm.metrics.prefill_instance  # both idle: the first
+    where = {o.metrics.prefill_instance for o in outs}
+    if policy == "cache-aware":
+        assert where == {warm.metrics.prefill_instance} and all(o.metrics.num_cached_tokens >= 32 for o in outs)
+    else:
+        assert warm.metrics.prefill_instance not in where and outs[0].metrics.num_cached_tokens == 0

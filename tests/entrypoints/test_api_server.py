@@ -246,7 +246,7 @@ def test_generate_endpoint(server) -> None:
     assert chunks and chunks[-1]["text"][0].startswith("the")
 
 
-def test_n_choices_and_cached_tokens_reach_the_openai_client(client) -> None:
+def test_n_choices_and_cached_tokens_reach_the_openai_client(client, server) -> None:
     prompt = "the café and the " * 6  # a few full blocks
     greedy = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     out = client.completions.create(n=3, **greedy)
@@ -254,6 +254,10 @@ def test_n_choices_and_cached_tokens_reach_the_openai_client(client) -> None:
     assert out.usage.completion_tokens == 18
     again = client.completions.create(**greedy)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16 and again.choices[0].text == out.choices[0].text
+    families = metrics(server)
+    hits = {s.labels["instance"]: s.value for s in families["distserve_prefix_cache_hits"] if s.name.endswith("_total")}
+    queries = {s.labels["instance"]: s.value for s in families["distserve_prefix_cache_queries"] if s.name.endswith("_total")}
+    assert 0 < hits["prefill-0"] <= queries["prefill-0"]
     best = client.completions.create(n=1, best_of=3, **{**greedy, "temperature": 1.0, "seed": 4})
     assert len(best.choices) == 1 and best.usage.completion_tokens == 18
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=5,
