@@ -8,9 +8,13 @@ colocated: its fidelity against the measurement.
     python -m benchmarks.goodput [--vllm-python /tmp/vllm-venv/bin/python] [--only chatbot]
     python -m benchmarks.goodput --only chatbot-fidelity --repeat 2 [--systems colocated]
 
-Everything goes to benchmarks/results/goodput/<workload>/ (results.json, plots, server logs)
-and benchmarks/results/goodput/fidelity.json. SLOs are K x the unloaded TTFT and TPOT of the
-colocated server (the first system), K given per workload below.
+Everything goes to benchmarks/results/goodput/<workload>/: plots, summary.json (attainment per
+rate and goodput of each system), and the raw data git does not keep: results.json (every
+request), the step logs and the server logs. What the fidelity rows simulate with is kept:
+the latency models fitted to the step logs (fits/, without their samples) and the machine's
+speed drift read from them (in fidelity.json), so `--fidelity-only` re-simulates every row on a
+clone that has none of the raw data (it refits where the step logs are there). SLOs are K x the
+unloaded TTFT and TPOT of the colocated server (the first system), K given per workload below.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 from benchmarks.checkpoints import smollm2_folder
 from distserve.config import build_deployment
 from distserve.planner.latency_model import FittedLatencyModel
-from distserve.planner.profile import read_step_log
+from distserve.planner.profile import fit_step_logs, read_step_log
 
 RESULTS = Path("benchmarks/results/goodput")
 # how far a few percent of step time (this machine's drift between runs) move the simulated
@@ -134,23 +138,34 @@ def repeats(base: Path) -> list[Path]:
     return [base] + sorted(base.glob("repeat-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def run_summary(folder: Path) -> dict:
+    """A run's settings and per-system results (`distserve bench` writes summary.json)."""
+    return json.loads((folder / "summary.json").read_text())
+
+
 def measured_in(base: Path, system: str) -> list[Path]:
     """The measurements (`repeats`) that ran `system`."""
-    return [f for f in repeats(base) if system in json.loads((f / "results.json").read_text())["systems"]]
+    return [f for f in repeats(base) if system in run_summary(f)["systems"]]
+
+
+def fitted(logs: list[Path], path: Path) -> Path:
+    """A latency model fitted to these step logs (`distserve profile --step-log`), kept at
+    `path` without its samples (megabytes; a fit takes seconds); with no logs here (git does
+    not keep them), the model kept there before."""
+    if logs:
+        model = fit_step_logs(logs)
+        model.samples = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: no fit kept and no step logs to fit it to; run the benchmark first.")
+    return path
 
 
 def fit_logged(bases: list[Path], systems: list[str], dest: Path) -> dict[str, str]:
     """Latency models fitted to the steps each system logged in `bases` and their repeats,
-    pooled (`distserve profile --step-log`), written to the folder `dest` (made here), as
-    `distserve simulate --latency` arguments. A fit keeps its samples (megabytes) and is
-    refitted in seconds: `dest` is a temporary folder, not the results."""
-    dest.mkdir(parents=True, exist_ok=True)
-    models = {}
-    for system in systems:
-        path = dest / f"fitted-{system}.json"
-        run(DISTSERVE + ["profile", "--step-log", *map(str, step_logs(bases, system)), "--out", str(path)])
-        models[system] = f"fitted:all={path}"
-    return models
+    pooled, kept in the folder `dest`, as `distserve simulate --latency` arguments."""
+    return {system: f"fitted:all={fitted(step_logs(bases, system), dest / f'fitted-{system}.json')}" for system in systems}
 
 
 def step_logs(bases: list[Path], system: str) -> list[Path]:
@@ -179,7 +194,7 @@ def calibrate(model: Path, name: str, spec: dict, slos: tuple[float, float], rer
     """Latency models fitted (into fits/key) to the steps each system logged serving the
     calibration run `key` (all its repeats pooled)."""
     out = calibrations(name, spec)[key]
-    if rerun or not (out / "results.json").exists():
+    if rerun or not (out / "summary.json").exists():
         calibration_run(model, spec, slos, out, spec["systems"], key)
     return fit_logged([out], spec["systems"], fits / key)
 
@@ -190,34 +205,33 @@ def calibrated_fidelity(model: Path, name: str, spec: dict, rerun: bool) -> dict
     cross-validated over rates, and of the measured runs' own steps (steady and drifting)."""
     summary = {}
     slos = first_slos(name)
-    with tempfile.TemporaryDirectory(prefix="fits-") as tmp:
-        fits = Path(tmp)
-        calibrated = calibrate(model, name, spec, slos, rerun, "calibration", fits)
-        summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
-        if "calibration_wide" in spec:
-            wide = calibrate(model, name, spec, slos, rerun, "calibration_wide", fits)
-            summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(model, name, spec, wide, "-calibrated-wide")
-            # every calibration run and repeat pooled: the most steps, at three rates, over the
-            # longest stretch of the machine's drifting speed; then on a machine whose speed
-            # wanders as it did in those runs
-            folders = list(calibrations(name, spec).values())
-            pooled = fit_logged(folders, spec["systems"], fits / "pooled")
-            summary[f"{name} (calibrated on every calibration run)"] = fidelity(model, name, spec, pooled, "-calibrated-pooled")
-            drift = speed_drift(pooled, folders)
-            summary[f"{name} (machine speed while calibrating)"] = drift
-            summary[f"{name} (calibrated on every calibration run, with its speed drift)"] = fidelity(
-                model, name, spec, pooled, "-calibrated-pooled-drift", drift=drift)
-        for scale in SENSITIVITY:
-            summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
-                model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
-        summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
-        # the runs' own steps: what is left is the simulator's error, not the latency model's
-        own = fit_logged([RESULTS / name], spec["systems"], fits / "own-steps")
-        summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
-        drift = speed_drift(own, [RESULTS / name])
-        summary[f"{name} (machine speed while serving)"] = drift
-        summary[f"{name} (fitted on the measured runs' own steps, with their speed drift)"] = fidelity(
-            model, name, spec, own, "-own-steps-drift", drift=drift)
+    fits = RESULTS / name / "fits"
+    calibrated = calibrate(model, name, spec, slos, rerun, "calibration", fits)
+    summary[f"{name} (calibrated on step logs)"] = fidelity(model, name, spec, calibrated, "-calibrated")
+    if "calibration_wide" in spec:
+        wide = calibrate(model, name, spec, slos, rerun, "calibration_wide", fits)
+        summary[f"{name} (calibrated on step logs at several rates)"] = fidelity(model, name, spec, wide, "-calibrated-wide")
+        # every calibration run and repeat pooled: the most steps, at three rates, over the
+        # longest stretch of the machine's drifting speed; then on a machine whose speed
+        # wanders as it did in those runs
+        folders = list(calibrations(name, spec).values())
+        pooled = fit_logged(folders, spec["systems"], fits / "pooled")
+        summary[f"{name} (calibrated on every calibration run)"] = fidelity(model, name, spec, pooled, "-calibrated-pooled")
+        drift = speed_drift(pooled, folders, f"{name} (machine speed while calibrating)")
+        summary[f"{name} (machine speed while calibrating)"] = drift
+        summary[f"{name} (calibrated on every calibration run, with its speed drift)"] = fidelity(
+            model, name, spec, pooled, "-calibrated-pooled-drift", drift=drift)
+    for scale in SENSITIVITY:
+        summary[f"{name} (calibrated, every step {scale:g}x)"] = fidelity(
+            model, name, spec, calibrated, f"-calibrated-x{scale:g}", scale)
+    summary[f"{name} (cross-validated over rates)"] = cross_validated(model, name, spec)
+    # the runs' own steps: what is left is the simulator's error, not the latency model's
+    own = fit_logged([RESULTS / name], spec["systems"], fits / "own-steps")
+    summary[f"{name} (fitted on the measured runs' own steps)"] = fidelity(model, name, spec, own, "-own-steps")
+    drift = speed_drift(own, [RESULTS / name], f"{name} (machine speed while serving)")
+    summary[f"{name} (machine speed while serving)"] = drift
+    summary[f"{name} (fitted on the measured runs' own steps, with their speed drift)"] = fidelity(
+        model, name, spec, own, "-own-steps-drift", drift=drift)
     return summary
 
 
@@ -250,11 +264,19 @@ def split_by_run(steps: list[dict], runs: list[dict]) -> list[list[dict]]:
     return parts[::-1]
 
 
-def split_logs(folder: Path, system: str, runs: list[dict]) -> list[list[list[dict]]]:
-    """Each of the system's step logs in `folder`, cut into its runs (`runs`, by rate)."""
+def split_logs(folder: Path, system: str) -> list[list[list[dict]]] | None:
+    """Each of the system's step logs in `folder`, cut into its runs (by rate); None when the
+    logs are not here (the raw results.json, whose requests tell where a run ends, is there
+    whenever they are)."""
+    if not (folder / "results.json").exists():
+        return None
+    runs = sorted(json.loads((folder / "results.json").read_text())["systems"][system]["runs"], key=lambda r: r["rate"])
     per_log = []
     for log in LOGS[system]:
-        steps = read_step_log(folder / f"steps-{system}" / f"{log}.jsonl.gz")
+        path = folder / f"steps-{system}" / f"{log}.jsonl.gz"
+        if not path.exists():
+            return None
+        steps = read_step_log(path)
         # no decodes to count on the prefill instance: cut where the decode instance's runs start
         per_log.append(steps if log == "prefill-0" else split_by_run(steps, runs))
     if system == "disaggregated":
@@ -266,38 +288,38 @@ def split_logs(folder: Path, system: str, runs: list[dict]) -> list[list[list[di
 
 
 def runs_by_rate(folder: Path, system: str) -> list[dict]:
-    return sorted(json.loads((folder / "results.json").read_text())["systems"][system]["runs"], key=lambda r: r["rate"])
+    return sorted(run_summary(folder)["systems"][system]["runs"], key=lambda r: r["rate"])
 
 
 def first_slos(name: str) -> tuple[float, float]:
     """The (TTFT, TPOT) SLOs of the workload's first measurement, which its repeats reuse."""
-    settings = json.loads((RESULTS / name / "results.json").read_text())["settings"]
+    settings = run_summary(RESULTS / name)["settings"]
     return settings["ttft_slo"], settings["tpot_slo"]
 
 
-def cross_validated(model: Path, name: str, spec: dict) -> dict:
+def cross_validated(tokenizer: Path, name: str, spec: dict) -> dict:
     """Each rate simulated with latency models fitted to the steps logged at the other rates
     (in every repeat), against the mean measured attainment."""
     ttft, tpot = first_slos(name)
     out: dict = {}
     for system in ("colocated", "disaggregated"):
         measured = [(runs_by_rate(f, system), f) for f in measured_in(RESULTS / name, system)]
-        split = [split_logs(folder, system, runs) for runs, folder in measured]
+        split = [split_logs(folder, system) for _, folder in measured]
+        logged = all(part is not None for part in split)
         rows = []
         for k, run in enumerate(measured[0][0]):
             folder = Path(tempfile.mkdtemp(prefix=f"cross-validated-{system}-"))  # the logs of 4 runs: not kept
             files = []
-            for i, log in enumerate(LOGS[system]):
+            for i, log in enumerate(LOGS[system] if logged else []):
                 path = folder / f"{log}.jsonl"
                 path.write_text("".join(json.dumps(step) + "\n" for per_log in split
                                         for m, part in enumerate(per_log[i]) if m != k for step in part))
-                files.append(str(path))
-            fitted = folder / "fitted.json"
-            run_quiet(DISTSERVE + ["profile", "--step-log", *files, "--out", str(fitted)])
+                files.append(path)
+            model = fitted(files, RESULTS / name / "fits" / "cross-validated" / f"fitted-{system}-{run['rate']:g}.json")
             sim_out = folder / "simulated.json"
-            run_quiet(DISTSERVE + ["simulate", "--config", str(RESULTS / f"{name}-{system}.json"), "--latency", f"fitted:all={fitted}",
+            run_quiet(DISTSERVE + ["simulate", "--config", str(RESULTS / f"{name}-{system}.json"), "--latency", f"fitted:all={model}",
                                    "--cluster", "1x2xcpu", "--dtype-bytes", "4", *spec["workload"], "--rates", str(run["rate"]),
-                                   "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(model), "--out", str(sim_out)])
+                                   "--ttft", str(ttft), "--tpot", str(tpot), "--tokenizer", str(tokenizer), "--out", str(sim_out)])
             simulated = json.loads(sim_out.read_text())["rows"][0]["attainment"]
             shutil.rmtree(folder)
             rows.append(row(run["rate"], [runs[k]["attainment"] for runs, _ in measured], simulated))
@@ -305,14 +327,17 @@ def cross_validated(model: Path, name: str, spec: dict) -> dict:
     return out
 
 
-def speed_drift(fitted: dict[str, str], bases: list[Path]) -> dict:
+def speed_drift(fits: dict[str, str], bases: list[Path], label: str) -> dict:
     """How far the machine's speed wanders while serving: the decode steps each system logged in
     `bases` and their repeats, cut into DRIFT_WINDOW-second windows, each window's time over
     what `fitted` (one model over all those steps) predicts for it. A steady machine reads 1.0
     in every window, give or take the fit's error on the batch shapes a window happens to hold
-    (so this reads the drift high, if anything)."""
+    (so this reads the drift high, if anything). Without the step logs here, the reading
+    fidelity.json kept under `label`."""
+    if not all(step_logs(bases, system) for system in fits):
+        return json.loads((RESULTS / "fidelity.json").read_text())[label]
     out = {}
-    for system, latency in fitted.items():
+    for system, latency in fits.items():
         model = FittedLatencyModel.load(latency.split("=", 1)[1])
         ratios = []
         for path in step_logs(bases, system):
