@@ -67,6 +67,7 @@ class TrackedRequest:
     add: AddRequest
     metrics: RequestMetrics
     output_token_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # its prompt's block names, as the router weighs them
     holders: set[str] = field(default_factory=set)
     prefill_instance: str | None = None
     decode_instance: str | None = None
@@ -225,9 +226,11 @@ class Controller:
     def _route_prompt(self, tracked: TrackedRequest) -> None:
         """Send a request's prompt to an instance, or park it until one comes back."""
         prompt = tracked.add.prompt_token_ids
-        target = self.router.route_prompt(tracked.request_id, prompt, self.max_queue_len)
+        if not tracked.block_hashes:
+            tracked.block_hashes = self.router.hashes(prompt)
+        target = self.router.route_prompt(tracked.request_id, prompt, tracked.block_hashes, self.max_queue_len)
         if target is None:
-            target = self.router.route_prompt(tracked.request_id, prompt)  # re-queued: no limit
+            target = self.router.route_prompt(tracked.request_id, prompt, tracked.block_hashes)  # re-queued: no limit
         if target is None:
             self._parked.append(tracked)
             return
@@ -358,7 +361,8 @@ class Controller:
             update.tokens.append(token)
             if token.finish_reason is not None:
                 tracked.holders.discard(out.instance)  # the instance freed the blocks itself (its cache keeps them)
-                self.router.finished(out.instance, tracked.request_id, tracked.add.prompt_token_ids + tracked.output_token_ids)
+                tokens = tracked.add.prompt_token_ids + tracked.output_token_ids[:-1]  # the last has no KV
+                self.router.finished(out.instance, tracked.request_id, self.router.hashes(tokens, tracked.block_hashes))
                 self.requests.pop(tracked.request_id, None)
                 self._release(tracked)
         updates.extend(news.values())
@@ -368,7 +372,7 @@ class Controller:
         if tracked is None:
             self._send(done.instance, ReleaseKV(done.request_id))
             return
-        decode = self.router.route_decode(tracked.request_id, tracked.add.prompt_token_ids)
+        decode = self.router.route_decode(tracked.request_id, tracked.add.prompt_token_ids, tracked.block_hashes)
         if decode is None and self.supervisor.coming_back(Role.DECODE):
             self._parked_migrations.append(done)  # its KV waits on the prefill instance
             return

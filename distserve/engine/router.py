@@ -89,6 +89,12 @@ class Router:
         self.policy = RoutingPolicy(policy)
         self.conditional_prefill_tokens = conditional_prefill_tokens
         self.instances = {i.name: i for i in instances}
+        # the cache index only serves a choice: between instances of a role, or of where to prefill
+        prompt_roles = [i for i in instances if i.role.takes_prompts]
+        decode = [i for i in instances if i.role is Role.DECODE]
+        self.indexed = self.policy is RoutingPolicy.CACHE_AWARE and (
+            len(prompt_roles) > 1 or len(decode) > 1 or bool(conditional_prefill_tokens and decode)
+        )
 
     def alive(self, role: Role) -> list[InstanceLoad]:
         return [i for i in self.instances.values() if i.role is role and i.alive]
@@ -97,19 +103,23 @@ class Router:
         """The live instances new requests go to."""
         return [i for i in self.instances.values() if i.role.takes_prompts and i.alive]
 
-    def _hashes(self, token_ids: list[int]) -> list[int]:
-        if self.policy is not RoutingPolicy.CACHE_AWARE or not self.instances:
+    def hashes(self, token_ids: list[int], known: list[int] | None = None) -> list[int]:
+        """The block names of `token_ids` the routing weighs (extending `known`), or none
+        when no choice depends on them."""
+        if not self.indexed:
             return []
-        return prefix_hashes(token_ids, next(iter(self.instances.values())).block_size)
+        return prefix_hashes(token_ids, next(iter(self.instances.values())).block_size, known)
 
     # -- decisions -----------------------------------------------------------------------------
-    def route_prompt(self, request_id: str, token_ids: list[int], max_queued: int | None = None) -> InstanceLoad | None:
-        """The instance that prefills a new request, charged with its prompt; None when none
-        is alive, or none has fewer than `max_queued` prompts waiting."""
+    def route_prompt(
+        self, request_id: str, token_ids: list[int], hashes: list[int], max_queued: int | None = None
+    ) -> InstanceLoad | None:
+        """The instance that prefills a new request (`hashes`: its prompt's, `hashes()`),
+        charged with its prompt; None when none is alive, or none has fewer than `max_queued`
+        prompts waiting."""
         candidates = [i for i in self.prompt_instances() if max_queued is None or len(i.queued) < max_queued]
         if not candidates:
             return None
-        hashes = self._hashes(token_ids)
         target = self._conditional_target(token_ids, hashes, candidates)
         if target is None and self.policy is RoutingPolicy.CACHE_AWARE:
             fewest = min(len(i.assigned) for i in candidates)
@@ -139,13 +149,13 @@ class Router:
         enough_room = best.free_blocks >= -(-(len(token_ids) + 1) // best.block_size)
         return best if cached and len(token_ids) - cached <= limit and enough_room else None
 
-    def route_decode(self, request_id: str, token_ids: list[int]) -> InstanceLoad | None:
-        """The decode instance for a prefilled request (`token_ids`: its prompt), charged with
-        the blocks it will take (its next token's slot included); None when none is alive."""
+    def route_decode(self, request_id: str, token_ids: list[int], hashes: list[int]) -> InstanceLoad | None:
+        """The decode instance for a prefilled request (`token_ids`: its prompt; `hashes`: their
+        names), charged with the blocks it will take (its next token's slot included); None when
+        none is alive."""
         candidates = self.alive(Role.DECODE)
         if not candidates:
             return None
-        hashes = self._hashes(token_ids)
         needed = -(-(len(token_ids) + 1) // candidates[0].block_size)
         roomy = [i for i in candidates if i.free_blocks >= needed]
         if hashes and roomy:
@@ -169,11 +179,11 @@ class Router:
         load = self.instances[name]
         load.promised_blocks -= load.promised.pop(request_id, 0)
 
-    def finished(self, name: str, request_id: str, token_ids: list[int]) -> None:
-        """The request ended on the instance, which caches its blocks now (all its tokens
-        but the last have KV)."""
+    def finished(self, name: str, request_id: str, hashes: list[int]) -> None:
+        """The request ended on the instance, which caches its blocks now (`hashes`: the names
+        of all its tokens but the last, which has no KV)."""
         self.unassign(name, request_id)
-        self.instances[name].remember(self._hashes(token_ids[:-1]))
+        self.instances[name].remember(hashes)
 
     def unassign(self, name: str, request_id: str) -> None:
         """The request's KV is no longer on the instance (finished, moved or aborted)."""

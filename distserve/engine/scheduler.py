@@ -188,7 +188,7 @@ class Scheduler:
         """Name in the cache the request's full blocks up to `num_tokens` (computed, or being
         computed this step)."""
         if num_tokens // self.blocks.block_size > request.num_named_blocks:
-            request.block_hashes = prefix_hashes(request.token_ids[:num_tokens], self.blocks.block_size, request.block_hashes)
+            request.block_hashes = prefix_hashes(request.token_ids, self.blocks.block_size, request.block_hashes, num_tokens)
             request.num_named_blocks = self.blocks.cache_blocks(request.block_table, request.token_ids, request.block_hashes,
                                                                 request.num_named_blocks, num_tokens)
 

@@ -30,11 +30,18 @@ def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
-def prefix_hashes(token_ids: Sequence[int], block_size: int, start: list[int] | None = None) -> list[int]:
-    """The names of the full blocks of `token_ids`, extending `start` (names already known)."""
-    hashes = list(start or [])
+def prefix_hashes(
+    token_ids: Sequence[int], block_size: int, start: list[int] | None = None, num_tokens: int | None = None
+) -> list[int]:
+    """The names of the full blocks of `token_ids` (of its first `num_tokens`), extending
+    `start` (names already known; returned as is when nothing is to add)."""
+    hashes = start if start is not None else []
+    end = (len(token_ids) if num_tokens is None else num_tokens) // block_size
+    if len(hashes) >= end:
+        return hashes
+    hashes = list(hashes)
     parent = hashes[-1] if hashes else None
-    for i in range(len(hashes), len(token_ids) // block_size):
+    for i in range(len(hashes), end):
         parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
     return hashes
