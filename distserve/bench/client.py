@@ -4,6 +4,10 @@ Each request goes to `/v1/completions` as token ids with `max_tokens` = its outp
 and `ignore_eos`, streamed; the client records the send time, the arrival of every streamed
 chunk, the token count the server reports, errors, and distserve's request timeline when
 the server sends one.
+
+Conversations (`run_conversations`) are replayed turn by turn: a turn is sent once the last
+one's answer arrived (and a think time passed), with that answer in its prompt, re-tokenized
+from its text as a chat client's next message would carry it.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import httpx
 from tqdm.auto import tqdm
 
 from distserve.bench.metrics import RequestRecord
-from distserve.bench.workloads import BenchRequest
+from distserve.bench.workloads import BenchRequest, Conversation
 
 
 async def send_request(
-    client: httpx.AsyncClient, url: str, model: str | None, request: BenchRequest, headers: dict[str, str]
+    client: httpx.AsyncClient, url: str, model: str | None, request: BenchRequest, headers: dict[str, str],
+    text: list[str] | None = None,
 ) -> RequestRecord:
+    """Send one request and record it; the answer's text pieces go to `text` if given."""
     body = {
         "prompt": request.prompt_token_ids,
         "max_tokens": request.output_len,
@@ -52,8 +58,11 @@ async def send_request(
                 choices = chunk.get("choices") or []
                 if choices:  # a step's tokens, its text possibly empty (held back), as vLLM counts them
                     record.token_times.append(now)
+                    if text is not None:
+                        text.append(choices[0].get("text") or "")
                 if chunk.get("usage"):
                     record.num_tokens = chunk["usage"].get("completion_tokens", 0)
+                    record.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if chunk.get("metrics"):
                     record.server_metrics = chunk["metrics"]
     except httpx.HTTPError as exc:
@@ -90,3 +99,48 @@ async def run_requests(
         records = await asyncio.gather(*tasks)
     bar.close()
     return list(records)
+
+
+async def run_conversations(
+    base_url: str,
+    model: str | None,
+    conversations: list[Conversation],
+    start_times: list[float],
+    tokenizer,  # noqa: ANN001 - the served model's tokenizer: it reads the answers into the next prompts
+    think_time: float = 0.0,
+    api_key: str | None = None,
+    description: str = "conversations",
+    progress: bool = True,
+) -> list[RequestRecord]:
+    """Start each conversation at its time (seconds from now); each of its turns is a request,
+    sent `think_time` seconds after the answer to the last one arrived. The turns of a
+    conversation cut short by an error are recorded as failed."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    bar = tqdm(total=sum(len(c.turns) for c in conversations), desc=description, unit="turn", disable=not progress, leave=False)
+
+    async def replay(client: httpx.AsyncClient, conversation: Conversation, start: float) -> list[RequestRecord]:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        history = list(conversation.system_token_ids)
+        records: list[RequestRecord] = []
+        for k, (user, answer_len) in enumerate(conversation.turns):
+            prompt = history + user
+            pieces: list[str] = []
+            record = await send_request(client, url, model, BenchRequest(prompt, answer_len), headers, pieces)
+            records.append(record)
+            bar.update(1)
+            if record.error:
+                records += [RequestRecord(len(prompt), n, time.perf_counter(), error=f"not sent: turn {k} failed")
+                            for _, n in conversation.turns[k + 1 :]]
+                bar.update(len(conversation.turns) - k - 1)
+                break
+            history = prompt + tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
+            await asyncio.sleep(think_time)
+        return records
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        now = time.perf_counter()
+        per_conversation = await asyncio.gather(*(replay(client, c, now + t) for c, t in zip(conversations, start_times)))
+    bar.close()
+    return [r for records in per_conversation for r in records]

