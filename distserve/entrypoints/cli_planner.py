@@ -37,75 +37,79 @@ def _problem(args: argparse.Namespace, lengths: list[tuple[int, int]]):  # noqa:
     return PlanProblem(
         shape=model_shape(args.plan_model), cluster=Cluster.parse(args.cluster), lengths=lengths,
         ttft=args.ttft, tpot=args.tpot, target=args.attainment, criterion=args.criterion, latency=args.latency,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs, calibration=args.calibration,
     )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    """Every mode's best placement on the same latency model, and the best one's placement file."""
     import json
 
-    from distserve.planner.search import algorithm1, algorithm2, best_colocated
+    from distserve.planner.search import best_colocated, choose_mode
 
     lengths = _lengths(args)
     problem = _problem(args, lengths)
-    placements = []
-    for algorithm in ([1, 2] if args.algorithm == "both" else [int(args.algorithm)]):
-        try:
-            placements.append((algorithm1 if algorithm == 1 else algorithm2)(problem, args.rate))
-        except ValueError as exc:
-            print(f"algorithm {algorithm}: {exc}")
-    if not placements:
-        raise ValueError("no placement meets the SLOs at this rate on this cluster.")
-    for p in placements:
-        print(f"\nalgorithm {p.algorithm}: prefill TP{p.prefill.tp} PP{p.prefill.pp} x{p.num_prefill}, "
-              f"decode TP{p.decode.tp} PP{p.decode.pp} x{p.num_decode}: {p.devices} devices, "
-              f"goodput {p.goodput:.3f} req/s, {p.per_device_goodput:.3f} per device")
-        print(f"  {'kind':<8} {'prefill':>9} {'decode':>9} {'goodput':>9} {'per dev':>9}")
-        for c in sorted(p.candidates, key=lambda c: -c.per_device)[: args.top]:
-            fmt = lambda par: f"{par.tp}x{par.pp}" if par else "-"  # noqa: E731
-            print(f"  {c.kind:<8} {fmt(c.prefill):>9} {fmt(c.decode):>9} {c.goodput:>9.3f} {c.per_device:>9.3f}")
-    best = max(placements, key=lambda p: p.per_device_goodput)
-    baseline = None
-    if args.latency in ("published", "analytical"):
-        colocated_problem = _problem(args, lengths)
-        if args.latency == "published":
-            colocated_problem.latency = "published-vllm"
-        baseline = best_colocated(colocated_problem, progress=True)
-        print(f"\ncolocated ({'vLLM profile' if args.latency == 'published' else 'same model'}): best TP{baseline.prefill.tp} "
-              f"PP{baseline.prefill.pp}, {baseline.per_device:.3f} req/s per device; "
-              f"disaggregated / colocated = {best.per_device_goodput / baseline.per_device:.2f}x")
-    deployment = best.deployment(args.model, args.max_num_batched_tokens, args.max_num_seqs)
-    plan = {
-        "deployment": deployment.to_dict(),
+    algorithms = [1, 2] if args.algorithm == "both" else [int(args.algorithm)]
+    modes = [m for m in (args.modes or ["disaggregated", "colocated", "chunked"])]
+    plans = [p for p in choose_mode(problem, args.rate, algorithms if "disaggregated" in modes else []) if str(p.mode) in modes]
+    if not plans:
+        raise ValueError(f"no placement of {', '.join(modes)} meets the SLOs at {args.rate} req/s on this cluster.")
+    for plan in plans:
+        if plan.placement is not None:
+            print(f"\ndisaggregated, algorithm {plan.placement.algorithm}: candidates, best per device first")
+            print(f"  {'kind':<8} {'prefill':>9} {'decode':>9} {'goodput':>9} {'per dev':>9}")
+            for c in sorted(plan.placement.candidates, key=lambda c: -c.per_device)[: args.top]:
+                fmt = lambda par: f"{par.tp}x{par.pp}" if par else "-"  # noqa: E731
+                print(f"  {c.kind:<8} {fmt(c.prefill):>9} {fmt(c.decode):>9} {c.goodput:>9.3f} {c.per_device:>9.3f}")
+    print(f"\nmodes on the same latency model ({args.latency}), best first, for {args.rate:g} req/s:")
+    print(f"  {'mode':<14} {'placement':<52} {'devices':>7} {'goodput':>8} {'per device':>10}")
+    for plan in plans:
+        print(f"  {str(plan.mode):<14} {plan.describe():<52} {plan.devices:>7} {plan.goodput:>8.3f} {plan.per_device_goodput:>10.3f}")
+    best = plans[0]
+    reference = None
+    if args.latency == "published":  # the 2023 vLLM engine's own profile, where the authors published one
+        vllm_problem = _problem(args, lengths)
+        vllm_problem.latency = "published-vllm"
+        reference = best_colocated(vllm_problem, progress=True)
+        print(f"  {'vLLM profile':<14} {f'TP{reference.prefill.tp}PP{reference.prefill.pp} (colocated, the published vLLM engine)':<52} "
+              f"{reference.devices:>7} {reference.goodput:>8.3f} {reference.per_device:>10.3f}")
+    reason = ", ".join(f"{p.mode} {p.per_device_goodput:.3f}" for p in plans)
+    print(f"\nchose {best.mode}: the most goodput per device ({reason} req/s per device)")
+    plan_file = {
+        "deployment": best.deployment(args.model, problem).to_dict(),
         "plan": {
-            "algorithm": best.algorithm, "cluster": args.cluster, "latency": args.latency, "rate": args.rate,
+            "mode": str(best.mode), "placement": best.describe(), "cluster": args.cluster, "latency": args.latency, "rate": args.rate,
             "ttft": args.ttft, "tpot": args.tpot, "attainment": args.attainment, "criterion": args.criterion,
             "goodput": best.goodput, "per_device_goodput": best.per_device_goodput, "devices": best.devices,
-            "colocated_per_device_goodput": baseline.per_device if baseline else None,
+            "modes": {str(p.mode): {"placement": p.describe(), "devices": p.devices, "goodput": p.goodput,
+                                    "per_device_goodput": p.per_device_goodput} for p in plans},
+            "reason": f"the most goodput per device of the modes that sustain {args.rate:g} req/s: {reason}",
+            "vllm_profile_per_device_goodput": reference.per_device if reference else None,
         },
     }
-    Path(args.out).write_text(json.dumps(plan, indent=2))
-    print(f"\nwrote {args.out} (distserve serve --config {args.out})")
+    Path(args.out).write_text(json.dumps(plan_file, indent=2))
+    print(f"wrote {args.out} (distserve serve --config {args.out})")
     if args.plot:
-        _plot_plan(problem, best, args.plot)
+        _plot_plan(problem, plans, args.plot)
 
 
-def _plot_plan(problem, placement, path: str) -> None:  # noqa: ANN001
+def _plot_plan(problem, plans, path: str) -> None:  # noqa: ANN001 - a PlanProblem, ModePlans
+    """Simulated attainment against rate per device, of each mode's placement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec = placement.cluster_spec(problem)
-    rates = [placement.goodput * f for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)]
-    attain = [problem.attainment(problem.run(spec, r)) for r in rates]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r / placement.devices for r in rates], [100 * a for a in attain], marker="o")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for plan in plans:
+        spec = plan.cluster_spec(problem)
+        rates = [plan.goodput * f for f in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)]
+        attain = [problem.attainment(problem.run(spec, r)) for r in rates]
+        ax.plot([r / plan.devices for r in rates], [100 * a for a in attain], marker="o", label=f"{plan.mode}: {plan.describe()}")
     ax.axhline(100 * problem.target, color="gray", linestyle="--")
     ax.set_xlabel("rate per device (req/s)")
     ax.set_ylabel("simulated SLO attainment (%)")
-    ax.set_title(f"prefill TP{placement.prefill.tp}PP{placement.prefill.pp} x{placement.num_prefill}, "
-                 f"decode TP{placement.decode.tp}PP{placement.decode.pp} x{placement.num_decode}")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -157,10 +161,35 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Fit the analytical model's weights to measured steps and print its error."""
+    from distserve.planner.calibration import fit_calibration, profile_samples, published_samples
+    from distserve.planner.hardware import DEVICES, model_shape
+    from distserve.planner.latency_model import FittedLatencyModel
+
+    device = DEVICES[args.device]
+    if args.profile:
+        if not args.model:
+            raise ValueError("--profile needs --model (the shape the profile ran) and --tp.")
+        samples = [s for path in args.profile for s in profile_samples(FittedLatencyModel.load(path), model_shape(args.model), args.tp)]
+        source = f"{', '.join(args.profile)} ({args.model}, TP {args.tp})"
+    else:
+        samples = published_samples()
+        source = "DistServe's published A100-80GB profiles"
+    calibration = fit_calibration(samples, device, source)
+    for phase, err in calibration.error.items():
+        print(f"{phase}: held-out error median {err['median']:.1%}, worst {err['worst']:.1%} over {err['steps']} steps")
+    calibration.save(args.out)
+    print(f"wrote {args.out} (distserve plan --latency analytical --calibration {args.out})")
+
+
 def add_plan_args(p: argparse.ArgumentParser, with_rate: bool) -> None:
     p.add_argument("--cluster", default="1x4xa100-80gb", help="NODESxDEVICES[xKIND]; kinds: a100-80gb, h100, h200, cpu")
     p.add_argument("--latency", default="analytical",
-                   help="analytical | published (DistServe's A100 profiles) | fitted:PROFILE.json (from distserve profile)")
+                   help="analytical (a roofline calibrated on measured steps, --calibration) | roofline (uncalibrated) | "
+                   "published (DistServe's A100 profiles) | fitted:PROFILE.json (from distserve profile)")
+    p.add_argument("--calibration", default=None, metavar="JSON",
+                   help="the analytical model's calibration (`distserve calibrate`; default: fitted to the published A100 profiles)")
     p.add_argument("--ttft", type=float, required=True, help="TTFT SLO, seconds")
     p.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLOs")
@@ -185,12 +214,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--out", default="profile.json")
     profile.set_defaults(func=cmd_profile)
 
+    calibrate = sub.add_parser("calibrate", help="fit the planner's analytical model to measured steps",
+                               description="Fit the analytical latency model's weights (compute and memory efficiency, "
+                               "per-step, per-layer and all-reduce costs) to measured steps: DistServe's published A100 "
+                               "profiles, or `distserve profile` JSON files of a GPU of yours. Half the steps are held out "
+                               "and the error on them printed.")
+    calibrate.add_argument("--profile", nargs="+", metavar="JSON", help="distserve profile output(s) (default: the published profiles)")
+    calibrate.add_argument("--model", default=None, help="the model the profiles ran (config folder or known id)")
+    calibrate.add_argument("--tp", type=int, default=1, help="their tensor-parallel degree")
+    calibrate.add_argument("--device", default="a100-80gb", help="the device kind they ran on (planner/hardware.py)")
+    calibrate.add_argument("--out", default="calibration.json")
+    calibrate.set_defaults(func=cmd_calibrate)
+
     plan = sub.add_parser("plan", help="choose the goodput-optimal placement for a workload and SLOs",
                           description="Search prefill/decode parallelism and instance counts with the simulator "
                           "(Algorithm 1 and 2 of DistServe) and write a placement file for `distserve serve --config`.")
     plan.add_argument("--model", dest="plan_model", required=True, help="config.json folder or a known id (facebook/opt-66b, ...)")
     plan.add_argument("--serve-model", dest="model", default=None, help="model path written into the placement file")
-    plan.add_argument("--algorithm", choices=("1", "2", "both"), default="both")
+    plan.add_argument("--algorithm", choices=("1", "2", "both"), default="both", help="disaggregated placement search")
+    plan.add_argument("--modes", nargs="+", choices=("disaggregated", "colocated", "chunked"), default=None,
+                      help="modes to search (default: all three; the best per device is written)")
     plan.add_argument("--top", type=int, default=8, help="candidates shown per algorithm")
     plan.add_argument("--plot", default=None, help="PNG of the chosen placement's simulated attainment curve")
     plan.add_argument("--out", default="placement.json", help="the placement file to write")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from distserve.bench.arrivals import arrival_times
 from distserve.bench.metrics import RequestRecord, find_goodput, slo_attainment
-from distserve.config import DeploymentConfig, Mode, PhaseConfig, Role
+from distserve.config import DEFAULT_CHUNK_SIZE, DeploymentConfig, Mode, PhaseConfig, Role
+from distserve.planner.calibration import CalibratedLatencyModel, Calibration
 from distserve.planner.deployment import PhaseModel
 from distserve.planner.hardware import Cluster, ModelShape, fits_in_memory, kv_capacity_tokens
 from distserve.planner.latency_model import (
@@ -63,9 +64,11 @@ class PlanProblem:
     tpot: float
     target: float = 0.9
     criterion: str = "joint"  # joint: TTFT and TPOT both met; separate: each met by the target share
-    latency: str = "analytical"  # analytical | published | published-vllm | fitted:PATH
+    latency: str = "analytical"  # analytical (calibrated) | roofline | published | published-vllm | fitted:PATH
+    calibration: str | None = None  # the analytical model's calibration (default: the package's, on A100 profiles)
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # chunked prefill's token budget per step
     iterations: int = 6  # bisection steps after the doubling search
     duration: float = 60.0  # seconds of arrivals simulated per rate (steady state, not a burst)
     min_requests: int = 200
@@ -81,7 +84,12 @@ class PlanProblem:
             if (par.tp, par.pp) != (1, 1):
                 raise ValueError("a fitted profile describes one TP/PP layout; plan with --latency analytical for others.")
             return model
-        return AnalyticalLatencyModel(self.shape, self.cluster.device, par.tp, par.pp)
+        if self.latency == "roofline":
+            return AnalyticalLatencyModel(self.shape, self.cluster.device, par.tp, par.pp)
+        if self.latency != "analytical":
+            raise ValueError(f"--latency {self.latency!r}: use analytical, roofline, published or fitted:PROFILE.json.")
+        calibration = Calibration.load(self.calibration) if self.calibration else Calibration.load()
+        return CalibratedLatencyModel(self.shape, self.cluster.device, calibration, par.tp, par.pp)
 
     def kv_capacity(self, par: Parallelism) -> int:
         if self.latency.startswith("published"):
@@ -140,13 +148,16 @@ class PlanProblem:
         return find_goodput(lambda rate: self.attainment(self.run(spec, rate, prefill_only, part), part), self.target, 1.0,
                             self.iterations)
 
-    def instance(self, role: Role, par: Parallelism, latency: LatencyModel | None = None, capacity: int | None = None) -> InstanceSpec:
+    def instance(
+        self, role: Role, par: Parallelism, latency: LatencyModel | None = None, capacity: int | None = None, chunked: bool = False
+    ) -> InstanceSpec:
         return InstanceSpec(
             role,
             latency or self.latency_model(par),
             capacity if capacity is not None else self.kv_capacity(par),
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_batched_tokens=self.chunk_size if chunked else self.max_num_batched_tokens,
+            chunked=chunked,
         )
 
     def transfer(self, link: str) -> Callable[[int], float]:
@@ -197,8 +208,8 @@ def _evaluate(args: tuple[PlanProblem, Candidate]) -> Candidate:
         spec = ClusterSpec([problem.instance(Role.PREFILL, cand.prefill), problem.instance(Role.DECODE, cand.decode)],
             problem.transfer("node"))
         cand.goodput = problem.goodput(spec)
-    else:
-        spec = ClusterSpec([problem.instance(Role.COLOCATED, cand.prefill)])
+    else:  # colocated or chunked: one instance does both phases
+        spec = ClusterSpec([problem.instance(Role.COLOCATED, cand.prefill, chunked=cand.kind == "chunked")])
         cand.goodput = problem.goodput(spec)
     return cand
 
@@ -303,8 +314,79 @@ def algorithm2(problem: PlanProblem, rate: float, progress: bool = True) -> Plac
     return Placement(2, best.prefill, best.decode, n, n, n * best.goodput, done)
 
 
-def best_colocated(problem: PlanProblem, progress: bool = True) -> Candidate:
-    """The colocated baseline's best per-device configuration (for the goodput ratio)."""
-    cands = [Candidate("colocated", prefill=p, devices=p.devices) for p in problem.candidates(problem.cluster.devices_per_node)]
+def best_colocated(problem: PlanProblem, progress: bool = True, chunked: bool = False) -> Candidate:
+    """The best per-device configuration of one instance doing both phases: continuous
+    batching with prefill-first steps, or (`chunked`) chunked prefill."""
+    kind = "chunked" if chunked else "colocated"
+    cands = [Candidate(kind, prefill=p, devices=p.devices) for p in problem.candidates(problem.cluster.devices_per_node)]
     done = evaluate_all(problem, cands, progress=progress)
     return max(done, key=lambda c: (c.per_device, -c.devices))
+
+
+@dataclass
+class ModePlan:
+    """One mode's best placement for a rate: how many of its unit (a disaggregated placement's
+    pairs or replicas, one colocated or chunked instance) and what they sustain."""
+
+    mode: Mode
+    goodput: float  # req/s of the whole placement
+    devices: int
+    per_device_goodput: float
+    placement: Placement | None = None  # disaggregated
+    instance: Candidate | None = None  # colocated, chunked
+    num_instances: int = 0
+
+    def describe(self) -> str:
+        if self.placement is not None:
+            p = self.placement
+            return (f"prefill TP{p.prefill.tp}PP{p.prefill.pp} x{p.num_prefill} + decode TP{p.decode.tp}PP{p.decode.pp} "
+                    f"x{p.num_decode} (algorithm {p.algorithm})")
+        assert self.instance is not None
+        return f"TP{self.instance.prefill.tp}PP{self.instance.prefill.pp} x{self.num_instances}"
+
+    def deployment(self, model: str | None, problem: PlanProblem) -> DeploymentConfig:
+        if self.placement is not None:
+            return self.placement.deployment(model, problem.max_num_batched_tokens, problem.max_num_seqs)
+        assert self.instance is not None
+        par = self.instance.prefill
+        budget = problem.chunk_size if self.mode is Mode.CHUNKED else problem.max_num_batched_tokens
+        phase = PhaseConfig(num_instances=self.num_instances, tensor_parallel_size=par.tp, pipeline_parallel_size=par.pp,
+                            max_num_batched_tokens=budget, max_num_seqs=problem.max_num_seqs)
+        return DeploymentConfig(model=model, mode=self.mode, colocated=phase)
+
+    def cluster_spec(self, problem: PlanProblem) -> ClusterSpec:
+        if self.placement is not None:
+            return self.placement.cluster_spec(problem)
+        assert self.instance is not None
+        return ClusterSpec([problem.instance(Role.COLOCATED, self.instance.prefill, chunked=self.mode is Mode.CHUNKED)]
+                           * self.num_instances)
+
+
+def replicated(mode: Mode, candidate: Candidate, rate: float, problem: PlanProblem) -> ModePlan | None:
+    """Enough copies of one colocated (or chunked) instance for `rate`, if the cluster has
+    the devices (None if it has not, or the instance meets the SLOs at no rate)."""
+    if candidate.goodput <= 0:
+        return None
+    n = max(1, math.ceil(rate / candidate.goodput))
+    if n * candidate.devices > problem.cluster.num_devices:
+        return None
+    return ModePlan(mode, n * candidate.goodput, n * candidate.devices, candidate.per_device, instance=candidate, num_instances=n)
+
+
+def choose_mode(problem: PlanProblem, rate: float, algorithms: Sequence[int] = (1, 2), progress: bool = True) -> list[ModePlan]:
+    """Each mode's best placement for `rate` (disaggregated: the better of the algorithms),
+    best per device first; the modes that cannot sustain it on the cluster are left out."""
+    plans: list[ModePlan] = []
+    for algorithm in algorithms:
+        try:
+            placement = (algorithm1 if algorithm == 1 else algorithm2)(problem, rate, progress)
+        except ValueError:
+            continue
+        plans.append(ModePlan(Mode.DISAGGREGATED, placement.goodput, placement.devices, placement.per_device_goodput, placement))
+    disaggregated = max(plans, key=lambda p: p.per_device_goodput, default=None)
+    plans = [disaggregated] if disaggregated else []
+    for mode in (Mode.COLOCATED, Mode.CHUNKED):
+        plan = replicated(mode, best_colocated(problem, progress, chunked=mode is Mode.CHUNKED), rate, problem)
+        if plan is not None:
+            plans.append(plan)
+    return sorted(plans, key=lambda p: -p.per_device_goodput)

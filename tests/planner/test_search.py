@@ -13,7 +13,8 @@ from distserve.config import DeploymentConfig
 from distserve.entrypoints.cli import build_parser
 from distserve.entrypoints.cli_planner import cmd_plan  # noqa: F401 - the command under test is run through the parser
 from distserve.planner.hardware import Cluster, fits_in_memory, model_shape
-from distserve.planner.search import Parallelism, PlanProblem, algorithm1, algorithm2
+from distserve.planner.latency_model import FittedLatencyModel
+from distserve.planner.search import Parallelism, PlanProblem, algorithm1, algorithm2, choose_mode
 
 LENGTHS = [(200 + 37 * (i % 11), 50 + 13 * (i % 7)) for i in range(120)]
 
@@ -52,7 +53,7 @@ def test_placement_file_round_trips_into_serve(tmp_path) -> None:
     args = build_parser().parse_args([
         "plan", "--model", "facebook/opt-13b", "--cluster", "1x4xa100-80gb", "--latency", "published",
         "--ttft", "0.4", "--tpot", "0.1", "--rate", "2", "--algorithm", "2", "--workload", "synthetic:uniform:100:600:20:200",
-        "--num-requests", "100", "--serve-model", "facebook/opt-13b", "--out", str(out),
+        "--num-requests", "100", "--serve-model", "facebook/opt-13b", "--out", str(out), "--modes", "disaggregated",
     ])
     args.func(args)
     data = json.loads(out.read_text())
@@ -105,3 +106,46 @@ def test_profile_fits_this_engine(checkpoints, tmp_path) -> None:
     data = json.loads(out.read_text())
     assert data["meta"]["threads"] == 1 and len(data["prefill"]) == 3
     assert "fit error" in done.stdout
+
+
+def synthetic_problem(tmp_path, prefill: tuple, decode: tuple, lengths: list, ttft: float, tpot: float, chunk: int) -> PlanProblem:
+    """One CPU core per device, step times from a made-up profile."""
+    path = tmp_path / "profile.json"
+    FittedLatencyModel(prefill, decode, decode).save(path)
+    return PlanProblem(model_shape("HuggingFaceTB/SmolLM2-135M-Instruct"), Cluster.parse("1x2xcpu"), lengths, ttft=ttft, tpot=tpot,
+                       latency=f"fitted:{path}", min_requests=60, max_requests=200, iterations=4, chunk_size=chunk)
+
+
+def test_the_mode_is_chosen_not_assumed(tmp_path) -> None:
+    # prompts of 1 ms a token beside 10 ms decode steps and a 12 ms TPOT: a decode that shares a
+    # step with a prompt misses it, so only disaggregated serves the rate
+    only_apart = synthetic_problem(tmp_path, (0.0, 1e-3, 0.0), (0.01, 0.0, 0.0), [(400, 100)] * 10, 2.0, 0.012, 512)
+    plans = choose_mode(only_apart, 1.0, progress=False)
+    assert [str(p.mode) for p in plans] == ["disaggregated"]
+    # cheap prompts in 64-token chunks beside decodes whose steps grow with the batch: one core
+    # doing both phases in chunks serves the most per device
+    shared = synthetic_problem(tmp_path, (0.0, 2e-4, 0.0), (0.005, 0.0, 5e-4), [(100, 200)] * 10, 1.0, 0.02, 64)
+    plans = choose_mode(shared, 1.0, progress=False)
+    assert str(plans[0].mode) == "chunked" and {str(p.mode) for p in plans} == {"chunked", "colocated", "disaggregated"}
+    assert plans[0].per_device_goodput > max(p.per_device_goodput for p in plans[1:])
+    deployment = plans[0].deployment("model", shared)
+    assert deployment.mode == "chunked" and deployment.colocated.max_num_batched_tokens == 64
+
+
+def test_a_colocated_mode_placement_file_round_trips_into_serve(tmp_path) -> None:
+    out = tmp_path / "placement.json"
+    args = build_parser().parse_args([
+        "plan", "--model", "facebook/opt-13b", "--cluster", "1x4xa100-80gb", "--latency", "published", "--ttft", "0.4", "--tpot", "0.1",
+        "--rate", "2", "--workload", "synthetic:uniform:100:600:20:200", "--num-requests", "100", "--out", str(out),
+        "--modes", "colocated", "chunked",
+    ])
+    args.func(args)
+    data = json.loads(out.read_text())
+    assert set(data["plan"]["modes"]) == {"colocated", "chunked"} and data["plan"]["reason"]
+    assert data["plan"]["vllm_profile_per_device_goodput"] > 0  # the published vLLM engine, labelled apart
+    deployment = DeploymentConfig.load(out)
+    assert str(deployment.mode) == data["plan"]["mode"] and deployment.colocated.num_instances >= 1
+    from distserve.entrypoints.cli import deployment_from_args
+
+    served = deployment_from_args(build_parser().parse_args(["serve", "--config", str(out)]))
+    assert served.mode == deployment.mode and served.colocated == deployment.colocated
