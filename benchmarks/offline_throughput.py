@@ -1,230 +1,249 @@
-"""Offline throughput side by side: distserve vs transformers' `generate` vs vLLM's CPU build,
-and distserve's decode step time against its hardware floor.
+"""Offline throughput side by side: distserve against vLLM's CPU build (and, when asked,
+transformers' `generate`), on three workload families and several model shapes.
 
-Workload: 64 prompts of 128-512 tokens (uniform, seeded), 128 output tokens each (EOS
-ignored), float32, the same 2 cores for every system. Models: the built-in SmolLM2-135M
-(its GGUF dequantized once into a Hugging Face folder so that every system reads the same
-weights) and an OPT-125m-shaped random checkpoint.
+Families (seeded, greedy, EOS ignored, every request's output length drawn uniformly):
+- chat: short prompts, long answers (decode-heavy);
+- summarization: long prompts, short answers (prefill-heavy);
+- mixed: the two mixed, prompts 32-1024 and answers 32-256 tokens.
 
-    python -m benchmarks.offline_throughput [--vllm-python /tmp/vllm-venv/bin/python] [--skip-hf] [--workload chat]
+Shapes: the built-in SmolLM2-135M (its GGUF dequantized to a float32 folder, so every system
+reads the same weights) and random-weight checkpoints of an OPT shape and a LLaMA-GQA shape.
 
-vLLM runs in its own virtual environment (see ../shared/ENVIRONMENT.md for the recipe); it is
-skipped, and said so, when that interpreter is missing.
+Every system stays loaded in a process of its own (benchmarks/offline_worker.py, run by its
+own interpreter) while the families run round by round, the systems' order rotating each
+round: this machine's speed drifts by 10-20% within minutes, so only runs close in time
+compare. A row's ratio is the median of the rounds' ratios (each round's vLLM seconds over
+distserve's); its compute floor is the workload's FLOPs (projections, attention, LM head)
+over the best fp32 matmul rate measured here (MKL and oneDNN's packed linear), and the
+share is floor / seconds.
+
+    python -m benchmarks.offline_throughput [--shapes smollm2 opt-200m llama-gqa-150m]
+        [--families chat summarization mixed] [--rounds 3] [--systems distserve vllm]
+
+Prints a table and writes benchmarks/results/offline_throughput.json. vLLM runs in its
+own virtual environment (../shared/ENVIRONMENT.md); it is skipped, and said so, when
+`--vllm-python` is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from benchmarks.checkpoints import opt125m_folder, smollm2_folder
+from benchmarks.checkpoints import random_checkpoint, smollm2_folder
+from benchmarks.report import report
 
 RESULTS = Path("benchmarks/results")
-# prompts, prompt lengths (uniform), output tokens
-WORKLOADS = {
-    "long": (64, 128, 512, 128),  # the issue's offline workload
-    "chat": (24, 40, 120, 273),  # chatbot lengths (ShareGPT means), all at once: a burst of the goodput benchmark
+WORKER = Path(__file__).with_name("offline_worker.py")
+
+
+@dataclass(frozen=True)
+class Family:
+    requests: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+
+    def draw(self, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(*self.prompt_len))]
+                   for _ in range(self.requests)]
+        return prompts, [rng.randint(*self.output_len) for _ in range(self.requests)]
+
+
+FAMILIES = {
+    "chat": Family(64, (16, 160), (128, 512)),
+    "summarization": Family(24, (512, 2048), (16, 64)),
+    "mixed": Family(96, (32, 1024), (32, 256)),
 }
-NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = WORKLOADS["long"]
-
-VLLM_SCRIPT = r'''
-import json, sys, time
-from vllm import LLM, SamplingParams
-if __name__ == "__main__":
-    cfg = json.load(open(sys.argv[1]))
-    llm = LLM(model=cfg["model"], dtype="float32", seed=0, max_model_len=cfg["max_model_len"], max_num_seqs=256)
-    prompts = [{"prompt_token_ids": p} for p in cfg["prompts"]]
-    params = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0, ignore_eos=True)
-    llm.generate(prompts[:4], params, use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    json.dump({"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-               "tokens": [list(o.outputs[0].token_ids) for o in outputs]}, open(sys.argv[2], "w"))
-'''
 
 
-def make_prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(MIN_LEN, MAX_LEN + 1, (NUM_PROMPTS,), generator=g).tolist()
-    return [torch.randint(100, vocab - 100, (n,), generator=g).tolist() for n in lengths]
+def shape_folder(name: str, root: Path) -> Path:
+    from transformers import LlamaConfig, OPTConfig
+
+    if name == "smollm2":
+        return smollm2_folder(root)
+    if name == "opt-200m":  # wider than OPT-125m: hidden 1024, 16 heads, 12 layers
+        config = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=12, num_attention_heads=16,
+                           vocab_size=50272, max_position_embeddings=4096, word_embed_proj_dim=1024)
+    elif name == "llama-gqa-150m":  # 16 layers, 12 query heads over 4 KV heads, untied head
+        config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                             num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096,
+                             tie_word_embeddings=False)
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    return random_checkpoint(root, name, config)
 
 
-def run_distserve(model: Path, prompts: list[list[int]]) -> dict:
-    from distserve import LLM, SamplingParams
-
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True)
-    with LLM(str(model), mode="colocated", kv_cache_gb=4.0, max_num_seqs=256) as llm:
-        llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], params, use_tqdm=False)
-        start = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-            "tokens": [o.outputs[0].token_ids for o in outputs]}
-
-
-def run_transformers(model: Path, prompts: list[list[int]], batch_size: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(2)
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    total, start = 0, time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i : i + batch_size]
-        width = max(map(len, batch))
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, p in enumerate(batch):  # left padding, as generation needs
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN,
-                              do_sample=False, pad_token_id=0)
-        total += (out.shape[1] - width) * len(batch)
-    return {"seconds": time.perf_counter() - start, "output_tokens": total, "batch_size": batch_size}
+def workload_flops(config: dict, prompts: list[list[int]], max_tokens: list[int]) -> float:
+    """FLOPs of running the workload once: every token through every projection, attention
+    over its context (causal), and the LM head for the last prompt token and every output
+    token but the last."""
+    hidden = config["hidden_size"]
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    if config["model_type"] == "opt":
+        per_layer = 4 * hidden * hidden + 2 * hidden * config["ffn_dim"]
+    else:
+        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config["intermediate_size"]
+    attn_width = heads * head_dim  # QK^T and PV: 2 FLOPs per multiply-add, two products
+    total = 0.0
+    for prompt, out in zip(prompts, max_tokens):
+        tokens = len(prompt) + out - 1  # the last output token is sampled, never fed back
+        total += 2 * per_layer * layers * tokens
+        contexts = tokens * (tokens + 1) / 2  # token t attends over t + 1 positions
+        total += 4 * attn_width * layers * contexts
+        total += 2 * hidden * config["vocab_size"] * out
+    return total
 
 
-def run_vllm(python: str, model: Path, prompts: list[list[int]]) -> dict:
+def matmul_peak() -> float:
+    """The best fp32 matmul rate measured here (FLOP/s): MKL's GEMM and oneDNN's packed linear."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (1024, 768, 2048), (1024, 2048, 768)):
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32) if torch.backends.mkldnn.is_available() else None
+        runs = [lambda a=a, w=w: a @ w.t()]
+        if packed is not None:
+            runs.append(lambda a=a, p=packed: torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], ""))
+        for run in runs:
+            run()
+            times = []
+            for _ in range(8):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            best = max(best, 2 * m * k * n / min(times))
+    return best
+
+
+class Worker:
+    """An engine loaded in its own process (benchmarks/offline_worker.py)."""
+
+    def __init__(self, system: str, python: str, model: Path, max_model_len: int, env: dict[str, str]) -> None:
+        self.system = system
+        self.proc = subprocess.Popen([python, str(WORKER), system, str(model), str(max_model_len)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._read()
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.system} worker exited ({self.proc.wait()})")
+
+    def run(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_workers(systems: list[str], model: Path, vllm_python: str, tmp: str) -> list[Worker]:
+    env = dict(os.environ, PYTHONPATH=str(Path.cwd()))
+    vllm_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CACHE_ROOT=tmp,
+                    VLLM_LOGGING_LEVEL="WARNING", VLLM_TARGET_DEVICE="cpu")
+    workers = []
+    for system in systems:
+        python = vllm_python if system == "vllm" else sys.executable
+        workers.append(Worker(system, python, model, 4096, vllm_env if system == "vllm" else env))
+    return workers
+
+
+def run_shape(shape: str, root: Path, families: list[str], systems: list[str], rounds: int, vllm_python: str,
+              peak: float) -> list[dict]:
+    folder = shape_folder(shape, root)
+    config = json.loads((folder / "config.json").read_text())
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        script, cfg, out = Path(tmp) / "run.py", Path(tmp) / "cfg.json", Path(tmp) / "out.json"
-        script.write_text(VLLM_SCRIPT)
-        cfg.write_text(json.dumps({"model": str(model), "prompts": prompts, "max_tokens": OUTPUT_LEN, "max_model_len": 1024}))
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CACHE_ROOT=tmp,
-                   VLLM_LOGGING_LEVEL="WARNING", VLLM_TARGET_DEVICE="cpu")
-        subprocess.run([python, str(script), str(cfg), str(out)], env=env, check=True, cwd=tmp)
-        return json.loads(out.read_text())
-
-
-def read_bandwidth(big: torch.Tensor, repeats: int) -> float:
-    """Bytes per second of the fastest of `repeats` sums of a tensor far larger than the caches."""
-    reads = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        big.sum()
-        reads.append(time.perf_counter() - start)
-    return big.numel() * big.element_size() / min(reads)
-
-
-def decode_floor(model: Path) -> dict:
-    """distserve's decode step at batch 1 and 32 against max(bytes / bandwidth, FLOPs / FLOP/s).
-
-    This machine's memory bandwidth moves by 10-20% from one second to the next, so the
-    bandwidth is read again right before every timed step (fastest of 3 sums of 256 MB) and
-    each step is set against its own floor; the ratio reported is the median of those."""
-    from distserve.config import DeploymentConfig, resolve_instances
-    from distserve.engine.instance_loop import build_instance
-    from distserve.engine.messages import AddRequest
-    from distserve.sampling_params import SamplingParams
-    from distserve.weights.source import load_model_config
-
-    torch.set_num_threads(2)
-    big = torch.ones(64 << 20)  # 256 MB
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    mms = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        mms.append(time.perf_counter() - start)
-    flops = 2 * 2048**3 / min(mms)
-    config = load_model_config(str(model))
-    deployment = DeploymentConfig(model=str(model), mode="colocated")
-    deployment.colocated.kv_cache_gb = 2.0
-    instance = build_instance(config, resolve_instances(deployment, config)[0])
-    # from the checkpoint (the runner may hold some weights twice, packed and plain): every
-    # weight but the embedding, plus the LM head, which reads the whole (tied) embedding
-    from safetensors import safe_open
-
-    linear_params = 0
-    for file in model.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            linear_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "embed" not in k)
-    weight_bytes = 4 * (linear_params + config.vocab_size * config.hidden_size)
-    rows, bandwidths = [], []
-    for batch in (1, 32):
-        for i in range(batch):
-            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-            instance.handle(AddRequest(f"{batch}-{i}", list(range(100, 356)), params, time.time(), frozenset()))
-        instance.step()  # the prefill
-        steps, floors = [], []
-        while instance.has_work():
-            bandwidth = read_bandwidth(big, 3)
-            start = time.perf_counter()
-            instance.step()
-            steps.append(time.perf_counter() - start)
-            floors.append(max(weight_bytes / bandwidth, 2 * weight_bytes / 4 * batch / flops))
-            bandwidths.append(bandwidth)
-        ratios = [step / floor for step, floor in zip(steps[5:], floors[5:])]
-        rows.append({"batch": batch, "step_ms": 1e3 * statistics.median(steps[5:]), "floor_ms": 1e3 * statistics.median(floors[5:]),
-                     "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]})
-    return {"read_bandwidth_gbps": statistics.median(bandwidths) / 1e9,
-            "read_bandwidth_range_gbps": [min(bandwidths) / 1e9, max(bandwidths) / 1e9],
-            "matmul_gflops": flops / 1e9, "weight_bytes": weight_bytes, "steps": rows}
+        workers = start_workers(systems, folder, vllm_python, tmp)
+        try:
+            for family in families:
+                prompts, max_tokens = FAMILIES[family].draw(config["vocab_size"], seed=list(FAMILIES).index(family))
+                seconds: dict[str, list[float]] = {w.system: [] for w in workers}
+                tokens: dict[str, list[list[int]]] = {}
+                for r in tqdm(range(rounds), desc=f"{shape} {family}", unit="round"):
+                    order = workers[r % len(workers):] + workers[: r % len(workers)]
+                    for worker in order:
+                        if worker.system == "transformers" and seconds["transformers"]:
+                            continue  # far slower than the others: one round says enough
+                        result = worker.run(prompts, max_tokens)
+                        seconds[worker.system].append(result["seconds"])
+                        tokens[worker.system] = result["tokens"]
+                flops = workload_flops(config, prompts, max_tokens)
+                row = {"shape": shape, "family": family, "requests": len(prompts),
+                       "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(max_tokens),
+                       "floor_s": flops / peak}
+                base = seconds["distserve"]
+                for system, times in seconds.items():
+                    row[f"{system}_s"] = statistics.median(times)
+                    row[f"{system}_rounds_s"] = times
+                    row[f"{system}_floor_share"] = row["floor_s"] / statistics.median(times)
+                    if system != "distserve":
+                        paired = [t / b for t, b in zip(times, base)]
+                        row[f"vs_{system}"] = statistics.median(paired)
+                        same = sum(a == b for a, b in zip(tokens["distserve"], tokens[system]))
+                        row[f"same_greedy_{system}"] = same / len(prompts)
+                rows.append(row)
+        finally:
+            for worker in workers:
+                worker.close()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
-    parser.add_argument("--models", nargs="+", default=["smollm2", "opt125m"])
-    parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--shapes", nargs="+", default=["smollm2", "opt-200m", "llama-gqa-150m"])
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--systems", nargs="+", choices=["distserve", "vllm", "transformers"], default=["distserve", "vllm"])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="long",
-                        help="long: 64 prompts of 128-512 tokens, 128 out; chat: 24 prompts of 40-120 tokens, 273 out")
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/offline_throughput[-WORKLOAD].json")
+    parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
     args = parser.parse_args()
-    global NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN
-    NUM_PROMPTS, MIN_LEN, MAX_LEN, OUTPUT_LEN = WORKLOADS[args.workload]
-    name = "offline_throughput.json" if args.workload == "long" else f"offline_throughput-{args.workload}.json"
-    args.out = args.out or str(RESULTS / name)
+    systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
+    if "vllm" in args.systems and "vllm" not in systems:
+        print(f"vLLM skipped: {args.vllm_python} not found")
+    if "distserve" not in systems:
+        systems.insert(0, "distserve")
     root = Path(args.work_dir)
     root.mkdir(parents=True, exist_ok=True)
-    report: dict = {"workload": {"prompts": NUM_PROMPTS, "prompt_len": [MIN_LEN, MAX_LEN], "output_len": OUTPUT_LEN}, "models": {}}
-    for name in args.models:
-        folder = smollm2_folder(root) if name == "smollm2" else opt125m_folder(root)
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        prompts = make_prompts(vocab)
-        result: dict = {"distserve": run_distserve(folder, prompts)}
-        if not args.skip_hf:
-            result["transformers"] = run_transformers(folder, prompts, args.hf_batch_size)
-        if Path(args.vllm_python).exists():
-            result["vllm-cpu"] = run_vllm(args.vllm_python, folder, prompts)
-            same = sum(a == b for a, b in zip(result["distserve"]["tokens"], result["vllm-cpu"]["tokens"]))
-            result["vllm-cpu"]["same_greedy_tokens_as_distserve"] = f"{same}/{len(prompts)}"
-        else:
-            print(f"vLLM skipped: {args.vllm_python} not found")
-        for system in result.values():
-            system.pop("tokens", None)
-            system["tokens_per_second"] = system["output_tokens"] / system["seconds"]
-        result["decode_floor"] = decode_floor(folder)
-        report["models"][name] = result
-        print(f"\n== {name}")
-        print(f"{'system':<14} {'seconds':>8} {'out tok/s':>10} {'vs distserve':>13}")
-        base = result["distserve"]["tokens_per_second"]
-        for system, r in result.items():
-            if system != "decode_floor":
-                print(f"{system:<14} {r['seconds']:>8.1f} {r['tokens_per_second']:>10.1f} {r['tokens_per_second'] / base:>12.2f}x")
-        f = result["decode_floor"]
-        low, high = f["read_bandwidth_range_gbps"]
-        print(f"read bandwidth {f['read_bandwidth_gbps']:.1f} GB/s (median; {low:.1f}-{high:.1f}), "
-              f"matmul {f['matmul_gflops']:.0f} GFLOP/s, weights {f['weight_bytes'] / 1e6:.0f} MB")
-        for row in f["steps"]:
-            print(f"decode step batch {row['batch']:>2}: {row['step_ms']:.1f} ms, floor {row['floor_ms']:.1f} ms "
-                  f"({row['ratio']:.2f}x, each step against the bandwidth read just before it; "
-                  f"{row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}x)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    peak = matmul_peak()
+    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s")
+    rows = []
+    for shape in args.shapes:
+        rows += run_shape(shape, root, args.families, systems, args.rounds, args.vllm_python, peak)
+    columns = [("shape", "shape", "s"), ("family", "family", "s"), ("floor s", "floor_s", ".1f")]
+    for system in systems:
+        columns += [(f"{system} s", f"{system}_s", ".1f"), (f"{system} % floor", f"{system}_floor_share", ".1%")]
+    for system in systems[1:]:
+        columns += [(f"{system}/distserve time", f"vs_{system}", ".2f"), (f"same greedy as {system}", f"same_greedy_{system}", ".0%")]
+    report(rows, columns, args.out, matmul_peak_gflops=peak / 1e9, threads=len(os.sched_getaffinity(0)),
+           families={name: vars(f) for name, f in FAMILIES.items()}, rounds=args.rounds)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

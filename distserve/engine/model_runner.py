@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from itertools import accumulate
 
 import torch
 
@@ -174,7 +175,7 @@ class ModelRunner:
         slots: list[int] = []
         prefill_query_lens: list[int] = []
         prefill_seq_lens: list[int] = []
-        prefill_tables: list[torch.Tensor] = []
+        prefill_tables: list[list[int]] = []
         decode_seq_lens: list[int] = []
         decode_tables: list[list[int]] = []
         sample_rows: list[int] = []
@@ -189,34 +190,34 @@ class ModelRunner:
             if k < num_prefills:
                 prefill_query_lens.append(n)
                 prefill_seq_lens.append(end)
-                blocks = table[: -(-end // bs)] if start > 0 else []
-                prefill_tables.append(torch.tensor(blocks, dtype=torch.long, device=self.device))
+                prefill_tables.append(table[: -(-end // bs)])
             else:
                 decode_seq_lens.append(end)
                 decode_tables.append(table)
             if end == request.num_tokens:
                 sample_rows.append(i)
                 sample_flat.append(len(tokens) - 1)
-        width = max((len(t) for t in decode_tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in decode_tables]
-        seq_lens = torch.tensor(decode_seq_lens, dtype=torch.long, device=self.device)
-        key_positions = torch.arange(width * bs, device=self.device)
-        decode_mask = torch.zeros(len(padded), 1, 1, width * bs, dtype=self.model_config.dtype, device=self.device)
-        decode_mask.masked_fill_((key_positions[None, :] >= seq_lens[:, None])[:, None, None, :], float("-inf"))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_prefill_tokens=sum(prefill_query_lens),
             prefill_query_lens=prefill_query_lens,
             prefill_seq_lens=prefill_seq_lens,
-            prefill_block_tables=prefill_tables,
-            decode_seq_lens=seq_lens,
-            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=self.device).view(len(padded), width),
-            decode_mask=decode_mask,
+            prefill_query_starts=torch.tensor([0, *accumulate(prefill_query_lens)], dtype=torch.long, device=self.device),
+            prefill_seq_lens_tensor=torch.tensor(prefill_seq_lens, dtype=torch.long, device=self.device),
+            prefill_block_table=self._padded(prefill_tables),
+            decode_seq_lens=torch.tensor(decode_seq_lens, dtype=torch.long, device=self.device),
+            decode_block_tables=self._padded(decode_tables),
             block_size=bs,
         )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, sample_rows, sample_flat
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables as one [n, longest] tensor, padded with block 0."""
+        width = max(map(len, tables), default=0)
+        return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long,
+                            device=self.device).view(len(tables), width)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampleResult | None] | None:

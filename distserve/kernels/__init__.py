@@ -17,7 +17,8 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# compiled as one unit, in this order (later files use helpers of earlier ones)
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "decode_attention.cpp", "prefill_attention.cpp")]
 FUNCTIONS = [
     "paged_attention_decode",
     "rms_norm",
@@ -27,6 +28,7 @@ FUNCTIONS = [
     "reshape_and_cache",
     "llama_decode_layer",
     "argmax_rows",
+    "prefill_attention",
 ]
 
 
@@ -38,7 +40,7 @@ def cpu_ops() -> ModuleType | None:
 
     from distserve.weights.gguf import cache_root
 
-    source = SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     build = cache_root() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,7 @@
-// CPU kernels for the decode hot path, compiled on first use (torch.utils.cpp_extension).
-//
-// paged_attention_decode: one query per sequence against its KV blocks, read in place
-//   through the block table (no gather), an online softmax per head, grouped-query aware.
-// rms_norm, silu_and_mul: fused elementwise ops that would otherwise be several torch ops.
+// CPU kernels, compiled on first use (torch.utils.cpp_extension): the helpers the attention
+// kernels share (exp8, dot8, ...), fused elementwise ops that would otherwise be several torch
+// ops (rms_norm, silu_and_mul, rotary_embedding), the small-batch linear, the KV cache write
+// and greedy argmax. decode_attention.cpp and prefill_attention.cpp follow in the same unit.
 #include <torch/extension.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -154,117 +153,8 @@ inline float max_of(const float* s, int64_t n) {
   return m;
 }
 
-// Scratch space of one thread of the decode attention.
-struct AttentionScratch {
-  std::vector<const float*> k_tokens, v_tokens;
-  std::vector<float> scores, acc;
-};
-
-// Attention of one sequence's query heads for the KV heads [h0, h1) over its `len` cached
-// tokens, block by block: the scores of a block's tokens (all the heads [h0, h1) of a token
-// together: they are contiguous in the cache), then after the softmax the values, each block's
-// rows read once from memory for all the query rows (software prefetching of the next block
-// measured no gain: benchmarks/decode_attention.py). Every head's arithmetic is the same
-// whichever heads are done together, so the result does not depend on how the batch is split
-// over threads.
-inline void attend(const float* q, float* out, const int64_t* table, int64_t len, const float* kp, const float* vp,
-                   int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh,
-                   int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, AttentionScratch& w) {
-  const int64_t heads = h1 - h0, rows_per_token = heads * G;
-  w.k_tokens.resize(len);
-  w.v_tokens.resize(len);
-  for (int64_t t = 0; t < len; ++t) {
-    w.k_tokens[t] = kp + table[t / bs] * k_sb + (t % bs) * k_st;
-    w.v_tokens[t] = vp + table[t / bs] * v_sb + (t % bs) * v_st;
-  }
-  // scores[(h, g), t] = q_(h, g) . k_(h, t) * scale, eight tokens at a time
-  w.scores.resize(rows_per_token * len);
-  for (int64_t b0 = 0; b0 < len; b0 += bs) {
-    const int64_t b1 = std::min(len, b0 + bs);
-    for (int64_t t0 = b0; t0 < b1; t0 += 8) {
-      const int64_t t1 = std::min(b1, t0 + 8);
-      for (int64_t h = h0; h < h1; ++h) {
-        const float* rows[8];  // this head's key rows of the eight tokens
-        for (int64_t t = t0; t < t1; ++t) rows[t - t0] = w.k_tokens[t] + h * k_sh;
-        for (int64_t g = 0; g < G; ++g)
-          score_rows(q + (h * G + g) * D, rows, t1 - t0, D, scale, w.scores.data() + ((h - h0) * G + g) * len + t0);
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows_per_token; ++r) {  // softmax over t
-    float* sr = w.scores.data() + r * len;
-    const float m = max_of(sr, len);
-    const float inv = 1.f / exp_shifted(sr, len, m);
-#pragma omp simd
-    for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
-  }
-  // out_(h, g) = sum_t p_(h, g), t v_(h, t)
-#ifdef __AVX2__
-  if (D % 8 == 0) {  // a block at a time; each query row's sums in registers over the block's tokens
-    std::fill(out + h0 * G * D, out + h1 * G * D, 0.f);
-    for (int64_t b0 = 0; b0 < len; b0 += bs) {
-      const int64_t n = std::min(bs, len - b0);
-      for (int64_t h = h0; h < h1; ++h)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = (h - h0) * G + g;
-          weighted_rows(w.scores.data() + r * len + b0, w.v_tokens.data() + b0, h * v_sh, n, D, out + (h * G + g) * D);
-        }
-    }
-    return;
-  }
-#endif
-  w.acc.assign(rows_per_token * D, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* v = w.v_tokens[t] + h * v_sh;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = (h - h0) * G + g;
-        axpy(w.scores[r * len + t], v, w.acc.data() + r * D, D);
-      }
-    }
-  }
-  std::copy(w.acc.begin(), w.acc.end(), out + h0 * G * D);
-}
-
 }  // namespace
 
-// q: [B, Hq, D]; k_cache/v_cache: [NB, bs, Hkv, D] (row stride may exceed Hkv*D);
-// block_tables: [B, max_blocks] int64; seq_lens: [B] int64 -> out: [B, Hq, D]
-torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
-  TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && seq_lens.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t G = Hq / Hkv;
-  const int64_t max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* bt = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t k_sb = k_cache.stride(0), k_st = k_cache.stride(1), k_sh = k_cache.stride(2);
-  const int64_t v_sb = v_cache.stride(0), v_st = v_cache.stride(1), v_sh = v_cache.stride(2);
-  const float fscale = static_cast<float>(scale);
-
-  // a whole sequence per task when there are enough of them, else one (sequence, KV head)
-  // per task so that every thread has work
-  const bool per_head = B < 2 * at::get_num_threads();
-  const int64_t tasks = per_head ? B * Hkv : B;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    AttentionScratch scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = per_head ? task / Hkv : task;
-      const int64_t h0 = per_head ? task % Hkv : 0, h1 = per_head ? h0 + 1 : Hkv;
-      attend(qp + b * Hq * D, op + b * Hq * D, bt + b * max_blocks, lens[b], kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st,
-             v_sh, h0, h1, G, D, fscale, scratch);
-    }
-  });
-  return out;
-}
 
 // x: [T, H] -> x / rms(x) * weight (float32 accumulation)
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -394,46 +284,6 @@ void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, 
   });
 }
 
-// x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the
-// streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
-// layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
-static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
-                             const torch::Tensor& packed, int64_t stream_rows) {
-  if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
-  static const auto onednn = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                                   c10::string_view, c10::List<std::optional<at::Scalar>>,
-                                                   std::optional<c10::string_view>)>();
-  return onednn.call(x, packed, b, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
-}
-
-// One LLaMA-family decoder layer for a decode step (one new token a sequence), in one call:
-// the same kernels as the layer-by-layer path, in the same order; what it saves is a dozen
-// Python-level calls per layer, which at batch 1 cost about as much as the attention itself.
-//   h = x + o_proj(attn(rope(q), rope(k), v)), q, k, v = qkv_proj(rms_norm(x))
-//   y = h + down_proj(silu(gate) * up),        gate, up = gate_up_proj(rms_norm(h))
-// Each projection takes its plain weight (w) and oneDNN's packed one (p); see `project`.
-torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor qkv_w, torch::Tensor qkv_p,
-                                 c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, torch::Tensor o_p,
-                                 c10::optional<torch::Tensor> o_b, torch::Tensor ln2, torch::Tensor gate_up_w,
-                                 torch::Tensor gate_up_p, c10::optional<torch::Tensor> gate_up_b, torch::Tensor down_w,
-                                 torch::Tensor down_p, c10::optional<torch::Tensor> down_b, torch::Tensor k_cache,
-                                 torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
-                                 torch::Tensor seq_lens, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
-                                 int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows) {
-  const int64_t B = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows);
-  rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
-  reshape_and_cache(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), k_cache, v_cache,
-                    slot_mapping);
-  auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, num_heads, head_dim});
-  auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, q_size});
-  auto h = project(attn, o_w, o_b, o_p, stream_rows).add_(x);
-  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows)),
-                     down_w, down_b, down_p, stream_rows);
-  return mlp.add_(h);
-}
 
 // Greedy sampling: the index of each row's largest value, the first one on ties (as
 // torch.argmax; a NaN counts as the largest). x: [B, V] -> [B] int64.

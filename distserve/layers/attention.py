@@ -5,10 +5,11 @@ chunk, or a recomputed sequence: more than one query each), then the decode-like
 query each). Every layer first writes the step's K and V into the cache slots of
 `slot_mapping`, then:
 
-- a prefill sequence with no cached context attends causally over its own K/V;
-- a prefill chunk with earlier context reads its keys back from its block table;
-- all decodes run as one batch: their blocks are gathered from the block tables and padded
-  key positions are masked.
+- prefill sequences (whole prompts, or chunks after cached context) attend causally over
+  their blocks, read in place by the native flash-style kernel (kernels/prefill_attention.cpp;
+  on other devices torch's SDPA, over the step's own K/V or the gathered blocks);
+- all decodes run as one batch: the native kernel reads their blocks in place; torch's path
+  gathers them from the block tables and masks padded key positions.
 
 The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
 """
@@ -32,15 +33,27 @@ class AttentionMetadata:
     num_prefill_tokens: int
     prefill_query_lens: list[int]
     prefill_seq_lens: list[int]  # context length including this step's tokens
-    prefill_block_tables: list[torch.Tensor]  # blocks covering each prefill sequence
+    prefill_query_starts: torch.Tensor  # [num_prefills + 1] where each one's tokens start
+    prefill_seq_lens_tensor: torch.Tensor  # [num_prefills]
+    prefill_block_table: torch.Tensor  # [num_prefills, max_blocks] (padding: block 0)
     decode_seq_lens: torch.Tensor  # [num_decodes]
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] (padding: block 0)
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size]: 0, or -inf past the end
     block_size: int
+    _decode_mask: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
         return int(self.decode_seq_lens.numel())
+
+    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_blocks * block_size]: 0, or -inf past each sequence's end
+        (for the torch path; built once a step, on first use)."""
+        if self._decode_mask is None:
+            width = self.decode_block_tables.shape[1] * self.block_size
+            past = torch.arange(width, device=self.decode_seq_lens.device)[None, :] >= self.decode_seq_lens[:, None]
+            mask = torch.zeros(past.shape, dtype=dtype, device=past.device).masked_fill_(past, float("-inf"))
+            self._decode_mask = mask[:, None, None, :]
+        return self._decode_mask
 
 
 class Attention(nn.Module):
@@ -59,21 +72,38 @@ class Attention(nn.Module):
         """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
         num_tokens = q.shape[0]
         self._write_cache(k, v, meta)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         if not meta.prefill_query_lens:  # a pure decode step
-            return self._decode(q, meta).view(num_tokens, self.num_heads * self.head_dim)
+            return self._decode(q.reshape(num_tokens, self.num_heads, self.head_dim), meta).view(num_tokens, -1)
+        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
+        prefill = meta.num_prefill_tokens
+        ops = native_ops(q)
+        if ops is not None and q.stride(-1) == 1:  # flash-style, over the cache the step's K/V are now in
+            ops.prefill_attention(q[:prefill], self.k_cache, self.v_cache, meta.prefill_block_table,
+                                  meta.prefill_query_starts, meta.prefill_seq_lens_tensor, self.num_heads, self.scale,
+                                  out[:prefill])
+        else:
+            self._prefill_sdpa(q, k, v, meta, out)
+        if meta.num_decodes:
+            decode_q = q[prefill:].reshape(-1, self.num_heads, self.head_dim)
+            out[prefill:] = self._decode(decode_q, meta).view(meta.num_decodes, -1)
+        return out
+
+    def _prefill_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                      out: torch.Tensor) -> None:
+        """The prefill sequences' attention by torch's SDPA, one sequence at a time."""
+        num_tokens = q.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        out = out.view(num_tokens, self.num_heads, self.head_dim)
         flat = (-1, self.num_kv_heads, self.head_dim)
-        out = torch.empty_like(q)
         start = 0
-        for query_len, seq_len, blocks in zip(
-            meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables
-        ):
+        for i, (query_len, seq_len) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
             end = start + query_len
             if seq_len == query_len:
                 keys, values, mask = k[start:end], v[start:end], None
             else:
+                blocks = meta.prefill_block_table[i, : -(-seq_len // meta.block_size)]
                 keys = self.k_cache[blocks].view(flat)[:seq_len]
                 values = self.v_cache[blocks].view(flat)[:seq_len]
                 mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(
@@ -81,9 +111,6 @@ class Attention(nn.Module):
                 )
             out[start:end] = self._sdpa(q[start:end].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), mask)[0]
             start = end
-        if meta.num_decodes:
-            out[start:] = self._decode(q[start:], meta)
-        return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store the step's K and V in their slots."""
@@ -105,7 +132,7 @@ class Attention(nn.Module):
         max_len = max_blocks * meta.block_size
         keys = self.k_cache[meta.decode_block_tables].view(batch, max_len, self.num_kv_heads, self.head_dim)
         values = self.v_cache[meta.decode_block_tables].view(batch, max_len, self.num_kv_heads, self.head_dim)
-        return self._sdpa(q.unsqueeze(1), keys, values, meta.decode_mask)[:, 0]
+        return self._sdpa(q.unsqueeze(1), keys, values, meta.decode_mask(q.dtype))[:, 0]
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

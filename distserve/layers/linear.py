@@ -23,16 +23,17 @@ from distserve.weights.loader import LoadedWeight, materialize, narrow
 
 # Batch size oneDNN lays a packed weight out for; it serves every batch size.
 _PACK_BATCH_HINT = 32
-# Up to this many rows, a streaming kernel over the plain weight beats oneDNN (decode steps
-# are bound by reading the weights: ~25% faster at 1-4 rows here).
-SMALL_BATCH = 8
+# Up to this many rows, a streaming kernel over the plain weight beats oneDNN's packed one:
+# with cold weights, as a decode step reads them, 1.2-1.8x as fast at 1-2 rows, about even at
+# 3, slower from 4 (benchmarks/small_batch_linear.py).
+SMALL_BATCH = 3
 # Decode steps of up to this many sequences (the default max_num_seqs) run a LLaMA-family
 # layer as one native call: against layer by layer, interleaved in one process
 # (benchmarks/decode_step.py), 8-29% faster a step at 1-32 sequences and 5-11% at 48-128.
 FUSED_DECODE_BATCH = 256
 # Inside that call, matmuls of up to this many rows stream the plain weight; larger ones run
-# on oneDNN's packed weight (3-7% faster a step at 48-128 sequences than streaming them).
-FUSED_STREAM_ROWS = 32
+# on oneDNN's packed weight (the same crossover).
+FUSED_STREAM_ROWS = SMALL_BATCH
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:

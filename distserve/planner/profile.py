@@ -125,7 +125,7 @@ def fit_best(
     streaming matmul kernel takes up to SMALL_BATCH rows layer by layer and up to
     FUSED_STREAM_ROWS in the one-call LLaMA decode layer, so a step's cost per sequence changes
     there)."""
-    thresholds = (None, 8, SMALL_BATCH + 1, 16, FUSED_STREAM_ROWS + 1, 64)
+    thresholds = tuple(dict.fromkeys((None, SMALL_BATCH + 1, FUSED_STREAM_ROWS + 1, 8, 16, 32, 64)))
     candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in thresholds]
     return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])
 

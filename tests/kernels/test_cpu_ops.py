@@ -38,6 +38,39 @@ def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int) -> Non
         assert torch.equal(alone[0], got[b])
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(12, 4, 64), (4, 4, 64), (8, 1, 128), (6, 2, 40), (7, 7, 80)])
+def test_prefill_attention(heads: int, kv_heads: int, head_dim: int) -> None:
+    """Whole prompts and chunks after cached context, in one call, against causal SDPA over
+    the same keys; q strided as a view of the QKV projection, out a slice of a larger one."""
+    g = torch.Generator().manual_seed(heads * head_dim)
+    bs, num_blocks = 16, 80
+    cache = torch.randn(2, num_blocks, bs, kv_heads, head_dim, generator=g)
+    k, v = cache[0], cache[1]
+    specs = [(37, 37), (64, 200), (1, 50), (130, 130), (100, 300)]  # (new tokens, context including them)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-n // bs) for _, n in specs)
+    tables, starts, expected, used = [], [0], [], 0
+    qkv = torch.randn(sum(q for q, _ in specs), heads * head_dim + 2 * kv_heads * head_dim, generator=g)
+    q = qkv[:, : heads * head_dim]
+    for query_len, seq_len in specs:
+        blocks = perm[used : used + -(-seq_len // bs)]
+        used += len(blocks)
+        tables.append(blocks + [0] * (width - len(blocks)))
+        rows = q[starts[-1] : starts[-1] + query_len].reshape(query_len, heads, head_dim)
+        keys = k[blocks].reshape(-1, kv_heads, head_dim)[:seq_len]
+        values = v[blocks].reshape(-1, kv_heads, head_dim)[:seq_len]
+        mask = torch.ones(query_len, seq_len, dtype=torch.bool).tril(seq_len - query_len)
+        out = F.scaled_dot_product_attention(rows.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=mask, scale=0.2, enable_gqa=True)
+        expected.append(out.transpose(0, 1).reshape(query_len, -1))
+        starts.append(starts[-1] + query_len)
+    out = torch.zeros(starts[-1] + 3, heads * head_dim)
+    ops.prefill_attention(q, k, v, torch.tensor(tables), torch.tensor(starts), torch.tensor([n for _, n in specs]),
+                          heads, 0.2, out[: starts[-1]])
+    torch.testing.assert_close(out[: starts[-1]], torch.cat(expected), atol=2e-6, rtol=1e-5)
+    assert not out[starts[-1] :].any()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("k_dim", [576, 37])
 def test_linear_small_batch(rows: int, k_dim: int) -> None:

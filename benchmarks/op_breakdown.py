@@ -1,0 +1,295 @@
+"""Where a step's time goes, op by op, each op against its own floor.
+
+Prefill steps (prompts of 128-2048 tokens, 1-8 at a time) and decode steps (batch 1-256,
+contexts 128-2048) of one model, run by the engine's own instance (`build_instance`, one
+step at a time, both cores). Each step is timed whole on the engine's path (for decode, the
+one-call LLaMA layer), then again layer by layer with a timer around every module, which
+splits it into ops: the projections (qkv, o, gate_up, down), attention (with the KV cache
+write), rotary embedding (what the attention module spends outside its children), norms,
+the activation, residual adds, embedding, LM head, sampling, and the rest ("other":
+preparing inputs, the scheduler).
+
+Floors, measured here before the run: a matmul's FLOPs over the best fp32 matmul rate (MKL's
+GEMM or oneDNN's packed linear) or its weight bytes over the read bandwidth, whichever is
+longer; attention's FLOPs (causal) or its KV bytes; elementwise ops' bytes. "% of floor" is
+floor / time (100% = at the hardware's limit).
+
+    python -m benchmarks.op_breakdown [--shape llama-gqa-150m] [--quick]
+
+Prints one table per step and writes benchmarks/results/op_breakdown.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import distserve.models.llama as llama
+from benchmarks.offline_throughput import matmul_peak, shape_folder
+from benchmarks.report import report
+from distserve.config import DeploymentConfig, resolve_instances
+from distserve.engine.instance_loop import build_instance
+from distserve.request import Request
+from distserve.sampling_params import SamplingParams
+from distserve.weights.source import load_model_config
+
+RESULTS = Path("benchmarks/results")
+PREFILLS = [(128, 1), (128, 8), (512, 1), (512, 4), (1024, 1), (1024, 4), (2048, 1)]  # (prompt tokens, prompts)
+DECODES = [(1, 512), (8, 512), (32, 128), (32, 512), (32, 2048), (64, 128), (64, 512), (128, 128), (128, 512),
+           (256, 128), (256, 512)]  # (batch, context)
+QUICK_PREFILLS, QUICK_DECODES = [(512, 1)], [(32, 512)]
+REPEATS = 5
+OPS = ("qkv_proj", "rotary", "attention", "o_proj", "norms", "gate_up_proj", "act", "down_proj", "residual",
+       "embedding", "lm_head", "sampling", "other")
+
+
+def read_bandwidth() -> float:
+    """Bytes per second: the fastest of five sums of 256 MB."""
+    big = torch.ones(64 << 20)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / min(times)
+
+
+class ModuleTimer:
+    """Wall time of every module of the model, by op, while `enabled` (steps are synchronous
+    on CPU, so a module's time is its own)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.times: dict[str, float] = defaultdict(float)
+        self.enabled = False
+        self._starts: list[float] = []
+        self._children: list[float] = []
+        for name, module in model.named_modules():
+            op = self._op(name)
+            if op:
+                module.register_forward_pre_hook(self._pre)
+                module.register_forward_hook(self._post(op))
+
+    @staticmethod
+    def _op(name: str) -> str | None:
+        last = name.rsplit(".", 1)[-1]
+        if last in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act"):
+            return last
+        if last in ("input_layernorm", "post_attention_layernorm", "norm"):
+            return "norms"
+        if last == "attn":
+            return "attention"
+        if last == "self_attn":
+            return "rotary"  # its own time, outside its children: the rotary embedding and the split
+        if last == "embed_tokens":
+            return "embedding"
+        if last.isdigit() and name.startswith("model.layers"):
+            return "residual"  # a decoder layer's own time: the residual adds
+        return None
+
+    def _pre(self, module: torch.nn.Module, args: object) -> None:
+        if self.enabled:
+            self._starts.append(time.perf_counter())
+            self._children.append(0.0)
+
+    def _post(self, op: str):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            if not self.enabled:
+                return
+            elapsed = time.perf_counter() - self._starts.pop()
+            children = self._children.pop()
+            self.times[op] += elapsed - children  # self time
+            if self._children:
+                self._children[-1] += elapsed
+        return hook
+
+
+class Breakdown:
+    def __init__(self, folder: Path, peak: float, bandwidth: float) -> None:
+        torch.set_num_threads(2)
+        self.config = load_model_config(str(folder), max_model_len=4096)
+        hf = json.loads((folder / "config.json").read_text())
+        self.hf = hf
+        deployment = DeploymentConfig(model=str(folder), mode="colocated", max_model_len=4096, enable_prefix_caching=False)
+        deployment.colocated.kv_cache_gb = 6.0
+        deployment.colocated.max_num_batched_tokens = 8192
+        self.instance = build_instance(self.config, resolve_instances(deployment, self.config)[0])
+        self.model = self.instance.executor.runner.model
+        self.timer = ModuleTimer(self.model)
+        self.peak, self.bandwidth = peak, bandwidth
+        self.rng, self.ids = random.Random(0), iter(range(1 << 30))
+        self._wrap_logits_and_sampling()
+
+    def _wrap_logits_and_sampling(self) -> None:
+        import distserve.engine.model_runner as runner
+
+        model, timer = self.model, self.timer
+        compute_logits, sample = model.compute_logits, runner.sample
+
+        def timed(op: str, fn):  # noqa: ANN001, ANN202
+            def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                if timer.enabled:
+                    timer.times[op] += time.perf_counter() - start
+                return out
+            return call
+
+        model.compute_logits = timed("lm_head", compute_logits)
+        runner.sample = timed("sampling", sample)
+
+    def _request(self, length: int, max_tokens: int) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+        prompt = [self.rng.randrange(100, self.config.hf_config.vocab_size - 100) for _ in range(length)]
+        return Request(f"r{next(self.ids)}", prompt, params, time.time(), max_model_len=1 << 30)
+
+    def _timed_step(self, layer_by_layer: bool) -> tuple[float, dict[str, float]]:
+        limit = llama.FUSED_DECODE_BATCH
+        llama.FUSED_DECODE_BATCH = 0 if layer_by_layer else limit
+        self.timer.times.clear()
+        self.timer.enabled = layer_by_layer
+        start = time.perf_counter()
+        self.instance.step()
+        seconds = time.perf_counter() - start
+        self.timer.enabled = False
+        llama.FUSED_DECODE_BATCH = limit
+        return seconds, dict(self.timer.times)
+
+    def prefill(self, tokens: int, prompts: int) -> dict:
+        totals, ops = [], defaultdict(list)
+        for i in range(2 * REPEATS):
+            for _ in range(prompts):
+                self.instance.scheduler.add(self._request(tokens, 1))
+            seconds, times = self._timed_step(layer_by_layer=i % 2 == 1)
+            assert not self.instance.has_work(), "the prompts did not fit one step"
+            if i % 2 == 0:
+                totals.append(seconds)
+            else:
+                times["other"] = seconds - sum(times.values())
+                for op in OPS:
+                    ops[op].append(times.get(op, 0.0))
+        return self._row("prefill", f"{prompts} x {tokens}", statistics.median(totals),
+                         {op: statistics.median(v) for op, v in ops.items()}, tokens * prompts, prompts, tokens)
+
+    def decode(self, batch: int, context: int) -> dict:
+        requests = []
+        for _ in range(batch):
+            r = self._request(context, 1 << 20)
+            r.append_token(5)
+            self.instance.blocks.grow(r.block_table, r.num_tokens + 2 * REPEATS + 2)
+            r.num_computed_tokens = context
+            self.instance.scheduler.start_running(r)
+            requests.append(r)
+        totals, ops = [], defaultdict(list)
+        for i in range(2 * REPEATS + 1):
+            seconds, times = self._timed_step(layer_by_layer=i % 2 == 0 and i > 0)
+            if i == 0:
+                continue  # warm-up
+            if i % 2 == 1:
+                totals.append(seconds)
+            else:
+                times["other"] = seconds - sum(times.values())
+                for op in OPS:
+                    ops[op].append(times.get(op, 0.0))
+        for r in requests:
+            self.instance.scheduler.abort(r.request_id)
+        return self._row("decode", f"{batch} x {context}", statistics.median(totals),
+                         {op: statistics.median(v) for op, v in ops.items()}, batch, batch, context + REPEATS)
+
+    def _floors(self, tokens: int, sequences: int, context: int, phase: str) -> dict[str, float]:
+        """Each op's floor in seconds for a step of `tokens` tokens over `sequences` sequences
+        (prefill: each `context` tokens, attending causally; decode: one token over `context`)."""
+        hf = self.hf
+        hidden, layers = hf["hidden_size"], hf["num_hidden_layers"]
+        heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        head_dim = hf.get("head_dim") or hidden // heads
+        inter = hf["intermediate_size"]
+        vocab = hf["vocab_size"]
+
+        def matmul(n_in: int, n_out: int, rows: int) -> float:
+            flops = 2 * rows * n_in * n_out
+            moved = 4 * (n_in * n_out + rows * (n_in + n_out))
+            return max(flops / self.peak, moved / self.bandwidth)
+
+        def elementwise(floats: int) -> float:
+            return 4 * floats / self.bandwidth
+
+        if phase == "prefill":
+            attn_flops = 4 * heads * head_dim * sequences * context * (context + 1) / 2
+            kv_bytes = 2 * 4 * kv_heads * head_dim * tokens * 2  # written, then read back
+        else:
+            attn_flops = 4 * heads * head_dim * sequences * context
+            kv_bytes = 2 * 4 * kv_heads * head_dim * sequences * context
+        qkv_out = (heads + 2 * kv_heads) * head_dim
+        return {
+            "qkv_proj": layers * matmul(hidden, qkv_out, tokens),
+            "rotary": layers * elementwise(2 * tokens * (heads + kv_heads) * head_dim),
+            "attention": layers * max(attn_flops / self.peak, kv_bytes / self.bandwidth),
+            "o_proj": layers * matmul(heads * head_dim, hidden, tokens),
+            "norms": (2 * layers + 1) * elementwise(2 * tokens * hidden),
+            "gate_up_proj": layers * matmul(hidden, 2 * inter, tokens),
+            "act": layers * elementwise(3 * tokens * inter),
+            "down_proj": layers * matmul(inter, hidden, tokens),
+            "residual": layers * elementwise(6 * tokens * hidden),
+            "embedding": elementwise(2 * tokens * hidden),
+            "lm_head": matmul(hidden, vocab, sequences),
+            "sampling": elementwise(sequences * vocab),
+            "other": 0.0,
+        }
+
+    def _row(self, phase: str, case: str, total: float, ops: dict[str, float], tokens: int, sequences: int,
+             context: int) -> dict:
+        floors = self._floors(tokens, sequences, context, phase)
+        floor = sum(floors.values())
+        row = {"phase": phase, "case": case, "step_ms": 1e3 * total, "layer_by_layer_ms": 1e3 * sum(ops.values()),
+               "floor_ms": 1e3 * floor, "share_of_floor": floor / total, "ops": {}}
+        for op in OPS:
+            row["ops"][op] = {"ms": 1e3 * ops.get(op, 0.0), "floor_ms": 1e3 * floors[op]}
+        return row
+
+
+def print_ops(row: dict) -> None:
+    print(f"\n{row['phase']} {row['case']}: step {row['step_ms']:.1f} ms (layer by layer {row['layer_by_layer_ms']:.1f}), "
+          f"floor {row['floor_ms']:.1f} ms = {row['share_of_floor']:.0%}")
+    for op, v in row["ops"].items():
+        share = f"{v['floor_ms'] / v['ms']:.0%}" if v["ms"] > 0 and v["floor_ms"] > 0 else "-"
+        print(f"  {op:<13} {v['ms']:8.2f} ms  floor {v['floor_ms']:8.2f} ms  {share:>5}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-gqa-150m", help="a shape of benchmarks/offline_throughput.py")
+    parser.add_argument("--quick", action="store_true", help="one prefill and one decode case")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--out", default=str(RESULTS / "op_breakdown.json"))
+    args = parser.parse_args()
+    root = Path(args.work_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = shape_folder(args.shape, root)
+    peak, bandwidth = matmul_peak(), read_bandwidth()
+    print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bench = Breakdown(folder, peak, bandwidth)
+    prefills, decodes = (QUICK_PREFILLS, QUICK_DECODES) if args.quick else (PREFILLS, DECODES)
+    rows = []
+    for tokens, prompts in tqdm(prefills, desc="prefill steps"):
+        rows.append(bench.prefill(tokens, prompts))
+        print_ops(rows[-1])
+    for batch, context in tqdm(decodes, desc="decode steps"):
+        rows.append(bench.decode(batch, context))
+        print_ops(rows[-1])
+    report(rows, [("phase", "phase", "s"), ("case", "case", "s"), ("step ms", "step_ms", ".1f"),
+                  ("floor ms", "floor_ms", ".1f"), ("% of floor", "share_of_floor", ".0%")],
+           args.out, shape=args.shape, matmul_peak_gflops=peak / 1e9, read_bandwidth_gbps=bandwidth / 1e9, threads=2)
+
+
+if __name__ == "__main__":
+    main()

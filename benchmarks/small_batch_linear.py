@@ -1,0 +1,57 @@
+"""The streaming small-batch matmul (distserve/kernels, over the plain weight) against oneDNN's
+packed linear, by rows, with cold weights as a decode step sees them (each of 16 layers'
+weights read once in turn, 16 x the weight bytes far past the caches). This sets
+`SMALL_BATCH`: the rows up to which a decode step streams the weight.
+
+    python -m benchmarks.small_batch_linear
+
+Prints a table (ms a matmul, and oneDNN's time over streaming's) and writes
+benchmarks/results/small_batch_linear.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import report
+from distserve.kernels import cpu_ops
+
+RESULTS = Path("benchmarks/results")
+LAYERS = 16
+SHAPES = [(768, 1280), (768, 4096), (2048, 768), (576, 3072), (1536, 576), (1024, 4096)]  # (in, out)
+ROWS = (1, 2, 3, 4, 6, 8, 16, 32)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    torch.set_num_threads(2)
+    ops = cpu_ops()
+    rows = []
+    for k, n in SHAPES:
+        weights = [torch.randn(n, k) for _ in range(LAYERS)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
+        for m in ROWS:
+            x = torch.randn(m, k)
+            paths = {"stream": lambda i, x=x, w=weights: ops.linear_small_batch(x, w[i], None),
+                     "onednn": lambda i, x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p[i], None, "none", [], "")}
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(7):
+                for name, run in paths.items():
+                    start = time.perf_counter()
+                    for i in range(LAYERS):
+                        run(i)
+                    times[name].append((time.perf_counter() - start) / LAYERS)
+            stream, onednn = (1e3 * statistics.median(times[p][1:]) for p in paths)
+            rows.append({"shape": f"{k}->{n}", "rows": m, "stream_ms": stream, "onednn_ms": onednn, "ratio": onednn / stream})
+    report(rows, [("shape", "shape", "s"), ("rows", "rows", "d"), ("stream ms", "stream_ms", ".3f"),
+                  ("oneDNN ms", "onednn_ms", ".3f"), ("oneDNN / stream", "ratio", ".2f")],
+           RESULTS / "small_batch_linear.json", layers=LAYERS, threads=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+// Causal attention of a step's prompt tokens over the paged KV cache, flash-style: whole
+// prompts, and prompt chunks after cached context (chunked prefill, prefix-cache hits) alike,
+// since the step's own K and V are in the cache before attention runs.
+//
+// Compiled in one unit after cpu_ops.cpp (it uses exp8 from there).
+//
+// Work is split into tiles of (sequence, KV head, TQ query tokens); the tile's rows are its
+// tokens' query heads of that KV head (GQA: G heads share each key), so every key and value
+// read serves TQ * G query rows. Everything is kept transposed, rows along the vector lanes:
+// Q^T [D, rows] (packed once a tile), S^T = K Q^T [keys, rows], acc^T [D, rows]. Then keys and
+// values are read in place from the cache (broadcast one element at a time) with no packing
+// per key tile, and the softmax runs down the columns, eight rows a vector. For each tile of
+// TK keys up to the diagonal: S^T (register blocks of 6 keys x 16 rows), the causal mask on
+// the diagonal tiles, an online softmax (running max and sum per row, acc^T rescaled), and
+// acc^T += V^T P^T (6 head dims x 16 rows a block).
+// Costs differ by tile (later tokens see more keys), so threads take tiles dynamically,
+// costliest first.
+
+#ifdef __AVX2__
+namespace {
+
+constexpr int64_t kTileKeys = 64;  // TK
+constexpr int64_t kTileRows = 96;  // TQ * G, about (a multiple of 16 after padding)
+constexpr int kBlock = 6;          // keys / head dims of a register block (12 accumulators)
+
+// st[j, c:c+16) = sum_d k_j[d] * qt[d, c:c+16) for R keys
+template <int R>
+inline void qk_block(const float* const* k, const float* qt, int64_t D, int64_t RP, int64_t c, float* st) {
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 b0 = _mm256_loadu_ps(qt + d * RP + c);
+    const __m256 b1 = _mm256_loadu_ps(qt + d * RP + c + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(k[r] + d);
+      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(st + r * RP + c, acc0[r]);
+    _mm256_storeu_ps(st + r * RP + c + 8, acc1[r]);
+  }
+}
+
+// acc^T[d0 + i, c:c+16) += sum_j v_j[d0 + i] * p^T[j, c:c+16) for R head dims i
+template <int R>
+inline void pv_block(const float* const* v, int64_t n, int64_t d0, const float* pt, int64_t RP, int64_t c, float* acct) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) {
+    a0[r] = _mm256_loadu_ps(acct + (d0 + r) * RP + c);
+    a1[r] = _mm256_loadu_ps(acct + (d0 + r) * RP + c + 8);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 b0 = _mm256_loadu_ps(pt + j * RP + c);
+    const __m256 b1 = _mm256_loadu_ps(pt + j * RP + c + 8);
+    const float* vj = v[j] + d0;
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = _mm256_broadcast_ss(vj + r);
+      a0[r] = _mm256_fmadd_ps(w, b0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(w, b1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acct + (d0 + r) * RP + c, a0[r]);
+    _mm256_storeu_ps(acct + (d0 + r) * RP + c + 8, a1[r]);
+  }
+}
+
+// block(i, R) for i = 0, 6, 12, ... < n, R = min(6, n - i) as a compile-time constant
+template <typename F>
+inline void by_blocks(int64_t n, F&& block) {
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) block(i, std::integral_constant<int, kBlock>{});
+  switch (n - i) {
+    case 1: block(i, std::integral_constant<int, 1>{}); break;
+    case 2: block(i, std::integral_constant<int, 2>{}); break;
+    case 3: block(i, std::integral_constant<int, 3>{}); break;
+    case 4: block(i, std::integral_constant<int, 4>{}); break;
+    case 5: block(i, std::integral_constant<int, 5>{}); break;
+    default: break;
+  }
+}
+
+struct PrefillScratch {
+  std::vector<float> qt, st, acct, m, l, pos;
+  std::vector<const float*> k, v;
+};
+
+struct PrefillTile {
+  int64_t seq, head, first, count;  // query tokens [first, first + count) of the sequence
+  double cost;
+};
+
+// e^x for x <= 0 (the softmax's shifted scores): exp8 without its upper clamp; below -87.3
+// (masked keys are -inf) it gives ~1e-38, which no sum with the row's maximum (1) can see.
+inline __m256 exp8_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The online softmax over one key tile (keys k0 + [0, n)), sixteen rows at a time (two
+// independent vectors, for the pipelines): S^T becomes P^T in place, m and l move to the new
+// maxima, acc^T is rescaled. `masked`: some key lies past some row's position (the diagonal
+// tile); those scores become -inf first.
+inline void softmax_tile(PrefillScratch& w, int64_t k0, int64_t n, int64_t RP, int64_t D, bool masked) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < RP; c += 16) {
+    float* st = w.st.data() + c;
+    if (masked) {
+      const __m256 pos0 = _mm256_loadu_ps(w.pos.data() + c), pos1 = _mm256_loadu_ps(w.pos.data() + c + 8);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 key = _mm256_set1_ps(static_cast<float>(k0 + j));
+        float* sj = st + j * RP;
+        _mm256_storeu_ps(sj, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(sj), _mm256_cmp_ps(key, pos0, _CMP_LE_OQ)));
+        _mm256_storeu_ps(sj + 8, _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(sj + 8), _mm256_cmp_ps(key, pos1, _CMP_LE_OQ)));
+      }
+    }
+    __m256 mx0 = neg_inf, mx1 = neg_inf;
+    for (int64_t j = 0; j < n; ++j) {
+      mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(st + j * RP));
+      mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(st + j * RP + 8));
+    }
+    const __m256 m_old0 = _mm256_loadu_ps(w.m.data() + c), m_old1 = _mm256_loadu_ps(w.m.data() + c + 8);
+    const __m256 m0 = _mm256_max_ps(m_old0, mx0), m1 = _mm256_max_ps(m_old1, mx1);  // finite: key 0 is in every row's first tile
+    const __m256 alpha0 = exp8_nonpositive(_mm256_sub_ps(m_old0, m0)), alpha1 = exp8_nonpositive(_mm256_sub_ps(m_old1, m1));
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      float* sj = st + j * RP;
+      const __m256 p0 = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sj), m0));
+      const __m256 p1 = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sj + 8), m1));
+      _mm256_storeu_ps(sj, p0);
+      _mm256_storeu_ps(sj + 8, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    _mm256_storeu_ps(w.l.data() + c, _mm256_fmadd_ps(_mm256_loadu_ps(w.l.data() + c), alpha0, sum0));
+    _mm256_storeu_ps(w.l.data() + c + 8, _mm256_fmadd_ps(_mm256_loadu_ps(w.l.data() + c + 8), alpha1, sum1));
+    _mm256_storeu_ps(w.m.data() + c, m0);
+    _mm256_storeu_ps(w.m.data() + c + 8, m1);
+    for (int64_t d = 0; d < D; ++d) {
+      float* a = w.acct.data() + d * RP + c;
+      _mm256_storeu_ps(a, _mm256_mul_ps(_mm256_loadu_ps(a), alpha0));
+      _mm256_storeu_ps(a + 8, _mm256_mul_ps(_mm256_loadu_ps(a + 8), alpha1));
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+// q: [T, Hq * D] (rows may be strided: a view of the QKV projection); k_cache/v_cache:
+// [NB, bs, Hkv, D]; block_tables: [S, max_blocks]; query_starts: [S + 1] (the sequences'
+// tokens are rows [query_starts[s], query_starts[s + 1]) of q); seq_lens: [S] (context
+// including those tokens); out: [T, Hq * D] (rows contiguous, may be a slice of a larger
+// step's output)
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                       torch::Tensor query_starts, torch::Tensor seq_lens, int64_t num_heads, double scale, torch::Tensor out) {
+#ifndef __AVX2__
+  TORCH_CHECK(false, "prefill_attention needs AVX2");
+#else
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1, "q: [T, heads * head_dim], rows contiguous");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(block_tables.is_contiguous() && query_starts.is_contiguous() && seq_lens.is_contiguous(), "contiguous metadata");
+  const int64_t T = q.size(0), Hq = num_heads, D = q.size(1) / num_heads;
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv;
+  TORCH_CHECK(D == k_cache.size(3) && Hq % Hkv == 0, "query and cache head shapes disagree");
+  const int64_t S = seq_lens.size(0), max_blocks = block_tables.size(1);
+  TORCH_CHECK(out.size(0) == T && out.size(1) == Hq * D && out.stride(1) == 1, "out: [T, heads * head_dim]");
+  const float* qp = q.data_ptr<float>();
+  const int64_t q_stride = q.stride(0);
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t k_sb = k_cache.stride(0), k_st = k_cache.stride(1), k_sh = k_cache.stride(2);
+  const int64_t v_sb = v_cache.stride(0), v_st = v_cache.stride(1), v_sh = v_cache.stride(2);
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* starts = query_starts.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t out_stride = out.stride(0);
+  const float fscale = static_cast<float>(scale);
+  const int64_t TQ = std::max<int64_t>(1, kTileRows / G);
+  const int64_t max_rp = (TQ * G + 15) / 16 * 16;
+
+  std::vector<PrefillTile> tiles;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t qlen = starts[s + 1] - starts[s], context = lens[s] - qlen;
+    for (int64_t first = 0; first < qlen; first += TQ)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t count = std::min(TQ, qlen - first);
+        tiles.push_back({s, h, first, count, static_cast<double>(count) * (context + first + count)});
+      }
+  }
+  std::stable_sort(tiles.begin(), tiles.end(), [](const PrefillTile& a, const PrefillTile& b) { return a.cost > b.cost; });
+
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    PrefillScratch w;
+    w.qt.resize(D * max_rp);
+    w.st.resize(kTileKeys * max_rp);
+    w.acct.resize(D * max_rp);
+    w.m.resize(max_rp);
+    w.l.resize(max_rp);
+    w.pos.resize(max_rp);
+    w.k.resize(kTileKeys);
+    w.v.resize(kTileKeys);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < static_cast<int64_t>(tiles.size()); ++i) {
+      const PrefillTile& tile = tiles[i];
+      const int64_t qlen = starts[tile.seq + 1] - starts[tile.seq], context = lens[tile.seq] - qlen;
+      const int64_t* table = bt + tile.seq * max_blocks;
+      const int64_t rows = tile.count * G, RP = (rows + 15) / 16 * 16, h = tile.head;
+      // Q^T, scaled; row r = (token first + r / G, query head h * G + r % G); padding rows
+      // repeat the last row (their results are dropped)
+      for (int64_t r = 0; r < RP; ++r) {
+        const int64_t rr = std::min(r, rows - 1), t = rr / G;
+        const float* src = qp + (starts[tile.seq] + tile.first + t) * q_stride + (h * G + rr % G) * D;
+        for (int64_t d = 0; d < D; ++d) w.qt[d * RP + r] = src[d] * fscale;
+        w.pos[r] = static_cast<float>(context + tile.first + t);
+      }
+      std::fill(w.acct.begin(), w.acct.begin() + D * RP, 0.f);
+      std::fill(w.m.begin(), w.m.begin() + RP, -std::numeric_limits<float>::infinity());
+      std::fill(w.l.begin(), w.l.begin() + RP, 0.f);
+      const int64_t first_pos = context + tile.first, keys = first_pos + tile.count;  // last row's position + 1
+      for (int64_t k0 = 0; k0 < keys; k0 += kTileKeys) {
+        const int64_t n = std::min(kTileKeys, keys - k0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pos = k0 + j, block = table[pos / bs], off = pos % bs;
+          w.k[j] = kp + block * k_sb + off * k_st + h * k_sh;
+          w.v[j] = vp + block * v_sb + off * v_st + h * v_sh;
+        }
+        by_blocks(n, [&](int64_t j, auto R) {
+          for (int64_t c = 0; c < RP; c += 16) qk_block<decltype(R)::value>(w.k.data() + j, w.qt.data(), D, RP, c, w.st.data() + j * RP);
+        });
+        softmax_tile(w, k0, n, RP, D, k0 + n - 1 > first_pos);
+        by_blocks(D, [&](int64_t d0, auto R) {
+          for (int64_t c = 0; c < RP; c += 16) pv_block<decltype(R)::value>(w.v.data(), n, d0, w.st.data(), RP, c, w.acct.data());
+        });
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / w.l[r];
+        float* o = op + (starts[tile.seq] + tile.first + r / G) * out_stride + (h * G + r % G) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = w.acct[d * RP + r] * inv;
+      }
+    }
+  }
+#endif
+}
