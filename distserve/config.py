@@ -41,7 +41,7 @@ class Mode(NamedEnum):
     """How a deployment runs prefill and decode."""
 
     DISAGGREGATED = "disaggregated"  # prefill instances and decode instances
-    COLOCATED = "colocated"  # continuous batching, prefill-first steps
+    COLOCATED = "colocated"  # continuous batching: decodes and whole prompts in one step
     CHUNKED = "chunked"  # chunked prefill: prompt chunks and decodes share each step
 
     @property

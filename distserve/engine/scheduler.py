@@ -1,6 +1,7 @@
 """Which requests run in the next step, and with how many tokens each.
 
-    colocated:  waiting ──prefill──> running ──decode──> finished     (prefill-first batches)
+    colocated:  waiting ──prefill──> running ──decode──> finished     (a step: the running
+                requests' next tokens, then new prompts whole, under one token budget)
     chunked:    waiting ──chunks + decodes under one token budget──> running ──> finished
     prefill:    waiting ──prefill──> awaiting_pull ──(decode pulled)──> released
     decode:     migrations ──admit when blocks──> (KV pulled) running ──decode──> finished
@@ -202,21 +203,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         if self.role is Role.PREFILL:
             self._schedule_waiting(batch, budget)
-        elif self.chunked:
+        else:
+            # Iteration-level batching (Orca's): every running request's next token first, so
+            # decodes advance in every step (a prefill-only step would stall them for its whole
+            # length), then swapped requests back in, then new prompts in what is left of the
+            # budget: whole, or in chunked mode a chunk. On a decode instance the waiting
+            # queue only holds recomputed preemptions.
             budget = self._schedule_running(batch, budget)
             if not batch.preempted:
                 budget = self._schedule_swap_in(batch, budget)
                 if not self.swapped:
                     self._schedule_waiting(batch, budget)
-        else:
-            # Prefill-first (vLLM's classic policy): a step runs new prompts, or decodes.
-            # On a decode instance the waiting queue only holds recomputed preemptions.
-            if not self.swapped:
-                self._schedule_waiting(batch, budget)
-            if not batch.requests:
-                budget = self._schedule_running(batch, budget)
-                if not batch.preempted:
-                    self._schedule_swap_in(batch, budget)
         return batch
 
     def _waiting_order(self) -> list[Request]:
@@ -225,7 +222,9 @@ class Scheduler:
         return list(self.waiting)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> int:
-        """Admit waiting requests (whole prompts, or a chunk of one in chunked mode)."""
+        """Admit waiting requests (whole prompts, or a chunk of one in chunked mode). A whole
+        prompt longer than what is left of the budget runs only as the step's one prompt."""
+        prompts = 0
         for request in self._waiting_order():
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -233,8 +232,8 @@ class Scheduler:
             computed = self._cached_prefix_tokens(request) if fresh else request.num_computed_tokens
             remaining = request.num_tokens - computed
             n = min(remaining, budget) if self.chunked else remaining
-            if n > budget and (batch.requests or budget < self.max_num_batched_tokens):
-                break  # a prompt longer than the whole budget runs, alone
+            if n > budget and prompts:
+                break
             end = computed + n
             if fresh:
                 if not self._admit_with_cached_prefix(request, request.num_tokens - 1, end):
@@ -248,6 +247,7 @@ class Scheduler:
             self.start_running(request)
             batch.add(request, n)
             budget -= n
+            prompts += 1
         return budget
 
     def _cached_prefix_tokens(self, request: Request) -> int:

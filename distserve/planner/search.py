@@ -316,7 +316,7 @@ def algorithm2(problem: PlanProblem, rate: float, progress: bool = True) -> Plac
 
 def best_colocated(problem: PlanProblem, progress: bool = True, chunked: bool = False) -> Candidate:
     """The best per-device configuration of one instance doing both phases: continuous
-    batching with prefill-first steps, or (`chunked`) chunked prefill."""
+    batching with whole prompts riding along the decodes, or (`chunked`) chunked prefill."""
     kind = "chunked" if chunked else "colocated"
     cands = [Candidate(kind, prefill=p, devices=p.devices) for p in problem.candidates(problem.cluster.devices_per_node)]
     done = evaluate_all(problem, cands, progress=progress)

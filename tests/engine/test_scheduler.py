@@ -34,12 +34,12 @@ def run(s: Scheduler, token: int = 7) -> list[tuple[str, int]]:
     return [(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)]
 
 
-def test_colocated_runs_prefills_before_decodes() -> None:
+def test_colocated_runs_new_prompts_with_the_decodes() -> None:
     s = make()
     s.add(req("a", 5))
     assert run(s) == [("a", 5)]
     s.add(req("b", 3))
-    assert run(s) == [("b", 3)]  # a new prompt goes first (prefill-first)
+    assert run(s) == [("a", 1), ("b", 3)]  # the decode goes on while the new prompt prefills
     assert run(s) == [("a", 1), ("b", 1)]
 
 
@@ -131,9 +131,11 @@ def test_abort_frees_blocks_wherever_the_request_is() -> None:
     assert s.blocks.num_free_blocks == 8 and not s.has_work() and not s.awaiting_pull
 
 
-def test_a_prompt_longer_than_the_budget_runs_alone() -> None:
+def test_a_prompt_longer_than_the_budget_runs_as_the_only_prompt() -> None:
     s = make(max_num_batched_tokens=8)
     s.add(req("long", 20))
     s.add(req("short", 2))
     assert run(s) == [("long", 20)]
-    assert run(s) == [("short", 2)]
+    assert run(s) == [("long", 1), ("short", 2)]
+    s.add(req("long2", 9))
+    assert run(s) == [("long", 1), ("short", 1), ("long2", 9)]  # past the budget, with the decodes

@@ -29,7 +29,7 @@ def logged_steps(folder: Path, ids: dict[str, int]) -> dict[str, list[list[tuple
 
 
 CASES = {
-    # prefill-first steps; a small cache preempts (recompute) and re-admits
+    # whole prompts batched with decodes; a small cache preempts (recompute) and re-admits
     "colocated": ({"num_kv_blocks": 12}, [InstanceSpec(Role.COLOCATED, LATENCY, 12 * BS, max_num_batched_tokens=2048)]),
     # prompt chunks and decodes under one 32-token budget; preemption too
     "chunked": ({"num_kv_blocks": 12, "max_num_batched_tokens": 32},
