@@ -5,7 +5,10 @@ minutes: only runs close in time compare).
 Run with the interpreter of the engine's own environment; it imports nothing of distserve
 unless asked to run distserve:
 
-    python benchmarks/offline_worker.py {distserve|vllm|transformers} MODEL MAX_MODEL_LEN
+    python benchmarks/offline_worker.py {distserve[:QUANTIZATION]|vllm|transformers|llama.cpp} MODEL MAX_MODEL_LEN
+
+(`distserve:none` loads a GGUF dequantized, `distserve:int4` quantizes at load; llama.cpp, from
+llama-cpp-python, takes a GGUF and runs the prompts one after another, its only mode.)
 
 Protocol, one JSON object a line: after loading it prints {"ready": true}; then for each
 line {"prompts": [[ids]], "max_tokens": [n]} read from stdin it generates greedily (EOS
@@ -35,7 +38,9 @@ def vllm_style(system: str, model: str, max_model_len: int):  # noqa: ANN201 - a
     else:
         from distserve import LLM, SamplingParams
 
-        llm = LLM(model, mode="colocated", max_model_len=max_model_len, enable_prefix_caching=False)
+        quantization = system.partition(":")[2] or "auto"
+        llm = LLM(model, mode="colocated", max_model_len=max_model_len, enable_prefix_caching=False,
+                  quantization=quantization)
 
     def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
@@ -72,9 +77,36 @@ def transformers_generate(model: str):  # noqa: ANN201
     return generate
 
 
+def llama_cpp_generate(model: str, max_model_len: int):  # noqa: ANN201
+    """llama.cpp (llama-cpp-python) on the GGUF file, greedy, one prompt after another."""
+    from llama_cpp import Llama
+
+    threads = len(os.sched_getaffinity(0))
+    llm = Llama(model_path=model, n_ctx=max_model_len, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                seed=0, verbose=False)
+
+    def generate(prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+        out_tokens = []
+        for prompt, n in zip(prompts, max_tokens):
+            tokens: list[int] = []
+            for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                tokens.append(token)
+                if len(tokens) == n:
+                    break
+            out_tokens.append(tokens)
+        return out_tokens
+
+    return generate
+
+
 def main() -> None:
     system, model, max_model_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    generate = transformers_generate(model) if system == "transformers" else vllm_style(system, model, max_model_len)
+    if system == "transformers":
+        generate = transformers_generate(model)
+    elif system == "llama.cpp":
+        generate = llama_cpp_generate(model, max_model_len)
+    else:
+        generate = vllm_style(system, model, max_model_len)
     generate([[100 + i for i in range(16)]] * 2, [4, 4])  # warm up
     reply({"ready": True})
     for line in sys.stdin:

@@ -86,6 +86,7 @@ DTYPES = {
 }
 DEFAULT_KV_CACHE_GB = 1.0
 KV_TRANSPORTS = ("auto", "shm", "torch")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 DEFAULT_CHUNK_SIZE = 512
 # Prompt tokens batched into one prefill step (a longer prompt runs alone). Batches past a
 # few thousand tokens only make the matmuls and activations slower on CPU.
@@ -112,6 +113,8 @@ class PhaseConfig:
     preemption_mode: PreemptionMode | None = None
     num_threads: int | None = None
     cpu_cores: list[int] | None = None
+    # weights: None (the deployment's `quantization`), auto, none, int8 or int4
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self._parse_enums("phase")
@@ -138,6 +141,8 @@ class PhaseConfig:
         ):
             positive(name)
         self._parse_enums(phase)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"{phase}.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if self.policy is Policy.SJF and phase == Role.DECODE:
             raise ValueError("decode instances schedule FCFS; 'sjf' is a prefill policy.")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
@@ -182,6 +187,10 @@ class DeploymentConfig:
     # disaggregated, cache-aware: a prompt a decode instance caches all but this many tokens
     # of is prefilled there (0: never)
     conditional_prefill_tokens: int = 128
+    # weights of every phase that sets none of its own: auto (a GGUF's quantized matrices kept
+    # quantized on CPU, a float checkpoint float), none (all float), int8 (per channel) or int4
+    # (groups of 32), quantized at load
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         self.mode = Mode.parse(self.mode, "mode")
@@ -206,6 +215,8 @@ class DeploymentConfig:
             raise ValueError(f"conditional_prefill_tokens must be an integer >= 0, got {self.conditional_prefill_tokens!r}.")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if not self.restart_window > 0:
             raise ValueError(f"restart_window must be > 0 seconds, got {self.restart_window!r}.")
         for phase in self.phases():
@@ -408,7 +419,8 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
     instances: list[InstanceConfig] = []
     next_core = next_gpu = 0
     for name, role, cfg in specs:
-        phase = dataclasses.replace(cfg, max_num_batched_tokens=batched_token_budget(cfg, config.mode))
+        phase = dataclasses.replace(cfg, max_num_batched_tokens=batched_token_budget(cfg, config.mode),
+                                    quantization=cfg.quantization or config.quantization)
         if phase.cpu_cores is not None:
             instance_cores = list(phase.cpu_cores)
         elif device == "cpu" and workers > 1 and len(cores) >= workers:

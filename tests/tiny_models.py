@@ -4,9 +4,11 @@ and transformers' own greedy decoding as the reference."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -193,6 +195,19 @@ def run_in_process(
             for token in getattr(event, "tokens", []):
                 outputs[int(token.request_id)].append(token.token_id)
     return outputs, instance
+
+
+def perplexity(instance: Instance, tokens: list[int]) -> float:
+    """Perplexity of `tokens` under the instance's model (one prefill over free blocks)."""
+    runner = instance.executor.runner
+    blocks = list(range(-(-len(tokens) // runner.block_size)))
+    request = SimpleNamespace(num_computed_tokens=0, block_table=blocks, token_ids=tokens, num_tokens=len(tokens))
+    input_ids, positions, meta, _, _ = runner.prepare(SimpleNamespace(requests=[request], num_new_tokens=[len(tokens)]))
+    with torch.inference_mode():
+        logits = runner.model.compute_logits(runner.model(input_ids, positions, meta, None))
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), input_ids[1:])
+    return math.exp(nll.item())
+
 
 
 # Hugging Face name (after "model.layers.N.") -> GGUF name (after "blk.N."), as llama.cpp writes

@@ -53,6 +53,7 @@ class StepExecutor(Protocol):
     """What an instance runs its steps on."""
 
     num_blocks: int  # KV cache blocks
+    weight_bytes: int  # model weights in memory (its driver worker's)
     num_swap_blocks: int  # swap space blocks (0: none)
     load_seconds: float
     handles: list[KVCacheHandle]  # its workers' caches, for decode instances to pull from
@@ -113,6 +114,7 @@ class Instance:
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_free=self.blocks.num_free_blocks,
             block_size=config.block_size,
+            weight_bytes=executor.weight_bytes,
         )
 
     def ready_message(self, pid: int) -> InstanceReady:

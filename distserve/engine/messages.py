@@ -103,6 +103,7 @@ class InstanceStats:
     prefix_cache_hits: int = 0  # of them, tokens found there (not computed, or not pulled)
     # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
     transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
+    weight_bytes: int = 0  # the model weights the instance's driver worker holds in memory
 
     def snapshot(self) -> InstanceStats:
         """A copy to send: the instance goes on updating its own while a queue's feeder

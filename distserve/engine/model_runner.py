@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from itertools import accumulate
 
 import torch
+from torch import nn
 
-from distserve.config import DEFAULT_KV_CACHE_GB, InstanceConfig, ModelConfig, PreemptionMode
+from distserve.config import DEFAULT_KV_CACHE_GB, QUANTIZATIONS, InstanceConfig, ModelConfig, PreemptionMode
 from distserve.distributed.group import group_min, recv_from_prev_stage, send_to_next_stage
 from distserve.distributed.parallel_state import (
     get_parallel_state,
@@ -48,18 +49,47 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(model_config: ModelConfig, device: torch.device) -> CausalLM:
-    """Build this worker's part of the model and load its weights."""
+def load_model(model_config: ModelConfig, device: torch.device, quantization: str | None = None) -> CausalLM:
+    """Build this worker's part of the model and load its weights. `quantization`: None or
+    "auto" keeps a GGUF's block-quantized tensors quantized (on CPU) and a float checkpoint
+    float; "none" dequantizes everything; "int8" / "int4" quantize the float linear weights."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
     cls = model_class(model_config.hf_config)
     with _default_dtype(model_config.dtype), device:
         model = cls(model_config.hf_config, model_config.max_model_len)
-    model.load_weights(iterate_weights(model_config))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    keep_plain = weight_bytes <= PLAIN_COPY_LIMIT
+    keep_quantized = quantization in (None, "auto") and device.type == "cpu" and model_config.dtype == torch.float32
+    model.load_weights(iterate_weights(model_config, keep_quantized=keep_quantized))
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    keep_plain = float_bytes <= PLAIN_COPY_LIMIT
     for module in model.modules():
         if hasattr(module, "prepack"):
-            module.prepack(keep_plain)
+            module.prepack(keep_plain, quantization)
     return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take in memory: parameters, packed copies and quantized
+    storage, each tensor counted once (a tied head shares the embedding's)."""
+    seen: dict[int, int] = {}
+
+    def count(t: torch.Tensor | None) -> None:
+        if t is None or not t.numel():
+            return
+        if t.is_mkldnn:  # oneDNN's packed layout has no storage to look at
+            seen[id(t)] = t.numel() * t.element_size()
+        else:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        count(p)
+    for module in model.modules():
+        count(getattr(module, "packed", None))
+        quant = getattr(module, "quant", None)
+        if quant is not None:
+            count(quant.q)
+            count(quant.sm)
+    return sum(seen.values())
 
 
 def kv_layout(model_config: ModelConfig, config: InstanceConfig, num_blocks: int) -> KVLayout:
@@ -123,7 +153,8 @@ class ModelRunner:
         start = time.perf_counter()
         if self.device.type == "cpu":
             cpu_ops()  # build (first time on this machine) or load the native kernels now
-        self.model = load_model(model_config, self.device)
+        self.model = load_model(model_config, self.device, config.phase.quantization)
+        self.weight_bytes = weight_bytes(self.model)
         self.load_seconds = time.perf_counter() - start
         self.num_blocks = num_kv_blocks(model_config, config, self.device)
         self.kv_cache = KVCache(kv_layout(model_config, config, self.num_blocks), config.device, shared_cache)

@@ -97,6 +97,10 @@ class Worker:
         return self.runner.load_seconds
 
     @property
+    def weight_bytes(self) -> int:
+        return self.runner.weight_bytes
+
+    @property
     def can_rerun(self) -> bool:
         return self.state.world_size == 1
 

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from distserve.config import DEFAULT_MODE, KV_TRANSPORTS, DeploymentConfig, Mode, PhaseConfig, Policy, Role
+from distserve.config import DEFAULT_MODE, KV_TRANSPORTS, QUANTIZATIONS, DeploymentConfig, Mode, PhaseConfig, Policy, Role
 
 PHASES = (Role.PREFILL, Role.DECODE)
 POLICIES = [p.value for p in Policy]
@@ -60,6 +60,9 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditional-prefill-tokens", type=int, default=None, metavar="N",
                         help="disaggregated: prefill on the decode instance a prompt it caches all but N tokens of "
                         "(default 128; 0: never)")
+    parser.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
+                        help="weights: auto (a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K matrices kept quantized on CPU), "
+                        "none (all float), int8 (per channel) or int4 (groups of 32), quantized at load (default auto)")
     parser.add_argument("--step-log", default=None, metavar="DIR",
                         help="write every engine step (start, seconds, prompt chunks, decode contexts) to DIR/<instance>.jsonl")
     group = parser.add_argument_group("colocated and chunked modes")
@@ -71,6 +74,8 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--num-{phase}-instances", type=int, default=None, dest=f"{phase}_num_instances", metavar="N")
         for flag, (field, kind, metavar, text) in PHASE_FLAGS.items():
             group.add_argument(f"--{phase}-{flag}", type=kind, default=None, dest=f"{phase}_{field}", metavar=metavar, help=text)
+        group.add_argument(f"--{phase}-quantization", choices=QUANTIZATIONS, default=None, dest=f"{phase}_quantization",
+                           help=f"weights of the {phase} instances (default: --quantization)")
 
 
 def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
@@ -79,7 +84,7 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.model = args.model
     for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
                   "kv_transport", "pair_placement", "step_log", "max_restarts", "restart_window", "enable_prefix_caching",
-                  "routing_policy", "conditional_prefill_tokens"):
+                  "routing_policy", "conditional_prefill_tokens", "quantization"):
         value = getattr(args, field)
         if value is not None:
             setattr(config, field, value)

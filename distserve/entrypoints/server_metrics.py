@@ -31,6 +31,8 @@ class InstanceCollector(Collector):
             "kv_blocks_free": GaugeMetricFamily("distserve_kv_blocks_free", "KV cache blocks free.", labels=labels),
             "alive": GaugeMetricFamily("distserve_instance_up", "1 while the instance process is alive.", labels=labels),
             "pid": GaugeMetricFamily("distserve_instance_pid", "Process id of the instance's driver.", labels=labels),
+            "weight_bytes": GaugeMetricFamily("distserve_weight_bytes", "Bytes of model weights the instance's driver holds.",
+                                              labels=labels),
         }
         counters = {
             "num_transfers": CounterMetricFamily("distserve_kv_transfers", "KV cache pulls done by the instance.", labels=labels),
@@ -63,6 +65,7 @@ class InstanceCollector(Collector):
             gauges["num_running"].add_metric(key, stats.num_running if stats else 0)
             gauges["kv_blocks_used"].add_metric(key, total - free)
             gauges["kv_blocks_free"].add_metric(key, free)
+            gauges["weight_bytes"].add_metric(key, stats.weight_bytes if stats else 0)
             for name, family in counters.items():
                 family.add_metric(key, getattr(stats, name) if stats else 0)
         yield from gauges.values()

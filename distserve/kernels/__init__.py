@@ -18,7 +18,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 # compiled as one unit, in this order (later files use helpers of earlier ones)
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "decode_attention.cpp", "prefill_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp", "decode_attention.cpp",
+                                                            "prefill_attention.cpp")]
 FUNCTIONS = [
     "paged_attention_decode",
     "rms_norm",
@@ -29,6 +30,8 @@ FUNCTIONS = [
     "llama_decode_layer",
     "argmax_rows",
     "prefill_attention",
+    "quant_linear",
+    "dequantize_rows",
 ]
 
 

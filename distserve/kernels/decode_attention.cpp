@@ -282,8 +282,13 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
 // x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the
 // streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
 // layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
+// A quantized weight comes as its int8 / uint8 storage (w) and its scales and mins (packed);
+// `quant_rows` is quant_linear's `stream_rows`.
 static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
-                             const torch::Tensor& packed, int64_t stream_rows) {
+                             const torch::Tensor& packed, int64_t stream_rows, int64_t quant_rows) {
+  if (w.scalar_type() == torch::kChar || w.scalar_type() == torch::kByte) {
+    return quant_linear(x, w, packed, b, w.scalar_type() == torch::kChar ? 8 : 4, quant_rows);
+  }
   if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
   static const auto onednn = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -298,7 +303,8 @@ static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, con
 // Python-level calls per layer, which at batch 1 cost about as much as the attention itself.
 //   h = x + o_proj(attn(rope(q), rope(k), v)), q, k, v = qkv_proj(rms_norm(x))
 //   y = h + down_proj(silu(gate) * up),        gate, up = gate_up_proj(rms_norm(h))
-// Each projection takes its plain weight (w) and oneDNN's packed one (p); see `project`.
+// Each projection takes its plain weight (w) and oneDNN's packed one (p), or its quantized
+// storage and scales; see `project`.
 torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor qkv_w, torch::Tensor qkv_p,
                                  c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, torch::Tensor o_p,
                                  c10::optional<torch::Tensor> o_b, torch::Tensor ln2, torch::Tensor gate_up_w,
@@ -306,16 +312,17 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tens
                                  torch::Tensor down_p, c10::optional<torch::Tensor> down_b, torch::Tensor k_cache,
                                  torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                  torch::Tensor seq_lens, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
-                                 int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows) {
+                                 int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows,
+                                 int64_t quant_rows) {
   const int64_t B = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows);
+  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows, quant_rows);
   rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
   reshape_and_cache(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), k_cache, v_cache,
                     slot_mapping);
   auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, num_heads, head_dim});
   auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, q_size});
-  auto h = project(attn, o_w, o_b, o_p, stream_rows).add_(x);
-  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows)),
-                     down_w, down_b, down_p, stream_rows);
+  auto h = project(attn, o_w, o_b, o_p, stream_rows, quant_rows).add_(x);
+  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows, quant_rows)),
+                     down_w, down_b, down_p, stream_rows, quant_rows);
   return mlp.add_(h);
 }

@@ -8,11 +8,13 @@ from torch import nn
 
 from distserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from distserve.layers.linear import linear, prepack
+from distserve.layers.quantization import QuantizedWeight, quant_linear
 from distserve.weights.loader import LoadedWeight, narrow, weight_shape
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding whose rows (vocabulary) are split across ranks; lookups are all-reduced."""
+    """Embedding whose rows (vocabulary) are split across ranks; lookups are all-reduced. A
+    quantized checkpoint tensor (GGUF) stays quantized: a lookup dequantizes its rows."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
@@ -22,21 +24,35 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.quant: QuantizedWeight | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         rows = weight_shape(loaded)[0]
         if rows != self.num_embeddings:
             raise ValueError(f"embedding has {rows} rows, the config says {self.num_embeddings}")
         length = max(0, min(self.shard_size, rows - self.vocab_start))
+        if isinstance(loaded, QuantizedWeight) and param is self.weight:
+            part = loaded.narrow(0, self.vocab_start, length)
+            pad = self.shard_size - length  # padding rows: scale and min 0, so they read as 0
+            q = torch.cat([part.q, part.q.new_zeros(pad, part.q.shape[1])])
+            sm = torch.cat([part.sm, part.sm.new_zeros(pad, *part.sm.shape[1:])])
+            self.quant = QuantizedWeight(q.contiguous(), sm.contiguous(), part.bits, part.group).to(param.device)
+            param.data = torch.empty(0, device=param.device)
+            return
         param.data[:length].copy_(narrow(loaded, 0, self.vocab_start, length))
         param.data[length:].zero_()
 
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return F.embedding(ids, self.weight)
+        return self.quant.dequantize(ids.flatten()).view(*ids.shape, -1).to(ids.device)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.lookup(input_ids)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self.lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
         return tp_all_reduce(out)
 
@@ -55,13 +71,22 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied_to = embedding
 
-    def prepack(self, keep_plain: bool) -> None:
+    def prepack(self, keep_plain: bool, quantization: str | None = None) -> None:
         """A packed copy for the matmul; the plain weight stays (it may be the tied
-        embedding's, and it serves small batches)."""
-        self.packed = prepack(self.weight)
+        embedding's, and it serves small batches). A quantized (or tied quantized) head stays
+        quantized; `quantization` int8 / int4 leaves the head in float, as vLLM does."""
+        tied = getattr(self, "tied_to", None)
+        if tied is not None and tied.quant is not None:
+            self.quant = tied.quant
+        if self.quant is None:
+            self.packed = prepack(self.weight)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden_states, self.weight, self.bias, self.packed)
+        if self.quant is not None:
+            logits = quant_linear(hidden_states.contiguous(), self.quant, self.bias)
+        else:
+            logits = linear(hidden_states, self.weight, self.bias, self.packed)
         logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]

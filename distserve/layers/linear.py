@@ -8,7 +8,10 @@
 - `ReplicatedLinear`: every rank holds all of it.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies its own shard
-out of a full checkpoint tensor, so models never compute shard offsets themselves.
+out of a full checkpoint tensor, so models never compute shard offsets themselves. A
+checkpoint tensor kept quantized (a GGUF block format, layers/quantization.py) is sharded the
+same way and stays quantized; `prepack` merges its shards, or quantizes a float weight when
+`--quantization int8|int4` asks for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from distserve.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from distserve.kernels import native_ops
+from distserve.layers.quantization import QuantizedWeight, merge, quant_linear, quantize
 from distserve.weights.loader import LoadedWeight, materialize, narrow
 
 # Batch size oneDNN lays a packed weight out for; it serves every batch size.
@@ -92,19 +96,60 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed: torch.Tensor | None = None
+        self.quant: QuantizedWeight | None = None
+        self._quant_shards: dict[int, QuantizedWeight] = {}  # row offset -> shard, until prepack
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
-        _copy(param.data, materialize(loaded))
+        self._store(param, loaded)
 
-    def prepack(self, keep_plain: bool) -> None:
-        """Add the packed weight (after loading); the plain one stays only if `keep_plain`
-        (it serves small batches faster, at the cost of a second copy)."""
+    def _store(self, param: nn.Parameter, loaded: LoadedWeight, row: int = 0, rows: int | None = None) -> None:
+        """Copy a (sharded) checkpoint tensor into rows [row, row + rows) of `param` (all of it by
+        default); a quantized one is kept aside as it is (the float parameter is never written,
+        so it never takes memory)."""
+        target = param.data if rows is None else param.data.narrow(0, row, rows)
+        if isinstance(loaded, QuantizedWeight) and param is self.weight:
+            if tuple(loaded.shape) != tuple(target.shape):
+                raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(target.shape)}")
+            self._quant_shards[row] = loaded.compact()
+            return
+        _copy(target, materialize(loaded))
+
+    def prepack(self, keep_plain: bool, quantization: str | None = None) -> None:
+        """After loading: merge the quantized shards, or quantize the float weight
+        (`quantization` int8 / int4), or else add the packed weight, the plain one staying only if
+        `keep_plain` (it serves small batches faster, at the cost of a second copy)."""
+        shards, self._quant_shards = self._quant_shards, {}
+        if shards and sum(s.shape[0] for s in shards.values()) == self.weight.shape[0]:
+            self.quant = merge([shards[row] for row in sorted(shards)])
+        else:  # some shards came as floats: the projection runs in float32
+            for row, shard in shards.items():
+                self.weight.data[row : row + shard.shape[0]] = shard.dequantize()
+        if self.quant is None and quantization in ("int8", "int4") and self.weight.numel():
+            self.quant = quantize(self.weight, quantization)
+        if self.quant is not None:
+            self.quant = self.quant.to(self.weight.device)
+            self.weight.data = torch.empty(0)
+            return
         self.packed = prepack(self.weight)
         if self.packed is not None and not keep_plain:
             self.weight.data = torch.empty(0)
 
+    def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the one-call decode layer takes for this projection: the quantized storage and
+        its scales, or the plain and the packed weight; None when neither is kept."""
+        if self.quant is not None:
+            return self.quant.q, self.quant.sm
+        if self.packed is not None and self.weight.numel():
+            return self.weight, self.packed
+        return None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return quant_linear(x, self.quant, bias)
+        return linear(x, self.weight, bias, self.packed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -122,7 +167,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: LoadedWeight, shard_id: object = None) -> None:
         rows = param.shape[0]
-        _copy(param.data, narrow(loaded, 0, self.tp_rank * rows, rows))
+        self._store(param, narrow(loaded, 0, self.tp_rank * rows, rows))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -136,7 +181,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int)
         rows = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, self.tp_rank * rows, rows))
+        self._store(param, narrow(loaded, 0, self.tp_rank * rows, rows), offset, rows)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -177,7 +222,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
             rows, start = self.kv_size, self.kv_heads[0] * self.head_dim
-        _copy(param.data.narrow(0, offset, rows), narrow(loaded, 0, start, rows))
+        self._store(param, narrow(loaded, 0, start, rows), offset, rows)
 
 
 class RowParallelLinear(LinearBase):
@@ -194,10 +239,10 @@ class RowParallelLinear(LinearBase):
             _copy(param.data, materialize(loaded))
             return
         cols = param.shape[1]
-        _copy(param.data, narrow(loaded, 1, self.tp_rank * cols, cols))
+        self._store(param, narrow(loaded, 1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(linear(x, self.weight, None, self.packed))
+        out = tp_all_reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias
 
 

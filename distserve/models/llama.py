@@ -28,6 +28,7 @@ from distserve.layers.linear import (
     RowParallelLinear,
 )
 from distserve.layers.norm import RMSNorm
+from distserve.layers.quantization import QUANT_STREAM_ROWS
 from distserve.layers.rotary import RotaryEmbedding, rotate_qkv
 from distserve.models.base import CausalLM
 
@@ -81,21 +82,22 @@ class LlamaDecoderLayer(nn.Module):
     def prepare_fused_decode(self) -> bool:
         """Whether `decode_fused` computes exactly what `forward` does for a few decodes (no
         tensor parallelism, so no all-reduce inside, and every projection keeps the plain
-        weight the small-batch kernel streams); if so, gather its arguments once (looking up
+        weight the small-batch kernel streams, or is quantized); if so, gather its arguments once (looking up
         two dozen submodule attributes per layer and step costs more than the layer's norms
         and rotary embedding together)."""
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if attn.o_proj.tp_size != 1 or not all(m.packed is not None and m.weight.numel() for m in linears):
+        weights = [m.fused_weight() for m in linears]
+        if attn.o_proj.tp_size != 1 or any(w is None for w in weights):
             return False
+        (qkv_w, qkv_p), (o_w, o_p), (gate_up_w, gate_up_p), (down_w, down_p) = weights
         self.fused_weights = (
-            self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.packed, attn.qkv_proj.bias,
-            attn.o_proj.weight, attn.o_proj.packed, attn.o_proj.bias, self.post_attention_layernorm.weight,
-            mlp.gate_up_proj.weight, mlp.gate_up_proj.packed, mlp.gate_up_proj.bias, mlp.down_proj.weight,
-            mlp.down_proj.packed, mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
+            self.input_layernorm.weight, qkv_w, qkv_p, attn.qkv_proj.bias, o_w, o_p, attn.o_proj.bias,
+            self.post_attention_layernorm.weight, gate_up_w, gate_up_p, mlp.gate_up_proj.bias, down_w, down_p,
+            mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
         )
         self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
-                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS)
+                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS, QUANT_STREAM_ROWS)
         return True
 
     def decode_fused(self, ops: ModuleType, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor,

@@ -118,6 +118,7 @@ class SimulatedExecutor:
     """Runs an instance's steps in the time its latency model gives them (a `StepExecutor`)."""
 
     load_seconds = 0.0
+    weight_bytes = 0
     can_rerun = True
 
     def __init__(self, spec: InstanceSpec, clock: VirtualClock, cluster: ClusterSpec) -> None:

@@ -1,7 +1,10 @@
-"""GGUF files: the config from the metadata, the weights dequantized at load, the tokenizer.
+"""GGUF files: the config from the metadata, the weights (kept quantized or dequantized), the
+tokenizer.
 
-Tensors of any type the `gguf` package reads (F32, F16, BF16, Q4_0 ... Q8_0, K- and
-I-quants) are dequantized with it and renamed to Hugging Face names, so the
+Matrices in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K stay quantized on a float32 CPU engine
+(layers/quantization.py maps the blocks onto its storage); tensors of any other type the
+`gguf` package reads (F32, F16, BF16, the other K- and I-quants), and everything under
+`--quantization none`, are dequantized with it. All are renamed to Hugging Face names, so the
 models load GGUF and Hugging Face checkpoints through one `load_weights`. llama.cpp stores
 LLaMA's Q and K projections permuted for its rotary layout; `_unpermute` undoes it.
 Parsing a GGUF's metadata (its whole vocabulary) and converting its tokenizer take seconds;
@@ -27,6 +30,8 @@ import gguf
 import numpy as np
 import torch
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, Qwen2Config
+
+from distserve.layers.quantization import GGUF_TYPES, QuantizedWeight, from_gguf
 
 ARCHITECTURES = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM")}
 
@@ -173,8 +178,11 @@ def hf_name(gguf_name: str) -> str:
     return f"{_GLOBAL_NAMES[stem]}.{suffix}"
 
 
-def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) for every tensor, dequantized."""
+def iterate_gguf_weights(path: str, hf_config: PretrainedConfig,
+                         keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(Hugging Face name, tensor) for every tensor: float32, dequantized, or with
+    `keep_quantized` the 2-D tensors of the types in quantization.GGUF_TYPES as they are stored
+    (a QuantizedWeight)."""
     arch = hf_config.model_type
     mapped = np.memmap(path, mode="r")
     for tensor in gguf_tensors(path):
@@ -182,6 +190,17 @@ def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tup
         size = math.prod(tensor.shape) * dtype.itemsize
         data = mapped[tensor.offset : tensor.offset + size].view(dtype).reshape(tensor.shape)
         tensor_type = gguf.GGMLQuantizationType(tensor.tensor_type)
+        name = hf_name(tensor.name)
+        if keep_quantized and tensor_type.name in GGUF_TYPES and len(tensor.shape) == 2:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+            rows, cols = tensor.shape[0], tensor.shape[1] // type_size * block_size
+            weight = from_gguf(data, tensor_type, (rows, cols))
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = hf_config.num_attention_heads if "q_proj" in name else hf_config.num_key_value_heads
+                order = _unpermute(np.arange(rows), heads)  # rows are independent: permute them
+                weight = weight.rows(torch.from_numpy(np.ascontiguousarray(order)))
+            yield name, weight
+            continue
         try:
             array = gguf.quants.dequantize(data, tensor_type).astype(np.float32, copy=False)
         except NotImplementedError:
@@ -189,7 +208,6 @@ def iterate_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tup
                 f"{path}: tensor {tensor.name} has GGUF type {tensor_type.name}, which the gguf "
                 "package cannot dequantize; convert the model to F16, Q8_0, Q4_0, Q4_1 or a K-quant."
             ) from None
-        name = hf_name(tensor.name)
         if arch == "llama" and name.endswith("q_proj.weight"):
             array = _unpermute(array, hf_config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):

@@ -17,13 +17,14 @@ from safetensors import safe_open
 
 from distserve.config import ModelConfig
 
-# A checkpoint tensor: a torch.Tensor, or a safetensors slice not read yet.
+# A checkpoint tensor: a torch.Tensor, a safetensors slice not read yet, or a GGUF tensor kept
+# quantized (layers/quantization.py's QuantizedWeight).
 LoadedWeight = torch.Tensor | Any
 
 
-def narrow(weight: LoadedWeight, dim: int, start: int, length: int) -> torch.Tensor:
+def narrow(weight: LoadedWeight, dim: int, start: int, length: int) -> LoadedWeight:
     """Rows/columns [start, start + length) of `weight` along `dim`, reading only those."""
-    if isinstance(weight, torch.Tensor):
+    if isinstance(weight, torch.Tensor) or hasattr(weight, "dequantize"):
         return weight.narrow(dim, start, length)
     index = [slice(None)] * len(weight.get_shape())
     index[dim] = slice(start, start + length)
@@ -31,11 +32,16 @@ def narrow(weight: LoadedWeight, dim: int, start: int, length: int) -> torch.Ten
 
 
 def materialize(weight: LoadedWeight) -> torch.Tensor:
-    return weight if isinstance(weight, torch.Tensor) else weight[:]
+    """The tensor in float (a quantized one dequantized)."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return weight.dequantize() if hasattr(weight, "dequantize") else weight[:]
 
 
 def weight_shape(weight: LoadedWeight) -> tuple[int, ...]:
-    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
+    if isinstance(weight, torch.Tensor) or hasattr(weight, "dequantize"):
+        return tuple(weight.shape)
+    return tuple(weight.get_shape())
 
 
 def _checkpoint_files(path: str) -> tuple[str, list[str]]:
@@ -54,12 +60,13 @@ def _checkpoint_files(path: str) -> tuple[str, list[str]]:
     raise ValueError(f"{path} holds no *.safetensors or pytorch_model*.bin weights.")
 
 
-def iterate_weights(model: ModelConfig) -> Iterator[tuple[str, LoadedWeight]]:
-    """(checkpoint name, tensor) for every tensor of the model's checkpoint."""
+def iterate_weights(model: ModelConfig, keep_quantized: bool = False) -> Iterator[tuple[str, LoadedWeight]]:
+    """(checkpoint name, tensor) for every tensor of the model's checkpoint (a GGUF's quantized
+    matrices kept quantized when `keep_quantized`)."""
     if model.gguf_file is not None:
         from distserve.weights.gguf import iterate_gguf_weights
 
-        yield from iterate_gguf_weights(os.path.join(model.path, model.gguf_file), model.hf_config)
+        yield from iterate_gguf_weights(os.path.join(model.path, model.gguf_file), model.hf_config, keep_quantized)
         return
     kind, files = _checkpoint_files(model.path)
     for file in files:

@@ -1,0 +1,204 @@
+// Weight-only quantized linear layers: weights stay int8 or int4 in memory, activations are
+// float32, and each weight is dequantized in registers as the matmul streams it.
+//
+// A quantized weight [N, K] is stored as
+//   q:  int8 [N, K] (bits 8), or uint8 [N, K / 2] (bits 4: within each group of G elements,
+//       byte j holds element j in its low nibble and element j + G / 2 in its high nibble,
+//       the layout of GGUF's Q4_0 / Q4_1 blocks);
+//   sm: float16 [N, K / G, 2], each group's (scale, min):  w = q * scale + min.
+// This covers symmetric and asymmetric, per-channel (G = K) and groupwise formats, and the
+// GGUF block formats map onto it unchanged (see layers/quantization.py).
+
+namespace {
+
+// Up to this many activation rows share one pass over the weights (one accumulator each).
+constexpr int kQuantRows = 4;
+
+inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+#ifdef __AVX512F__
+// 16 consecutive weights of group g of one row as float32, from bits-8 storage.
+inline __m512 dequant16_i8(const int8_t* q, __m512 scale, __m512 min) {
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  return _mm512_fmadd_ps(v, scale, min);
+}
+
+// 32 weights (elements j..j+15 and j+G/2..j+G/2+15 of a group) from 16 bytes of bits-4 storage.
+inline void dequant32_i4(const uint8_t* q, __m512 scale, __m512 min, __m512* lo, __m512* hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i l = _mm_and_si128(bytes, mask), h = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(l)), scale, min);
+  *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h)), scale, min);
+}
+#endif
+
+// y[m, n] for rows m in [m0, m0 + rows) and outputs n in [n0, n1).
+template <int BITS>
+void quant_rows(const float* x, int64_t K, const uint8_t* q, const at::Half* sm, int64_t G, float* y, int64_t N,
+                int64_t m0, int rows, int64_t n0, int64_t n1) {
+  const int64_t groups = K / G;
+  const int64_t row_bytes = BITS == 8 ? K : K / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    const at::Half* smn = sm + n * groups * 2;
+    float out[kQuantRows] = {0.f, 0.f, 0.f, 0.f};
+#ifdef __AVX512F__
+    if (G % (BITS == 8 ? 16 : 32) == 0) {
+      __m512 acc[kQuantRows];
+      for (int r = 0; r < kQuantRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 scale = _mm512_set1_ps(half_to_float(smn[2 * g]));
+        const __m512 min = _mm512_set1_ps(half_to_float(smn[2 * g + 1]));
+        const float* xg = x + m0 * K + g * G;
+        if (BITS == 8) {
+          const int8_t* qg = reinterpret_cast<const int8_t*>(qn) + g * G;
+          for (int64_t j = 0; j < G; j += 16) {
+            const __m512 w = dequant16_i8(qg + j, scale, min);
+            for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xg + r * K + j), acc[r]);
+          }
+        } else {
+          const uint8_t* qg = qn + g * G / 2;
+          const int64_t half = G / 2;
+          for (int64_t j = 0; j < half; j += 16) {
+            __m512 lo, hi;
+            dequant32_i4(qg + j, scale, min, &lo, &hi);
+            for (int r = 0; r < rows; ++r) {
+              acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + r * K + j), acc[r]);
+              acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + r * K + half + j), acc[r]);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    } else
+#endif
+    {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = half_to_float(smn[2 * g]), min = half_to_float(smn[2 * g + 1]);
+        for (int r = 0; r < rows; ++r) {
+          const float* xg = x + (m0 + r) * K + g * G;
+          float acc = 0.f;
+          for (int64_t j = 0; j < G; ++j) {
+            float v;
+            if (BITS == 8) {
+              v = static_cast<float>(reinterpret_cast<const int8_t*>(qn)[g * G + j]);
+            } else {
+              const uint8_t b = qn[g * G / 2 + (j % (G / 2))];
+              v = static_cast<float>(j < G / 2 ? (b & 0x0F) : (b >> 4));
+            }
+            acc += (v * scale + min) * xg[j];
+          }
+          out[r] += acc;
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) y[(m0 + r) * N + n] = out[r];
+  }
+}
+
+void check_quantized(const torch::Tensor& q, const torch::Tensor& sm, int64_t bits, int64_t K) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(q.is_contiguous() && sm.is_contiguous() && sm.scalar_type() == torch::kHalf && sm.dim() == 3,
+              "q contiguous, sm float16 [N, K / G, 2]");
+  TORCH_CHECK(q.size(1) * (bits == 4 ? 2 : 1) == K, "q's row does not hold K weights");
+  TORCH_CHECK(K % sm.size(1) == 0 && (bits == 8 || (K / sm.size(1)) % 2 == 0), "K is not a whole number of groups");
+}
+
+// Rows [n0, n0 + rows) of a quantized weight as float32 into `out` ([rows, K], row-major).
+void dequantize_into(const uint8_t* qp, const at::Half* smp, int64_t bits, int64_t K, int64_t G, int64_t n0,
+                     int64_t rows, float* out) {
+  const int64_t groups = K / G, row_bytes = bits == 8 ? K : K / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* qn = qp + n * row_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = half_to_float(smp[(n * groups + g) * 2]), min = half_to_float(smp[(n * groups + g) * 2 + 1]);
+      float* o = out + r * K + g * G;
+      if (bits == 8) {
+        const int8_t* qg = reinterpret_cast<const int8_t*>(qn) + g * G;
+#pragma omp simd
+        for (int64_t j = 0; j < G; ++j) o[j] = static_cast<float>(qg[j]) * scale + min;
+      } else {
+        const uint8_t* qg = qn + g * G / 2;
+        const int64_t half = G / 2;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          o[j] = static_cast<float>(qg[j] & 0x0F) * scale + min;
+          o[j + half] = static_cast<float>(qg[j] >> 4) * scale + min;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// y = x W^T + b with W quantized (see the top of this file); x float32 [M, K]. Up to
+// `stream_rows` rows: every weight dequantized in registers as it streams (decode is bound by
+// the weight bytes read). More rows: the weight dequantized a tile of kTile output rows at a
+// time into a buffer that stays in cache, each tile then a float32 GEMM (compute-bound, so
+// the dequantization is paid once a weight, not once a row).
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sm, c10::optional<torch::Tensor> bias,
+                           int64_t bits, int64_t stream_rows) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x float32 [M, K] contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  check_quantized(q, sm, bits, K);
+  const int64_t G = K / sm.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const at::Half* smp = sm.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  if (M <= stream_rows) {
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m0 = 0; m0 < M; m0 += kQuantRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kQuantRows, M - m0));
+        if (bits == 8) {
+          quant_rows<8>(xp, K, qp, smp, G, yp, N, m0, rows, begin, end);
+        } else {
+          quant_rows<4>(xp, K, qp, smp, G, yp, N, m0, rows, begin, end);
+        }
+      }
+    });
+  } else {
+    constexpr int64_t kTile = 128;
+    const int64_t tiles = (N + kTile - 1) / kTile;
+    const bool inference = c10::InferenceMode::is_enabled();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode guard(inference);  // the caller's mode, which pool threads do not inherit
+      auto buffer = torch::empty({kTile, K}, x.options());
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * kTile, rows = std::min<int64_t>(kTile, N - n0);
+        dequantize_into(qp, smp, bits, K, G, n0, rows, buffer.data_ptr<float>());
+        y.narrow(1, n0, rows).copy_(at::mm(x, buffer.narrow(0, 0, rows).t()));
+      }
+    });
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y;
+}
+
+// The float32 weight [rows.size(0), K] of the given rows of a quantized weight (all rows when
+// `rows` is empty): for embedding lookups, and for torch paths that want the float weight.
+torch::Tensor dequantize_rows(torch::Tensor q, torch::Tensor sm, int64_t bits, torch::Tensor rows) {
+  const int64_t K = q.size(1) * (bits == 4 ? 2 : 1);
+  check_quantized(q, sm, bits, K);
+  const bool all = rows.numel() == 0;
+  TORCH_CHECK(all || (rows.scalar_type() == torch::kLong && rows.is_contiguous()), "rows int64");
+  const int64_t R = all ? q.size(0) : rows.numel(), N = q.size(0), G = K / sm.size(1);
+  const int64_t* ids = all ? nullptr : rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < (all ? 0 : R); ++r) TORCH_CHECK(ids[r] >= 0 && ids[r] < N, "row index out of range");
+  auto out = torch::empty({R, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const at::Half* smp = sm.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 8, [&](int64_t begin, int64_t end) {
+    if (all) {
+      dequantize_into(qp, smp, bits, K, G, begin, end - begin, op + begin * K);
+      return;
+    }
+    for (int64_t r = begin; r < end; ++r) dequantize_into(qp, smp, bits, K, G, ids[r], 1, op + r * K);
+  });
+  return out;
+}
