@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distserve.config import available_cores
+from distserve.config import QUANTIZATIONS, available_cores
 from distserve.entrypoints.cli_bench import add_arrival_args, add_workload_args, load_workload_from_args
 
 
@@ -23,7 +23,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         model = fit_step_logs(args.step_log)
     else:
         grid = ProfileGrid.quick() if args.quick else ProfileGrid()
-        model = profile_engine(args.model, args.threads, grid, args.max_model_len)
+        model = profile_engine(args.model, args.threads, grid, args.max_model_len, quantization=args.quantization)
     model.save(args.out)
     print(f"prefill: {model.prefill}, decode below {model.threshold}: {model.decode_small}, above: {model.decode_large}")
     print(f"fit error (mean relative): prefill {model.fit_error['prefill']:.1%}, decode {model.fit_error['decode']:.1%}")
@@ -209,6 +209,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--threads", type=int, default=len(available_cores()), help="torch threads (cores of one instance)")
     profile.add_argument("--max-model-len", type=int, default=None)
     profile.add_argument("--quick", action="store_true", help="a small grid")
+    profile.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                         help="the weights to profile, as `serve --quantization` runs them (default auto)")
     profile.add_argument("--step-log", nargs="+", metavar="JSONL", default=None,
                          help="fit to the steps a server ran (files `serve --step-log` wrote) instead of timing a grid")
     profile.add_argument("--out", default="profile.json")

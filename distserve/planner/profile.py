@@ -53,12 +53,14 @@ def _time_step(instance: Instance) -> float:
 
 
 def profile_engine(
-    model: str | None, threads: int, grid: ProfileGrid | None = None, max_model_len: int | None = None, seed: int = 0
+    model: str | None, threads: int, grid: ProfileGrid | None = None, max_model_len: int | None = None, seed: int = 0,
+    quantization: str = "auto",
 ) -> FittedLatencyModel:
     grid = grid or ProfileGrid()
     torch.set_num_threads(threads)
     config = load_model_config(model, max_model_len=max_model_len)
-    deployment = DeploymentConfig(model=model, mode="colocated", max_model_len=max_model_len)
+    deployment = DeploymentConfig(model=model, mode="colocated", max_model_len=max_model_len, quantization=quantization)
+    deployment.validate()
     longest = max(max(grid.decode_contexts) + 2, max(grid.prefill_lens))
     deployment.colocated.num_kv_blocks = (max(grid.decode_batches) * longest) // deployment.block_size + 64
     deployment.colocated.max_num_batched_tokens = max(grid.max_prefill_tokens, max(grid.prefill_lens))
@@ -114,7 +116,8 @@ def profile_engine(
         bar.update(1)
     bar.close()
     instance.close()
-    meta = {"model": config.name, "threads": threads, "device": str(instance.executor.runner.device), "dtype": str(config.dtype)}
+    meta = {"model": config.name, "threads": threads, "device": str(instance.executor.runner.device), "dtype": str(config.dtype),
+            "quantization": quantization, "weight_bytes": instance.stats.weight_bytes}
     return fit_best(prefill, decode, meta)
 
 

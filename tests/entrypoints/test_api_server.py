@@ -20,7 +20,8 @@ MODEL = "tiny"
 @pytest.fixture(scope="module")
 def server(checkpoints):
     with serving(checkpoints("llama-gqa"), "--mode", "disaggregated", "--api-key", API_KEY, "--served-model-name", MODEL,
-                 "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256") as (base, _):
+                 "--prefill-num-kv-blocks", "128", "--decode-num-kv-blocks", "128", "--max-model-len", "256",
+                 "--decode-quantization", "int8") as (base, _):
         yield base
 
 
@@ -179,6 +180,9 @@ def test_metrics_are_prometheus(server, client) -> None:
     total = next(s.value for s in families["distserve_kv_transfer_bytes"]
                  if s.name.endswith("_total") and s.labels["instance"] == "decode-0")
     assert by_transport == {"shm": total} and total > 0
+    # the decode instance runs int8 weights (--decode-quantization): its linears take a quarter
+    weights = {s.labels["instance"]: s.value for s in families["distserve_weight_bytes"]}
+    assert 0 < weights["decode-0"] < weights["prefill-0"]
 
 
 def test_client_disconnect_aborts_the_request(server) -> None:

@@ -100,11 +100,12 @@ def sim_args_list(config: Path, out: Path) -> list[str]:
 def test_profile_fits_this_engine(checkpoints, tmp_path) -> None:
     out = tmp_path / "profile.json"
     done = subprocess.run([sys.executable, "-m", "distserve.entrypoints.cli", "profile", str(checkpoints("llama-gqa")),
-                           "--quick", "--threads", "1", "--out", str(out), "--max-model-len", "512"],
+                           "--quick", "--threads", "1", "--out", str(out), "--max-model-len", "512", "--quantization", "int4"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["meta"]["threads"] == 1 and len(data["prefill"]) == 3
+    assert data["meta"]["quantization"] == "int4" and data["meta"]["weight_bytes"] > 0
     assert "fit error" in done.stdout
 
 
