@@ -37,8 +37,8 @@ PARTS = {
     },
     "multi-turn": {
         "systems": ["colocated", "disaggregated"],
-        "args": ["--workload", "sharegpt-chat", "--num-requests", "24", "--max-turns", "4", "--think-time", "1",
-                 "--max-prompt-len", "512", "--rates", "0.1", "0.2", "0.4", "--slo-multiple", "5", "--search", "1"],
+        "args": ["--workload", "sharegpt-chat", "--num-requests", "16", "--max-turns", "4", "--think-time", "1",
+                 "--max-prompt-len", "512", "--rates", "0.2", "0.4", "0.8", "--slo-multiple", "5"],
     },
 }
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <algorithm>
 #include <limits>
+#include <cstring>
 #include <vector>
 
 namespace {

