@@ -63,6 +63,17 @@ def read_bandwidth() -> float:
     return big.numel() * 4 / min(times)
 
 
+
+def record(seconds: float, times: dict[str, float], whole: bool, totals: list[float], ops: dict[str, list[float]]) -> None:
+    """One timed step: a whole step's seconds, or a layer-by-layer step's ops (the rest of its
+    time under "other")."""
+    if whole:
+        totals.append(seconds)
+        return
+    times["other"] = seconds - sum(times.values())
+    for op in OPS:
+        ops[op].append(times.get(op, 0.0))
+
 class ModuleTimer:
     """Wall time of every module of the model, by op, while `enabled` (steps are synchronous
     on CPU, so a module's time is its own)."""
@@ -170,12 +181,7 @@ class Breakdown:
                 self.instance.scheduler.add(self._request(tokens, 1))
             seconds, times = self._timed_step(layer_by_layer=i % 2 == 1)
             assert not self.instance.has_work(), "the prompts did not fit one step"
-            if i % 2 == 0:
-                totals.append(seconds)
-            else:
-                times["other"] = seconds - sum(times.values())
-                for op in OPS:
-                    ops[op].append(times.get(op, 0.0))
+            record(seconds, times, whole=i % 2 == 0, totals=totals, ops=ops)
         return self._row("prefill", f"{prompts} x {tokens}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, tokens * prompts, prompts, tokens)
 
@@ -193,12 +199,7 @@ class Breakdown:
             seconds, times = self._timed_step(layer_by_layer=i % 2 == 0 and i > 0)
             if i == 0:
                 continue  # warm-up
-            if i % 2 == 1:
-                totals.append(seconds)
-            else:
-                times["other"] = seconds - sum(times.values())
-                for op in OPS:
-                    ops[op].append(times.get(op, 0.0))
+            record(seconds, times, whole=i % 2 == 1, totals=totals, ops=ops)
         for r in requests:
             self.instance.scheduler.abort(r.request_id)
         return self._row("decode", f"{batch} x {context}", statistics.median(totals),

@@ -41,9 +41,13 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
 
 // e^x for eight floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
 // polynomial, 2^n through the exponent bits (relative error ~1e-7, like expf). Inputs are
-// clamped to [-87.3, 88.3], where 2^n stays a normal float.
+// clamped to [-87.3, 88.3], where 2^n stays a normal float; kNonPositive skips the upper clamp
+// for inputs known to be <= 0 (a softmax's shifted scores). Below -87.3 (masked keys are -inf)
+// it gives ~1e-38, which no sum with the row's maximum (1) can see.
+template <bool kNonPositive = false>
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  if (!kNonPositive) x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts

@@ -92,25 +92,6 @@ struct PrefillTile {
   double cost;
 };
 
-// e^x for x <= 0 (the softmax's shifted scores): exp8 without its upper clamp; below -87.3
-// (masked keys are -inf) it gives ~1e-38, which no sum with the row's maximum (1) can see.
-inline __m256 exp8_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 // The online softmax over one key tile (keys k0 + [0, n)), sixteen rows at a time (two
 // independent vectors, for the pipelines): S^T becomes P^T in place, m and l move to the new
 // maxima, acc^T is rescaled. `masked`: some key lies past some row's position (the diagonal
@@ -135,12 +116,12 @@ inline void softmax_tile(PrefillScratch& w, int64_t k0, int64_t n, int64_t RP, i
     }
     const __m256 m_old0 = _mm256_loadu_ps(w.m.data() + c), m_old1 = _mm256_loadu_ps(w.m.data() + c + 8);
     const __m256 m0 = _mm256_max_ps(m_old0, mx0), m1 = _mm256_max_ps(m_old1, mx1);  // finite: key 0 is in every row's first tile
-    const __m256 alpha0 = exp8_nonpositive(_mm256_sub_ps(m_old0, m0)), alpha1 = exp8_nonpositive(_mm256_sub_ps(m_old1, m1));
+    const __m256 alpha0 = exp8<true>(_mm256_sub_ps(m_old0, m0)), alpha1 = exp8<true>(_mm256_sub_ps(m_old1, m1));
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       float* sj = st + j * RP;
-      const __m256 p0 = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sj), m0));
-      const __m256 p1 = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sj + 8), m1));
+      const __m256 p0 = exp8<true>(_mm256_sub_ps(_mm256_loadu_ps(sj), m0));
+      const __m256 p1 = exp8<true>(_mm256_sub_ps(_mm256_loadu_ps(sj + 8), m1));
       _mm256_storeu_ps(sj, p0);
       _mm256_storeu_ps(sj + 8, p1);
       sum0 = _mm256_add_ps(sum0, p0);

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distserve.kernels import native_ops
+from distserve.kernels import cpu_ops, native_ops
 
 METHODS = ("none", "int8", "int4")
 INT4_GROUP = 32
@@ -84,8 +84,8 @@ class QuantizedWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [rows, cols] (of the given rows only, when `rows` is given)."""
-        ops = native_ops(torch.empty(0))
-        if ops is not None and self.q.device.type == "cpu":
+        ops = cpu_ops() if self.q.device.type == "cpu" else None
+        if ops is not None:
             index = torch.empty(0, dtype=torch.long) if rows is None else rows.contiguous().long()
             return ops.dequantize_rows(self.q, self.sm, self.bits, index)
         part = self if rows is None else self.rows(rows)
@@ -202,6 +202,6 @@ def from_gguf(data: np.ndarray, tensor_type: gguf.GGMLQuantizationType, shape: t
     groups = cols // group
     sm = np.stack([scale.reshape(rows, groups), minimum.reshape(rows, groups)], axis=-1).astype(np.float16)
     q = torch.from_numpy(np.ascontiguousarray(values).reshape(rows, -1).copy())
-    if bits == 4 and name in ("Q4_K",):
+    if name == "Q4_K":  # the others' 4-bit bytes are already laid out as pack_int4 lays them
         q = pack_int4(q, group)
     return QuantizedWeight(q.view(torch.uint8) if bits == 4 else q.view(torch.int8), torch.from_numpy(sm), bits, group)
