@@ -36,6 +36,9 @@ class VocabParallelEmbedding(nn.Module):
             pad = self.shard_size - length  # padding rows: scale and min 0, so they read as 0
             q = torch.cat([part.q, part.q.new_zeros(pad, part.q.shape[1])])
             sm = torch.cat([part.sm, part.sm.new_zeros(pad, *part.sm.shape[1:])])
+            # float32 activations always: the (tied) LM head picks the token, so rounding its input
+            # would flip near ties (the built-in model's first answer token is one), and over a
+            # vocabulary's rows it is bound by the bytes it reads either way
             self.quant = QuantizedWeight(q.contiguous(), sm.contiguous(), part.bits, part.group).to(param.device)
             param.data = torch.empty(0, device=param.device)
             return

@@ -143,6 +143,11 @@ class LinearBase(nn.Module):
             return self.weight, self.packed
         return None
 
+    @property
+    def int8_activations(self) -> bool:
+        """Whether its decode matmuls round activations to int8 (quantized weights only)."""
+        return self.quant is not None and self.quant.int8_activations
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is not None:
             return quant_linear(x, self.quant, bias)

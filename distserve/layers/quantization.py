@@ -25,6 +25,7 @@ it (compute-bound: each weight is dequantized once a step, not once a row).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import gguf
@@ -38,6 +39,20 @@ METHODS = ("none", "int8", "int4")
 INT4_GROUP = 32
 # Rows up to which streaming (dequantizing in registers) beats tiles of float32 GEMM.
 QUANT_STREAM_ROWS = 16
+# Whether streamed matmuls (decode) quantize their activations to int8 in blocks of 32 and
+# multiply integers, as llama.cpp does for these formats (about twice as fast as float32
+# activations; each activation off by at most half a step of 1/127 of its block's largest):
+# `auto` for GGUF weights (what llama.cpp computes on the same file) and float32 activations
+# for checkpoints quantized at load (what weight-only int8 / int4 compute in vLLM); `1` or `0`
+# for all weights.
+INT8_ACTIVATIONS = os.environ.get("DISTSERVE_INT8_ACTIVATIONS", "auto")
+if INT8_ACTIVATIONS not in ("auto", "0", "1"):
+    raise ValueError(f"DISTSERVE_INT8_ACTIVATIONS={INT8_ACTIVATIONS!r}: use auto, 1 or 0")
+
+
+def int8_activations(from_gguf: bool) -> bool:
+    """The activation policy (INT8_ACTIVATIONS) for weights from a GGUF file or quantized at load."""
+    return from_gguf if INT8_ACTIVATIONS == "auto" else INT8_ACTIVATIONS == "1"
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # kept quantized; others dequantized at load
 
 
@@ -49,6 +64,12 @@ class QuantizedWeight:
     sm: torch.Tensor  # float16 [rows, cols // group, 2]
     bits: int
     group: int
+    int8_activations: bool = False  # decode matmuls round activations to int8 (see INT8_ACTIVATIONS)
+
+    def like(self, q: torch.Tensor, sm: torch.Tensor, bits: int | None = None, group: int | None = None) -> QuantizedWeight:
+        """Other storage, the same activation policy."""
+        return QuantizedWeight(q, sm, self.bits if bits is None else bits, self.group if group is None else group,
+                               self.int8_activations)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,26 +82,25 @@ class QuantizedWeight:
     def narrow(self, dim: int, start: int, length: int) -> QuantizedWeight:
         """Rows (dim 0) or whole groups of columns (dim 1) [start, start + length)."""
         if dim == 0:
-            return QuantizedWeight(self.q.narrow(0, start, length), self.sm.narrow(0, start, length), self.bits,
-                                   self.group)
+            return self.like(self.q.narrow(0, start, length), self.sm.narrow(0, start, length))
         if start % self.group or length % self.group:
             raise ValueError(f"columns [{start}, {start + length}) split a quantization group of {self.group}; "
                              "use a tensor parallel size that divides the groups, or --quantization none")
         per_byte = 2 if self.bits == 4 else 1
-        return QuantizedWeight(self.q.narrow(1, start // per_byte, length // per_byte),
-                               self.sm.narrow(1, start // self.group, length // self.group), self.bits, self.group)
+        return self.like(self.q.narrow(1, start // per_byte, length // per_byte),
+                         self.sm.narrow(1, start // self.group, length // self.group))
 
     def rows(self, index: torch.Tensor) -> QuantizedWeight:
-        return QuantizedWeight(self.q[index], self.sm[index], self.bits, self.group)
+        return self.like(self.q[index], self.sm[index])
 
     def to(self, device: torch.device) -> QuantizedWeight:
-        return QuantizedWeight(self.q.to(device), self.sm.to(device), self.bits, self.group)
+        return self.like(self.q.to(device), self.sm.to(device))
 
     def compact(self) -> QuantizedWeight:
         """A copy of its own (a shard narrowed from a whole checkpoint tensor would keep all
         of that tensor alive)."""
-        return QuantizedWeight(self.q.clone(memory_format=torch.contiguous_format),
-                               self.sm.clone(memory_format=torch.contiguous_format), self.bits, self.group)
+        return self.like(self.q.clone(memory_format=torch.contiguous_format),
+                         self.sm.clone(memory_format=torch.contiguous_format))
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [rows, cols] (of the given rows only, when `rows` is given)."""
@@ -99,7 +119,7 @@ class QuantizedWeight:
             raise ValueError(f"group {group} does not divide {self.group}")
         values = _values(self).to(torch.int8)
         sm = self.sm.repeat_interleave(self.group // group, dim=1)
-        return QuantizedWeight(values.contiguous(), sm.contiguous(), 8, group)
+        return self.like(values.contiguous(), sm.contiguous(), 8, group)
 
 
 def _values(w: QuantizedWeight) -> torch.Tensor:
@@ -125,8 +145,7 @@ def merge(parts: list[QuantizedWeight]) -> QuantizedWeight:
     if len({(p.bits, p.group) for p in parts}) > 1:
         group = math.gcd(*(p.group for p in parts))
         parts = [p.to_int8(group) for p in parts]
-    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.sm for p in parts]), parts[0].bits,
-                           parts[0].group)
+    return parts[0].like(torch.cat([p.q for p in parts]), torch.cat([p.sm for p in parts]))
 
 
 def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
@@ -139,7 +158,7 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
         scale = scale.half().float()  # the scale the kernel will use
         q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
         sm = torch.stack([scale, torch.zeros_like(scale)], dim=-1).half()
-        return QuantizedWeight(q.contiguous(), sm.contiguous(), 8, cols)
+        return QuantizedWeight(q.contiguous(), sm.contiguous(), 8, cols, int8_activations(False))
     if method == "int4":
         if cols % INT4_GROUP:
             raise ValueError(f"int4 needs input sizes that are multiples of {INT4_GROUP}; this one is {cols}")
@@ -149,7 +168,8 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
         lo = lo.half().float()
         q = torch.round((g - lo) / scale).clamp(0, 15)
         sm = torch.cat([scale, lo], dim=-1).half()
-        return QuantizedWeight(pack_int4(q.view(rows, cols), INT4_GROUP), sm.contiguous(), 4, INT4_GROUP)
+        return QuantizedWeight(pack_int4(q.view(rows, cols), INT4_GROUP), sm.contiguous(), 4, INT4_GROUP,
+                               int8_activations(False))
     raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -157,7 +177,7 @@ def quant_linear(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None)
     """x W^T + b for a quantized W."""
     ops = native_ops(x)
     if ops is not None:
-        return ops.quant_linear(x.contiguous(), w.q, w.sm, bias, w.bits, QUANT_STREAM_ROWS)
+        return ops.quant_linear(x.contiguous(), w.q, w.sm, bias, w.bits, QUANT_STREAM_ROWS, w.int8_activations)
     return F.linear(x, w.dequantize().to(x.device, x.dtype), bias)  # CUDA: the float weight, made each call
 
 
@@ -204,4 +224,5 @@ def from_gguf(data: np.ndarray, tensor_type: gguf.GGMLQuantizationType, shape: t
     q = torch.from_numpy(np.ascontiguousarray(values).reshape(rows, -1).copy())
     if name == "Q4_K":  # the others' 4-bit bytes are already laid out as pack_int4 lays them
         q = pack_int4(q, group)
-    return QuantizedWeight(q.view(torch.uint8) if bits == 4 else q.view(torch.int8), torch.from_numpy(sm), bits, group)
+    return QuantizedWeight(q.view(torch.uint8) if bits == 4 else q.view(torch.int8), torch.from_numpy(sm), bits, group,
+                           int8_activations(True))

@@ -3,13 +3,15 @@ mapped without loss, and a quantized engine against the float one (greedy tokens
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from distserve.kernels import cpu_ops
-from distserve.layers.quantization import QUANT_STREAM_ROWS, from_gguf, merge, quant_linear, quantize
+from distserve.layers.quantization import QUANT_STREAM_ROWS, QuantizedWeight, from_gguf, merge, quant_linear, quantize
 from distserve.sampling_params import SamplingParams
 from tests.tiny_models import load_reference, mixed_prompts, perplexity, run_in_process
 
@@ -46,19 +48,62 @@ def test_gguf_blocks_map_onto_the_storage(qtype: Q) -> None:
         np.testing.assert_array_equal(got, reference)
 
 
-@pytest.mark.parametrize("source", ["int8", "int4", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+SOURCES = ["int8", "int4", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def weight_of(source: str, rows: int, cols: int) -> QuantizedWeight:
+    if source.startswith("int"):
+        return quantize(torch.randn(rows, cols), source)
+    return from_gguf(gguf_blocks(Q[source], rows, cols), Q[source], (rows, cols))
+
+
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("rows", [1, 3, 5, QUANT_STREAM_ROWS + 1])
 def test_quantized_linear_matches_the_dequantized_weight(source: str, rows: int) -> None:
     torch.manual_seed(0)
-    if source.startswith("int"):
-        weight = quantize(torch.randn(96, 512), source)
-    else:
-        weight = from_gguf(gguf_blocks(Q[source], 96, 512), Q[source], (96, 512))
+    weight = weight_of(source, 96, 512)
     x, bias = torch.randn(rows, 512), torch.randn(96)
     expected = x @ weight.dequantize().T + bias
-    got = quant_linear(x, weight, bias)
+    got = quant_linear(x, replace(weight, int8_activations=False), bias)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert cpu_ops() is not None  # the native kernel ran, not the torch fallback
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 in blocks of 32, scale = block max / 127."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127)).view_as(x)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("rows", [1, 5, QUANT_STREAM_ROWS])
+def test_int8_activations_are_exact_but_for_their_rounding(source: str, rows: int) -> None:
+    torch.manual_seed(1)
+    cols = 768 if source in {q.name for q in K_QUANTS} else 576  # 576: the last run of four groups cut short
+    weight = weight_of(source, 80, cols)
+    x = torch.randn(rows, cols) * torch.linspace(0.1, 3, cols)
+    got = quant_linear(x, replace(weight, int8_activations=True), None).double()
+    w = weight.dequantize().double()
+    # the weight's scale meets the rounded activations; its min, the exact activation sums
+    minimum = weight.sm[..., 1].double().repeat_interleave(weight.group, dim=1)
+    expected = int8_blocks(x).double() @ (w - minimum).T + x.double() @ minimum.T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # against float activations: off by at most half an activation step times |w|
+    step = (x.view(rows, -1, 32).abs().amax(dim=-1, keepdim=True) / 127).expand(-1, -1, 32).reshape(rows, cols)
+    bound = (step.double() / 2) @ (w - minimum).abs().T
+    assert ((got - x.double() @ w.T).abs() <= bound * 1.001 + 1e-4).all()
+
+
+def test_gguf_weights_round_decode_activations_and_load_time_quantization_does_not() -> None:
+    """The default policy: llama.cpp's numerics for a GGUF file, weight-only float32 activations
+    (vLLM's) for a checkpoint quantized at load; derived weights keep it."""
+    gguf_weight = from_gguf(gguf_blocks(Q.Q4_1, 8, 64), Q.Q4_1, (8, 64))
+    assert gguf_weight.int8_activations and gguf_weight.narrow(0, 0, 4).int8_activations
+    assert merge([gguf_weight, from_gguf(gguf_blocks(Q.Q8_0, 8, 64), Q.Q8_0, (8, 64))]).int8_activations
+    assert not quantize(torch.randn(8, 64), "int4").int8_activations
+    assert not quantize(torch.randn(8, 64), "int8").rows(torch.tensor([1, 2])).int8_activations
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
