@@ -28,6 +28,7 @@ FUNCTIONS = [
     "rotary_embedding",
     "reshape_and_cache",
     "llama_decode_layer",
+    "opt_decode_layer",
     "argmax_rows",
     "prefill_attention",
     "quant_linear",

@@ -283,11 +283,12 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
 // streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
 // layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
 // A quantized weight comes as its int8 / uint8 storage (w) and its scales and mins (packed);
-// `quant_rows` is quant_linear's `stream_rows`.
+// `quant_rows` and `int8_activations` are quant_linear's `stream_rows` and `int8_activations`.
 static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
-                             const torch::Tensor& packed, int64_t stream_rows, int64_t quant_rows) {
+                             const torch::Tensor& packed, int64_t stream_rows, int64_t quant_rows,
+                             bool int8_activations) {
   if (w.scalar_type() == torch::kChar || w.scalar_type() == torch::kByte) {
-    return quant_linear(x, w, packed, b, w.scalar_type() == torch::kChar ? 8 : 4, quant_rows);
+    return quant_linear(x, w, packed, b, w.scalar_type() == torch::kChar ? 8 : 4, quant_rows, int8_activations);
   }
   if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
   static const auto onednn = c10::Dispatcher::singleton()
@@ -313,16 +314,40 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tens
                                  torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                  torch::Tensor seq_lens, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
                                  int64_t num_kv_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows,
-                                 int64_t quant_rows) {
+                                 int64_t quant_rows, bool int8_activations) {
   const int64_t B = x.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows, quant_rows);
+  auto qkv = project(rms_norm(x, ln1, eps), qkv_w, qkv_b, qkv_p, stream_rows, quant_rows, int8_activations);
   rotary_embedding(qkv, cos, sin, num_heads + num_kv_heads, head_dim);
   reshape_and_cache(qkv.narrow(1, q_size, kv_size), qkv.narrow(1, q_size + kv_size, kv_size), k_cache, v_cache,
                     slot_mapping);
   auto q = qkv.narrow(1, 0, q_size).contiguous().view({B, num_heads, head_dim});
   auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, q_size});
-  auto h = project(attn, o_w, o_b, o_p, stream_rows, quant_rows).add_(x);
-  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows, quant_rows)),
-                     down_w, down_b, down_p, stream_rows, quant_rows);
+  auto h = project(attn, o_w, o_b, o_p, stream_rows, quant_rows, int8_activations).add_(x);
+  auto mlp = project(silu_and_mul(project(rms_norm(h, ln2, eps), gate_up_w, gate_up_b, gate_up_p, stream_rows, quant_rows, int8_activations)),
+                     down_w, down_b, down_p, stream_rows, quant_rows, int8_activations);
   return mlp.add_(h);
+}
+
+// One pre-LN OPT decoder layer for a decode step, in one call (see llama_decode_layer):
+//   h = x + out_proj(attn(q, k, v)),  q, k, v = qkv_proj(layer_norm(x))
+//   y = h + fc2(relu(fc1(layer_norm(h))))
+torch::Tensor opt_decode_layer(torch::Tensor x, c10::optional<torch::Tensor> ln1_w, c10::optional<torch::Tensor> ln1_b,
+                               torch::Tensor qkv_w, torch::Tensor qkv_p, c10::optional<torch::Tensor> qkv_b,
+                               torch::Tensor o_w, torch::Tensor o_p, c10::optional<torch::Tensor> o_b,
+                               c10::optional<torch::Tensor> ln2_w, c10::optional<torch::Tensor> ln2_b, torch::Tensor fc1_w,
+                               torch::Tensor fc1_p, c10::optional<torch::Tensor> fc1_b, torch::Tensor fc2_w,
+                               torch::Tensor fc2_p, c10::optional<torch::Tensor> fc2_b, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                               torch::Tensor seq_lens, int64_t num_heads, int64_t head_dim, double eps, double scale,
+                               int64_t stream_rows, int64_t quant_rows, bool int8_activations) {
+  const int64_t B = x.size(0), H = x.size(1), size = num_heads * head_dim;
+  auto qkv = project(at::layer_norm(x, {H}, ln1_w, ln1_b, eps), qkv_w, qkv_b, qkv_p, stream_rows, quant_rows,
+                     int8_activations);
+  reshape_and_cache(qkv.narrow(1, size, size), qkv.narrow(1, 2 * size, size), k_cache, v_cache, slot_mapping);
+  auto q = qkv.narrow(1, 0, size).contiguous().view({B, num_heads, head_dim});
+  auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, size});
+  auto h = project(attn, o_w, o_b, o_p, stream_rows, quant_rows, int8_activations).add_(x);
+  auto hidden = project(at::layer_norm(h, {H}, ln2_w, ln2_b, eps), fc1_w, fc1_b, fc1_p, stream_rows, quant_rows,
+                        int8_activations).relu_();
+  return project(hidden, fc2_w, fc2_b, fc2_p, stream_rows, quant_rows, int8_activations).add_(h);
 }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, pp_layer_range
+from distserve.kernels import native_ops
 from distserve.layers.attention import Attention, AttentionMetadata
+from distserve.layers.linear import FUSED_DECODE_BATCH
 from distserve.weights.loader import LoadedWeight, materialize
 
 
@@ -27,12 +30,31 @@ class CausalLM(nn.Module):
         self.start_layer, self.end_layer = pp_layer_range(num_layers)
         self.is_first_stage = get_pp_rank() == 0
         self.is_last_stage = get_pp_rank() == get_pp_size() - 1
+        self._fused_decode: bool | None = None
 
     def make_layers(self, num_layers: int, build: Callable[[int], nn.Module]) -> nn.ModuleList:
         """The decoder layers of this stage; the other stages' slots hold empty placeholders."""
         return nn.ModuleList(
             build(i) if self.start_layer <= i < self.end_layer else nn.Identity() for i in range(num_layers)
         )
+
+    def fused_decode_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> ModuleType | None:
+        """The native kernels when this step can run each layer of this stage as one call
+        (`decode_fused`): a pure decode step of at most FUSED_DECODE_BATCH sequences on CPU
+        float32, and every layer able to (`prepare_fused_decode`, decided once, after the
+        weights are loaded and packed)."""
+        ops = native_ops(x)
+        if ops is None or meta.prefill_query_lens or len(x) > FUSED_DECODE_BATCH:
+            return None
+        if self._fused_decode is None:
+            layers = self.stage_layers()
+            self._fused_decode = bool(layers) and all(
+                hasattr(layer, "prepare_fused_decode") and layer.prepare_fused_decode() for layer in layers)
+        return ops if self._fused_decode else None
+
+    def stage_layers(self) -> nn.ModuleList:
+        """This stage's decoder layers."""
+        raise NotImplementedError
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]

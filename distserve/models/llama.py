@@ -16,12 +16,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from distserve.kernels import native_ops
 from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import (
-    FUSED_DECODE_BATCH,
     FUSED_STREAM_ROWS,
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -97,7 +95,8 @@ class LlamaDecoderLayer(nn.Module):
             mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
         )
         self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
-                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS, QUANT_STREAM_ROWS)
+                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS, QUANT_STREAM_ROWS,
+                            attn.qkv_proj.int8_activations)
         return True
 
     def decode_fused(self, ops: ModuleType, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor,
@@ -133,7 +132,6 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         self.model = LlamaModel(config, self, max_model_len)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.fused_decode: bool | None = None
         if self.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
             if self.tied and self.is_first_stage:
@@ -150,9 +148,9 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) if self.is_first_stage else hidden_states
         rope = self.model.rotary.cos_sin(positions, x.dtype)
-        layers = self.model.layers[self.start_layer : self.end_layer]
-        ops = native_ops(x)
-        if ops is not None and not meta.prefill_query_lens and len(x) <= FUSED_DECODE_BATCH and self._fused_decode(layers):
+        layers = self.stage_layers()
+        ops = self.fused_decode_layers(x, meta)
+        if ops is not None:
             cos, sin = (t.view(t.shape[0], -1) for t in rope)
             x = x.contiguous()
             for layer in layers:
@@ -162,10 +160,8 @@ class LlamaForCausalLM(CausalLM):
                 x = layer(rope, x, meta)
         return self.model.norm(x) if self.is_last_stage else x
 
-    def _fused_decode(self, layers: nn.ModuleList) -> bool:
-        if self.fused_decode is None:  # decided once, after the weights are loaded and packed
-            self.fused_decode = all(layer.prepare_fused_decode() for layer in layers)
-        return self.fused_decode
+    def stage_layers(self) -> nn.ModuleList:
+        return self.model.layers[self.start_layer : self.end_layer]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)

@@ -11,6 +11,8 @@ project_in / project_out around the decoder (OPT-350m).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -18,8 +20,15 @@ from transformers import PretrainedConfig
 from distserve.layers.activation import get_activation
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from distserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from distserve.layers.linear import (
+    FUSED_STREAM_ROWS,
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from distserve.layers.norm import LayerNorm
+from distserve.layers.quantization import QUANT_STREAM_ROWS
 from distserve.models.base import CausalLM
 
 POSITION_OFFSET = 2
@@ -52,6 +61,30 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.act = get_activation(config.activation_function)
         self.final_layer_norm = LayerNorm(config.hidden_size, elementwise_affine=affine)
+
+    def prepare_fused_decode(self) -> bool:
+        """Whether `decode_fused` computes what `forward` does for a few decodes (pre-LN, ReLU,
+        no tensor parallelism, every projection kept as the one-call layer takes it); if so,
+        gather its arguments once."""
+        attn = self.self_attn
+        linears = (attn.qkv_proj, attn.out_proj, self.fc1, self.fc2)
+        weights = [m.fused_weight() for m in linears]
+        if not self.pre_ln or not isinstance(self.act, nn.ReLU) or attn.out_proj.tp_size != 1 or None in weights:
+            return False
+        (qkv_w, qkv_p), (o_w, o_p), (fc1_w, fc1_p), (fc2_w, fc2_p) = weights
+        ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
+        self.fused_weights = (
+            ln1.weight, ln1.bias, qkv_w, qkv_p, attn.qkv_proj.bias, o_w, o_p, attn.out_proj.bias, ln2.weight, ln2.bias,
+            fc1_w, fc1_p, self.fc1.bias, fc2_w, fc2_p, self.fc2.bias, attn.attn.k_cache, attn.attn.v_cache,
+        )
+        self.fused_shape = (attn.attn.num_heads, attn.attn.head_dim, ln1.eps, attn.attn.scale, FUSED_STREAM_ROWS,
+                            QUANT_STREAM_ROWS, attn.qkv_proj.int8_activations)
+        return True
+
+    def decode_fused(self, ops: ModuleType, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`forward` for a pure decode step, as one native call."""
+        return ops.opt_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
+                                    meta.decode_seq_lens, *self.fused_shape)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.pre_ln:
@@ -116,14 +149,23 @@ class OPTForCausalLM(CausalLM):
             x = x + decoder.embed_positions(positions + POSITION_OFFSET)
         else:
             x = hidden_states
-        for layer in decoder.layers[self.start_layer : self.end_layer]:
-            x = layer(x, meta)
+        ops = self.fused_decode_layers(x, meta)
+        if ops is not None:
+            x = x.contiguous()
+            for layer in self.stage_layers():
+                x = layer.decode_fused(ops, x, meta)
+        else:
+            for layer in self.stage_layers():
+                x = layer(x, meta)
         if self.is_last_stage:
             if decoder.final_layer_norm is not None:
                 x = decoder.final_layer_norm(x)
             if decoder.project_out is not None:
                 x = decoder.project_out(x)
         return x
+
+    def stage_layers(self) -> nn.ModuleList:
+        return self.model.decoder.layers[self.start_layer : self.end_layer]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)

@@ -104,32 +104,34 @@ def test_argmax_rows() -> None:
 
 
 @pytest.mark.parametrize("variant, count, stream_rows", [("llama-bias", 6, None), ("qwen2", 6, None), ("llama-gqa", 20, None),
-                                                        ("llama-gqa", 20, 8)])
+                                                        ("llama-gqa", 20, 8), ("opt", 20, None), ("opt", 6, 4)])
 def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str, count: int,
                                                             stream_rows: int | None) -> None:
-    """Decode steps run each LLaMA layer as one native call; it gives the layer-by-layer path's
-    tokens (and so transformers'), also past the 8 rows where layer by layer switches its
+    """Decode steps run each LLaMA or pre-LN OPT layer as one native call; it gives the layer-by-layer
+    path's tokens (and so transformers'), also past the 8 rows where layer by layer switches its
     matmuls to oneDNN, and with the call's own matmuls on oneDNN past `stream_rows`."""
-    from distserve.models import llama
-    from distserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from distserve.models import llama, opt
+    from distserve.models.base import CausalLM
 
+    module = opt if variant == "opt" else llama
+    layer = opt.OPTDecoderLayer if variant == "opt" else llama.LlamaDecoderLayer
     if stream_rows is not None:
-        monkeypatch.setattr(llama, "FUSED_STREAM_ROWS", stream_rows)
+        monkeypatch.setattr(module, "FUSED_STREAM_ROWS", stream_rows)
     path = checkpoints(variant)
     prompts = mixed_prompts(count)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     rows = []
-    fused = LlamaDecoderLayer.decode_fused
+    fused = layer.decode_fused
 
-    def counted(self, ops, cos, sin, x, meta):  # noqa: ANN001, ANN202
-        rows.append(len(x))
-        return fused(self, ops, cos, sin, x, meta)
+    def counted(self, ops, *args):  # noqa: ANN001, ANN002, ANN202 - (cos, sin,) x, meta
+        rows.append(len(args[-2]))
+        return fused(self, ops, *args)
 
-    monkeypatch.setattr(LlamaDecoderLayer, "decode_fused", counted)
+    monkeypatch.setattr(layer, "decode_fused", counted)
     got, _ = run_in_process(path, prompts, params, num_kv_blocks=128)
     assert rows, "the fused path never ran"
     assert max(rows) == count  # every sequence decoding in one fused step
-    monkeypatch.setattr(LlamaForCausalLM, "_fused_decode", lambda self, layers: False)
+    monkeypatch.setattr(CausalLM, "fused_decode_layers", lambda self, x, meta: None)
     unfused, _ = run_in_process(path, prompts, params, num_kv_blocks=128)
     assert got == unfused == [hf_greedy(load_reference(path), p, 24) for p in prompts]
 
