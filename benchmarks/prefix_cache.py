@@ -8,6 +8,10 @@
    1P+1D (cache-aware routing, conditional disaggregation) against vLLM with its prefix cache
    on, the same conversations and arrivals; the share of prompt tokens each served from cache.
 
+Every run starts with the servers' prefix caches empty (the runner POSTs /reset_prefix_cache
+before each rate; vLLM serves that route in its dev mode), so no rate reuses the prompts an
+earlier rate sent.
+
     python -m benchmarks.prefix_cache [--vllm-python /tmp/vllm-venv/bin/python] [--only system-prompt]
 
 Results in benchmarks/results/prefix_cache/<part>/ (summary.json, plots) and the table in
@@ -28,7 +32,8 @@ from benchmarks.report import report
 
 RESULTS = Path("benchmarks/results/prefix_cache")
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
-VLLM_ENV = "VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
+# dev mode: vLLM's POST /reset_prefix_cache, which the runner calls before each run
+VLLM_ENV = "VLLM_SERVER_DEV_MODE=1 VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
 PARTS = {
     "system-prompt": {
         "systems": ["cache=--mode colocated", "no-cache=--mode colocated --no-enable-prefix-caching"],
@@ -38,7 +43,7 @@ PARTS = {
     "multi-turn": {
         "systems": ["colocated", "disaggregated"],
         "args": ["--workload", "sharegpt-chat", "--num-requests", "16", "--max-turns", "4", "--think-time", "1",
-                 "--max-prompt-len", "512", "--rates", "0.2", "0.4", "0.8", "--slo-multiple", "5"],
+                 "--max-prompt-len", "512", "--rates", "0.1", "0.2", "0.4", "--slo-multiple", "5"],
     },
 }
 

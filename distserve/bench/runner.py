@@ -138,6 +138,17 @@ def run_rate(base_url: str, model: str | None, requests: Workload, rate: float, 
     return asyncio.run(run_requests(base_url, model, requests, times, api_key, f"{label} @ {rate:g} req/s", settings.progress))
 
 
+def reset_prefix_cache(base_url: str, api_key: str | None = None) -> bool:
+    """POST /reset_prefix_cache (distserve's, or vLLM's with VLLM_SERVER_DEV_MODE=1), so that a
+    run starts with no prompt cached by the runs before it; False when the server has no such
+    route or refused."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return httpx.post(f"{base_url}/reset_prefix_cache", headers=headers, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def calibrate(base_url: str, model: str | None, requests: Workload, api_key: str | None = None,
               count: int = 8) -> tuple[float, float]:
     """Median TTFT and TPOT of requests sent one at a time (the unloaded latency; of a
@@ -160,6 +171,8 @@ def benchmark_system(base_url: str, model: str | None, requests: Workload, setti
     result = SystemResult(name, devices)
 
     def attainment_at(rate: float) -> float:
+        if not reset_prefix_cache(base_url, api_key):  # the runs before would have warmed it
+            print(f"{name}: the prefix cache could not be reset; this run may reuse prompts of earlier runs", flush=True)
         records = run_rate(base_url, model, requests, rate, settings, name, api_key)
         run = RunResult(rate, records, slo_attainment(records, settings.ttft_slo, settings.tpot_slo))
         result.runs.append(run)

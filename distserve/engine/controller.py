@@ -47,6 +47,7 @@ from distserve.engine.messages import (
     ReleaseKV,
     RequestFailed,
     RequestUpdate,
+    ResetPrefixCache,
     StatsRequest,
     StepOutput,
 )
@@ -505,11 +506,24 @@ class Controller:
 
     def get_stats(self, timeout: float = 10.0) -> list[InstanceStats]:
         """Fresh stats from every live instance (the last known ones for a dead one)."""
+        return self._ask_all(StatsRequest, timeout)
+
+    def reset_prefix_cache(self, timeout: float = 10.0) -> bool:
+        """Every instance forgets its cached blocks, and the router its index of them; False
+        when an instance kept some (requests held them)."""
+        stats = self._ask_all(ResetPrefixCache, timeout)
+        with self._lock:
+            for load in self.router.instances.values():
+                load.cached.clear()
+        return all(s.prefix_cache_blocks == 0 for s in stats)
+
+    def _ask_all(self, message: type[StatsRequest] | type[ResetPrefixCache], timeout: float) -> list[InstanceStats]:
+        """Send every live instance `message` and wait for the stats each answers with."""
         with self._lock:
             self._pending_stats.clear()
             alive = [name for name, load in self.router.instances.items() if load.alive]
             for name in alive:
-                self._send(name, StatsRequest())
+                self._send(name, message())
             self._flush()
         deadline = time.monotonic() + timeout
         while not all(name in self._pending_stats for name in alive) and time.monotonic() < deadline:

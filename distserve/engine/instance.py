@@ -33,6 +33,7 @@ from distserve.engine.messages import (
     PrefillDone,
     ReleaseKV,
     RequestFailed,
+    ResetPrefixCache,
     StatsRequest,
     StepOutput,
     TokenOutput,
@@ -129,7 +130,7 @@ class Instance:
 
     # -- messages -------------------------------------------------------------------------
     def handle(self, msg: InstanceMessage) -> InstanceStats | None:
-        """Take a message in; a `StatsRequest` is answered with the stats."""
+        """Take a message in; a `StatsRequest` or `ResetPrefixCache` is answered with the stats."""
         match msg:
             case AddRequest():
                 self.scheduler.add(new_request(msg, self.max_model_len))
@@ -149,6 +150,10 @@ class Instance:
                 self._sources.pop(msg.request_id, None)
                 self._started.discard(msg.request_id)
             case StatsRequest():
+                return self.current_stats()
+            case ResetPrefixCache():
+                if not self.blocks.reset_prefix_cache():
+                    logger.warning("instance %s: prefix cache not reset, requests hold cached blocks", self.name)
                 return self.current_stats()
             case _:
                 raise TypeError(f"instance {self.name} got an unknown message {type(msg).__name__}")
@@ -301,6 +306,7 @@ class Instance:
         s.num_swaps = sched.num_swaps
         s.prefix_cache_queries = self.blocks.num_queried_tokens
         s.prefix_cache_hits = self.blocks.num_hit_tokens
+        s.prefix_cache_blocks = self.blocks.num_cached_blocks
         return s
 
     def current_stats(self) -> InstanceStats:

@@ -19,7 +19,15 @@ from collections.abc import Callable
 
 from distserve.config import InstanceConfig, ModelConfig
 from distserve.distributed.group import GroupSpec
-from distserve.engine.messages import InstanceEvent, InstanceFailed, InstanceMessage, Shutdown, StatsRequest, StepOutput
+from distserve.engine.messages import (
+    InstanceEvent,
+    InstanceFailed,
+    InstanceMessage,
+    ResetPrefixCache,
+    Shutdown,
+    StatsRequest,
+    StepOutput,
+)
 
 IDLE_WAIT = 0.05
 # OpenMP worker threads spin this long for the next parallel region before sleeping: a
@@ -114,7 +122,7 @@ def serve_instance(instance, get: Get, put: Put, parent_alive: Callable[[], bool
         stepped = instance.step()
         events.extend(stepped)
         if messages and not any(isinstance(e, StepOutput) for e in stepped) and not any(
-            isinstance(m, StatsRequest) for m in messages
+            isinstance(m, (StatsRequest, ResetPrefixCache)) for m in messages
         ):
             events.append(instance.current_stats())  # blocks may have been freed without a step
         if events:

@@ -156,6 +156,10 @@ class LLMEngine:
         """Per instance: role, queues, running requests, KV blocks, transfers (fresh)."""
         return self._controller.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Every instance forgets its cached prompt blocks; False if requests held some."""
+        return self._controller.reset_prefix_cache()
+
     def instance_status(self) -> list[InstanceStatus]:
         """Every instance, alive or not, with its latest stats (no round trip)."""
         return self._controller.instance_status()

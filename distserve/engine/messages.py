@@ -70,11 +70,18 @@ class StatsRequest:
 
 
 @dataclass
+class ResetPrefixCache:
+    """Forget the instance's cached blocks (none if a request holds one); answered with its stats."""
+
+
+@dataclass
 class Shutdown:
     pass
 
 
-InstanceMessage = AddRequest | MigrateRequest | ConnectSources | ReleaseKV | AbortRequest | StatsRequest | Shutdown
+InstanceMessage = (
+    AddRequest | MigrateRequest | ConnectSources | ReleaseKV | AbortRequest | StatsRequest | ResetPrefixCache | Shutdown
+)
 
 
 # -- instance -> controller ------------------------------------------------------------------
@@ -101,6 +108,7 @@ class InstanceStats:
     busy_seconds: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, tokens found there (not computed, or not pulled)
+    prefix_cache_blocks: int = 0  # blocks the prefix cache names now
     # bytes pulled by each transport that moved some (shm, cuda-ipc, torch)
     transferred_bytes_by_transport: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0  # the model weights the instance's driver worker holds in memory

@@ -103,6 +103,14 @@ class OpenAIServer:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def reset_prefix_cache(self) -> Response:
+        """vLLM's POST /reset_prefix_cache: every instance forgets its cached prompt blocks (so
+        that benchmark runs start cold); 409 while running requests hold some."""
+        if not await self.engine.reset_prefix_cache():
+            raise APIError(409, "the prefix cache was not reset: running requests hold cached blocks; retry when idle",
+                           "conflict_error")
+        return JSONResponse({"status": "reset"})
+
     async def models(self) -> dict[str, Any]:
         created = int(time.time())
         return {
@@ -435,6 +443,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], settings: ServerS
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/generate", server.generate, methods=["POST"])
+    app.add_api_route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"])
     return app
 
 

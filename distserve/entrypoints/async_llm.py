@@ -155,6 +155,9 @@ class AsyncLLM:
     async def get_stats(self) -> list[InstanceStats]:
         return await asyncio.to_thread(self.engine.get_stats)
 
+    async def reset_prefix_cache(self) -> bool:
+        return await asyncio.to_thread(self.engine.reset_prefix_cache)
+
     def instance_status(self) -> list[InstanceStatus]:
         """Every instance, alive or not, with its latest stats (no round trip)."""
         return self.engine.instance_status()

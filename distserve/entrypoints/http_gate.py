@@ -35,7 +35,7 @@ class HTTPGate:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        protected = path.startswith("/v1") or path == "/generate"
+        protected = path.startswith("/v1") or path in ("/generate", "/reset_prefix_cache")
         if protected and self.api_key and _header(scope, b"authorization") != f"Bearer {self.api_key}".encode():
             await _error(send, 401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", "AuthenticationError",
                          code="invalid_api_key")

@@ -109,6 +109,11 @@ class LLM:
         """Per instance: role, queue lengths, running requests, KV blocks, transfers."""
         return self.engine.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (vLLM's `LLM.reset_prefix_cache`); False if
+        running requests held some."""
+        return self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -121,6 +121,17 @@ class BlockManager:
         table.clear()
 
     # -- the prefix cache ---------------------------------------------------------------------
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (as vLLM's `reset_prefix_cache`: between benchmark runs,
+        or after changing weights). Refused, and False, while a request holds a cached block."""
+        if any(block in self._refs for block in self._hash_of):
+            return False
+        self._freed.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
+        return True
+
     def cached_prefix(self, token_ids: Sequence[int], hashes: list[int], max_tokens: int) -> list[int]:
         """The cached blocks of the longest prefix of full blocks of `token_ids` within its first
         `max_tokens` tokens; `hashes`: the names of its full blocks (`prefix_hashes`)."""

@@ -71,6 +71,18 @@ def test_a_repeated_prompt_computes_only_its_last_block(checkpoints, tmp_path) -
     assert stats.prefix_cache_hits == 48 and stats.prefix_cache_queries == 49 + 49
 
 
+def test_reset_prefix_cache_forgets_every_cached_block(checkpoints) -> None:
+    prompt = mixed_prompts(1, seed=5, lengths=(50,))[0]
+    with LLM(str(checkpoints("llama-gqa")), num_kv_blocks=64) as llm:
+        first = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
+        assert llm.get_stats()[0].prefix_cache_blocks > 0
+        assert llm.reset_prefix_cache()
+        stats = llm.get_stats()[0]
+        assert stats.prefix_cache_blocks == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+        again = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
+    assert again.metrics.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
 def second_turn(llm: LLM) -> tuple[list[int], object, object]:
     """A first turn, then a second whose prompt extends it: (second prompt, both outputs)."""
     first = shared_prefix_prompts()[0]

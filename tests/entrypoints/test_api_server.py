@@ -258,6 +258,14 @@ def test_n_choices_and_cached_tokens_reach_the_openai_client(client, server) -> 
     assert out.usage.completion_tokens == 18
     again = client.completions.create(**greedy)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16 and again.choices[0].text == out.choices[0].text
+    assert httpx.post(f"{server}/reset_prefix_cache").status_code == 401  # it changes state: the key is asked
+    deadline = time.monotonic() + 10
+    while (reset := httpx.post(f"{server}/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"})).status_code != 200:
+        assert reset.status_code == 409 and reset.json()["error"]["message"], reset.text  # blocks still held: retry
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cold = client.completions.create(**greedy)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0 and cold.choices[0].text == out.choices[0].text
     families = metrics(server)
     hits = {s.labels["instance"]: s.value for s in families["distserve_prefix_cache_hits"] if s.name.endswith("_total")}
     queries = {s.labels["instance"]: s.value for s in families["distserve_prefix_cache_queries"] if s.name.endswith("_total")}
