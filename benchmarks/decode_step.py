@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import distserve.models.base as base
 import distserve.models.llama as llama
 from benchmarks.checkpoints import smollm2_folder
 from benchmarks.report import report
@@ -57,9 +58,9 @@ def main() -> None:
     instance = build_instance(config, resolve_instances(deployment, config)[0])
     rng, ids = random.Random(0), iter(range(1 << 30))
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0)
-    limit = llama.FUSED_DECODE_BATCH
+    limit = base.FUSED_DECODE_BATCH
     model = instance.executor.runner.model
-    assert model._fused_decode(model.model.layers), "SmolLM2 runs the one-call decode layer"
+    assert all(layer.prepare_fused_decode() for layer in model.model.layers), "SmolLM2 runs the one-call decode layer"
     layers = list(model.model.layers)
     rows = []
     for batch in tqdm(BATCHES, desc="batch sizes"):
@@ -75,7 +76,7 @@ def main() -> None:
         times: dict[str, list[float]] = {path: [] for path in PATHS}
         for i in range(STEPS):
             path = PATHS[(i + i // len(PATHS)) % len(PATHS)]  # each path in each place of the round in turn
-            llama.FUSED_DECODE_BATCH = 0 if path == "layer by layer" else 1 << 30
+            base.FUSED_DECODE_BATCH = 0 if path == "layer by layer" else 1 << 30
             set_stream_rows(layers, 1 << 30 if path == "one call, streamed" else llama.FUSED_STREAM_ROWS)
             start = time.perf_counter()
             instance.step()
@@ -85,7 +86,7 @@ def main() -> None:
                      "layer_by_layer_ms": ms["layer by layer"], "ratio": ms["one call"] / ms["layer by layer"]})
         for r in requests:
             instance.scheduler.abort(r.request_id)
-    llama.FUSED_DECODE_BATCH = limit
+    base.FUSED_DECODE_BATCH = limit
     set_stream_rows(layers, llama.FUSED_STREAM_ROWS)
     instance.close()
     report(rows, [("batch", "batch", "d"), ("one call ms", "one_call_ms", ".1f"),

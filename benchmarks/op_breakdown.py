@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import distserve.models.llama as llama
+import distserve.models.base as base
 from benchmarks.offline_throughput import matmul_peak, shape_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
@@ -163,15 +163,15 @@ class Breakdown:
         return Request(f"r{next(self.ids)}", prompt, params, time.time(), max_model_len=1 << 30)
 
     def _timed_step(self, layer_by_layer: bool) -> tuple[float, dict[str, float]]:
-        limit = llama.FUSED_DECODE_BATCH
-        llama.FUSED_DECODE_BATCH = 0 if layer_by_layer else limit
+        limit = base.FUSED_DECODE_BATCH
+        base.FUSED_DECODE_BATCH = 0 if layer_by_layer else limit
         self.timer.times.clear()
         self.timer.enabled = layer_by_layer
         start = time.perf_counter()
         self.instance.step()
         seconds = time.perf_counter() - start
         self.timer.enabled = False
-        llama.FUSED_DECODE_BATCH = limit
+        base.FUSED_DECODE_BATCH = limit
         return seconds, dict(self.timer.times)
 
     def prefill(self, tokens: int, prompts: int) -> dict:

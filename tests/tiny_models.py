@@ -197,15 +197,19 @@ def run_in_process(
     return outputs, instance
 
 
-def perplexity(instance: Instance, tokens: list[int]) -> float:
-    """Perplexity of `tokens` under the instance's model (one prefill over free blocks)."""
+def perplexity(instance: Instance, tokens: list[int], chunk: int | None = None) -> float:
+    """Perplexity of `tokens` under the instance's model: one prefill over free blocks, or
+    prefill chunks of `chunk` tokens (a few rows a matmul, as decode steps run them)."""
     runner = instance.executor.runner
     blocks = list(range(-(-len(tokens) // runner.block_size)))
-    request = SimpleNamespace(num_computed_tokens=0, block_table=blocks, token_ids=tokens, num_tokens=len(tokens))
-    input_ids, positions, meta, _, _ = runner.prepare(SimpleNamespace(requests=[request], num_new_tokens=[len(tokens)]))
-    with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(input_ids, positions, meta, None))
-    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), input_ids[1:])
+    logits = []
+    for start in range(0, len(tokens), chunk or len(tokens)):
+        count = min(chunk or len(tokens), len(tokens) - start)
+        request = SimpleNamespace(num_computed_tokens=start, block_table=blocks, token_ids=tokens, num_tokens=len(tokens))
+        input_ids, positions, meta, _, _ = runner.prepare(SimpleNamespace(requests=[request], num_new_tokens=[count]))
+        with torch.inference_mode():
+            logits.append(runner.model.compute_logits(runner.model(input_ids, positions, meta, None)))
+    nll = torch.nn.functional.cross_entropy(torch.cat(logits)[:-1].float(), torch.tensor(tokens[1:]))
     return math.exp(nll.item())
 
 

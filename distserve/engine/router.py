@@ -21,7 +21,10 @@ on it, as many as it has blocks, least recently used forgotten first). Named pol
 Conditional disaggregation (cache-aware, disaggregated): a prompt whose prefix a decode
 instance holds already, all but at most `conditional_prefill_tokens` of it (twice that while
 the prefill instances have more than 8x that many tokens queued), is prefilled on that decode
-instance itself instead of moving through a prefill instance.
+instance itself instead of moving through a prefill instance. So is one whose uncached suffix
+there is longer, up to 4x that limit, when a prefill instance would have at least twice as
+many tokens ahead of its first token (its queue and the prompt tokens it does not cache): the
+next turn of a conversation, whose last answer only the decode instance holds.
 
 The engine's controller and the planner's simulator both route through this class.
 """
@@ -146,8 +149,13 @@ class Router:
         if best is None:
             return None
         cached = best.cached_tokens(hashes)
-        enough_room = best.free_blocks >= -(-(len(token_ids) + 1) // best.block_size)
-        return best if cached and len(token_ids) - cached <= limit and enough_room else None
+        if not cached or best.free_blocks < -(-(len(token_ids) + 1) // best.block_size):
+            return None
+        suffix = len(token_ids) - cached
+        if suffix <= limit:
+            return best
+        remote = min(i.queued_tokens + len(token_ids) - i.cached_tokens(hashes) for i in prefill)
+        return best if suffix <= 4 * limit and 2 * suffix <= remote else None
 
     def route_decode(self, request_id: str, token_ids: list[int], hashes: list[int]) -> InstanceLoad | None:
         """The decode instance for a prefilled request (`token_ids`: its prompt; `hashes`: their

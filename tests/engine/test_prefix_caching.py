@@ -9,6 +9,8 @@ import json
 import pytest
 
 from distserve import LLM, SamplingParams
+from distserve.config import Role
+from distserve.engine.router import InstanceLoad, Router, RoutingPolicy
 from tests.engine.test_disaggregated import Outputs, pids  # noqa: F401 - Outputs drives the engine
 from tests.tiny_models import hf_greedy, load_reference, mixed_prompts
 
@@ -116,6 +118,26 @@ def test_a_short_uncached_suffix_is_prefilled_on_the_decode_instance(checkpoints
     assert two.metrics.prefill_instance == "decode-0" and two.metrics.decode_instance is None
     assert two.metrics.transfer_blocks_pulled == 0 and two.metrics.num_cached_tokens >= len(turn) - 32
     assert two.outputs[0].token_ids == hf_greedy(load_reference(checkpoints("llama-gqa")), turn, GREEDY.max_tokens)
+
+
+@pytest.mark.parametrize("message, queued, where", [(100, 0, "decode-0"), (250, 0, "decode-0"), (400, 0, "prefill-0"),
+                                                     (400, 10_000, "decode-0"), (600, 0, "prefill-0")])
+def test_a_next_turn_goes_where_its_uncached_work_is_least(message: int, queued: int, where: str) -> None:
+    """The decode instance holds turn one's prompt and 300-token answer, the prefill instance
+    the prompt only. A next turn's message up to the limit (128) is prefilled on the decode
+    instance; a longer one up to 4x the limit too, as the prefill instance would compute the
+    answer again besides, unless the prefill instance would have less than twice its work ahead
+    (a 400-token message: 404 against 708), or the message is over 4x the limit."""
+    prefill = InstanceLoad("prefill-0", Role.PREFILL, 1000, BS)
+    decode = InstanceLoad("decode-0", Role.DECODE, 1000, BS)
+    router = Router([prefill, decode], RoutingPolicy.CACHE_AWARE, conditional_prefill_tokens=128)
+    first = list(range(1000, 1200))
+    conversation = first + list(range(5000, 5300))
+    prefill.remember(router.hashes(first))
+    decode.remember(router.hashes(conversation))
+    prefill.queued_tokens = queued
+    turn = conversation + list(range(9000, 9000 + message))
+    assert router.route_prompt("r", turn, router.hashes(turn)).name == where
 
 
 def test_eviction_under_pressure_stays_exact_and_leaks_nothing(checkpoints) -> None:

@@ -8,16 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distserve.layers import quantization
 from distserve.sampling_params import SamplingParams
 from distserve.weights.gguf import gguf_hf_config, iterate_gguf_weights, open_gguf
 from distserve.weights.source import load_model_config
-from tests.tiny_models import hf_greedy, mixed_prompts, run_in_process, save_llama_gguf
+from tests.tiny_models import hf_greedy, mixed_prompts, perplexity, run_in_process, save_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
-def test_gguf_matches_transformers(checkpoints, tmp_path, qtype: Q) -> None:
+def test_gguf_matches_transformers(checkpoints, tmp_path, monkeypatch, qtype: Q) -> None:
+    """Exact with float32 activations (DISTSERVE_INT8_ACTIVATIONS=0): transformers' numerics."""
+    monkeypatch.setattr(quantization, "INT8_ACTIVATIONS", "0")
     path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / f"tiny-{qtype.name}.gguf", qtype)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     prompts = mixed_prompts(8)
@@ -25,6 +28,25 @@ def test_gguf_matches_transformers(checkpoints, tmp_path, qtype: Q) -> None:
     got, instance = run_in_process(path, prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), num_kv_blocks=128)
     assert got == expected
     assert instance.blocks.num_free_blocks == instance.blocks.num_blocks
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1])
+def test_gguf_with_int8_activations_keeps_the_perplexity(checkpoints, tmp_path, monkeypatch, qtype: Q) -> None:
+    """The default for GGUF weights rounds decode activations to int8 (llama.cpp's numerics):
+    perplexity within 1% of float32 activations, and most greedy tokens the same."""
+    path = save_llama_gguf(checkpoints("llama-gqa"), tmp_path / f"tiny-{qtype.name}.gguf", qtype)
+    text = mixed_prompts(1, seed=7, lengths=(200,))[0]
+    prompts, params = mixed_prompts(8), SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    figures = {}
+    for policy in ("auto", "0"):
+        monkeypatch.setattr(quantization, "INT8_ACTIVATIONS", policy)
+        got, instance = run_in_process(path, prompts, params, num_kv_blocks=128)
+        figures[policy] = got, perplexity(instance, text, chunk=8)  # 8 rows a matmul: the int8 path
+    (tokens, ppl), (float_tokens, float_ppl) = figures["auto"], figures["0"]
+    assert ppl != float_ppl  # the policies differ: int8 activations ran
+    assert ppl == pytest.approx(float_ppl, rel=0.01)
+    same = [x == y for a, b in zip(tokens, float_tokens) for x, y in zip(a, b)]
+    assert sum(same) / len(same) >= 0.5
 
 
 def test_gguf_config_from_metadata(checkpoints, tmp_path) -> None:
