@@ -513,8 +513,7 @@ class Controller:
         when an instance kept some (requests held them)."""
         stats = self._ask_all(ResetPrefixCache, timeout)
         with self._lock:
-            for load in self.router.instances.values():
-                load.cached.clear()
+            self.router.forget_cached()
         return all(s.prefix_cache_blocks == 0 for s in stats)
 
     def _ask_all(self, message: type[StatsRequest] | type[ResetPrefixCache], timeout: float) -> list[InstanceStats]:

@@ -204,5 +204,10 @@ class Router:
         old = self.instances[name]
         self.instances[name] = InstanceLoad(name, old.role, num_blocks, old.block_size, alive)
 
+    def forget_cached(self) -> None:
+        """The instances' prefix caches were emptied (`reset_prefix_cache`)."""
+        for load in self.instances.values():
+            load.cached.clear()
+
     def report_free_blocks(self, name: str, free_blocks: int) -> None:
         self.instances[name].reported_free_blocks = free_blocks

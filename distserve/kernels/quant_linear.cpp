@@ -123,7 +123,7 @@ struct Int8Rows {
   std::vector<float> d, s;     // [M, padded / 4] (bits 8) or [M, padded / 8] (bits 4)
 };
 
-inline int32_t lane_step(int bits) { return bits == 4 ? 8 : 4; }  // activations a float of d / s
+inline int32_t lane_step(int bits) { return bits == 4 ? 8 : 4; }  // activations per entry of d and s
 
 Int8Rows quantize_activations(const float* x, int64_t M, int64_t K, int bits) {
   Int8Rows a;
@@ -209,30 +209,30 @@ void quant_rows_int8(const Int8Rows& a, const uint8_t* q, const at::Half* sm, in
       const __m512 sm16 = _mm512_castps256_ps512(sm8);
       const __m512 ws = _mm512_permutexvar_ps(idx_s, sm16), wm = _mm512_permutexvar_ps(idx_m, sm16);
       const int64_t lane0 = k0 / lane_step(BITS);
+      // bits 4: the low and the high nibbles, against their activation halves; bits 8 (signed):
+      // |w| against the activations with w's sign
+      __m512i u0, u1 = _mm512_setzero_si512();
+      __mmask64 negative = 0;
       if (BITS == 4) {
-        const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
-        for (int r = 0; r < rows; ++r) {
-          const int8_t* xq = a.q.data() + (m0 + r) * a.padded + k0;
-          __m512i dot = dot_u8s8(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-          dot = dot_u8s8(dot, hi, _mm512_loadu_si512(xq + 64));
-          const float* dl = a.d.data() + (m0 + r) * lanes + lane0;
-          const float* sl = a.s.data() + (m0 + r) * lanes + lane0;
-          facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(dl)), facc[r]);
-          macc[r] = _mm512_fmadd_ps(wm, _mm512_loadu_ps(sl), macc[r]);
+        u0 = _mm512_and_si512(w, nibble);
+        u1 = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+      } else {
+        u0 = _mm512_abs_epi8(w);
+        negative = _mm512_movepi8_mask(w);
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int8_t* xq = a.q.data() + (m0 + r) * a.padded + k0;
+        const __m512i x0 = _mm512_loadu_si512(xq);
+        __m512i dot;
+        if (BITS == 4) {
+          dot = dot_u8s8(dot_u8s8(_mm512_setzero_si512(), u0, x0), u1, _mm512_loadu_si512(xq + 64));
+        } else {
+          dot = dot_u8s8(_mm512_setzero_si512(), u0, _mm512_mask_sub_epi8(x0, negative, _mm512_setzero_si512(), x0));
         }
-      } else {  // signed weights: |w| against x with w's sign
-        const __m512i u = _mm512_abs_epi8(w);
-        const __mmask64 negative = _mm512_movepi8_mask(w);
-        for (int r = 0; r < rows; ++r) {
-          const int8_t* xq = a.q.data() + (m0 + r) * a.padded + k0;
-          const __m512i xv = _mm512_loadu_si512(xq);
-          const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
-          const __m512i dot = dot_u8s8(_mm512_setzero_si512(), u, sx);
-          const float* dl = a.d.data() + (m0 + r) * lanes + lane0;
-          const float* sl = a.s.data() + (m0 + r) * lanes + lane0;
-          facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(dl)), facc[r]);
-          macc[r] = _mm512_fmadd_ps(wm, _mm512_loadu_ps(sl), macc[r]);
-        }
+        const float* dl = a.d.data() + (m0 + r) * lanes + lane0;
+        const float* sl = a.s.data() + (m0 + r) * lanes + lane0;
+        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(dl)), facc[r]);
+        macc[r] = _mm512_fmadd_ps(wm, _mm512_loadu_ps(sl), macc[r]);
       }
     }
     for (int r = 0; r < rows; ++r) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(facc[r], macc[r]));
@@ -311,26 +311,26 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor q, torch::Tensor sm, c
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const at::Half* smp = sm.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-#ifdef __AVX512BW__
-  const bool int8_fits = K % 32 == 0 && (bits == 4 ? G == 32 : (G == 16 || G == 32 || G % 64 == 0));
-  if (M <= stream_rows && int8_activations && int8_fits) {
-    const Int8Rows a = quantize_activations(xp, M, K, static_cast<int>(bits));
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m0 = 0; m0 < M; m0 += kQuantRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kQuantRows, M - m0));
-        if (bits == 8) {
-          quant_rows_int8<8>(a, qp, smp, G, yp, N, m0, rows, begin, end);
-        } else {
-          quant_rows_int8<4>(a, qp, smp, G, yp, N, m0, rows, begin, end);
-        }
-      }
-    });
-  } else
-#endif
   if (M <= stream_rows) {
+    // rows streamed with int8 activations where the weight's layout allows, else float32
+#ifdef __AVX512BW__
+    const bool int8_fits = K % 32 == 0 && (bits == 4 ? G == 32 : (G == 16 || G == 32 || G % 64 == 0));
+    const bool int8 = int8_activations && int8_fits;
+    const Int8Rows a = int8 ? quantize_activations(xp, M, K, static_cast<int>(bits)) : Int8Rows{};
+#endif
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m0 = 0; m0 < M; m0 += kQuantRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kQuantRows, M - m0));
+#ifdef __AVX512BW__
+        if (int8) {
+          if (bits == 8) {
+            quant_rows_int8<8>(a, qp, smp, G, yp, N, m0, rows, begin, end);
+          } else {
+            quant_rows_int8<4>(a, qp, smp, G, yp, N, m0, rows, begin, end);
+          }
+          continue;
+        }
+#endif
         if (bits == 8) {
           quant_rows<8>(xp, K, qp, smp, G, yp, N, m0, rows, begin, end);
         } else {

@@ -157,6 +157,17 @@ class LinearBase(nn.Module):
         return self.matmul(x, self.bias)
 
 
+def fused_projections(*linears: LinearBase) -> list[torch.Tensor | None] | None:
+    """The one-call decode layers' arguments for these projections, three each: the plain weight
+    or quantized storage, the packed weight or the scales, the bias. None when they are split
+    across tensor-parallel ranks (the layer would need an all-reduce inside) or one keeps
+    neither form."""
+    weights = [m.fused_weight() for m in linears]
+    if linears[0].tp_size != 1 or None in weights:
+        return None
+    return [t for m, (w, p) in zip(linears, weights) for t in (w, p, m.bias)]
+
+
 class ReplicatedLinear(LinearBase):
     pass
 

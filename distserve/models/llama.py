@@ -24,6 +24,7 @@ from distserve.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    fused_projections,
 )
 from distserve.layers.norm import RMSNorm
 from distserve.layers.quantization import QUANT_STREAM_ROWS
@@ -84,16 +85,12 @@ class LlamaDecoderLayer(nn.Module):
         two dozen submodule attributes per layer and step costs more than the layer's norms
         and rotary embedding together)."""
         attn, mlp = self.self_attn, self.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        weights = [m.fused_weight() for m in linears]
-        if attn.o_proj.tp_size != 1 or any(w is None for w in weights):
+        projections = fused_projections(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if projections is None:
             return False
-        (qkv_w, qkv_p), (o_w, o_p), (gate_up_w, gate_up_p), (down_w, down_p) = weights
-        self.fused_weights = (
-            self.input_layernorm.weight, qkv_w, qkv_p, attn.qkv_proj.bias, o_w, o_p, attn.o_proj.bias,
-            self.post_attention_layernorm.weight, gate_up_w, gate_up_p, mlp.gate_up_proj.bias, down_w, down_p,
-            mlp.down_proj.bias, attn.attn.k_cache, attn.attn.v_cache,
-        )
+        qkv, o, gate_up, down = (projections[i : i + 3] for i in range(0, 12, 3))
+        self.fused_weights = (self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up,
+                              *down, attn.attn.k_cache, attn.attn.v_cache)
         self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
                             self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS, QUANT_STREAM_ROWS,
                             attn.qkv_proj.int8_activations)

@@ -26,6 +26,7 @@ from distserve.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    fused_projections,
 )
 from distserve.layers.norm import LayerNorm
 from distserve.layers.quantization import QUANT_STREAM_ROWS
@@ -67,16 +68,13 @@ class OPTDecoderLayer(nn.Module):
         no tensor parallelism, every projection kept as the one-call layer takes it); if so,
         gather its arguments once."""
         attn = self.self_attn
-        linears = (attn.qkv_proj, attn.out_proj, self.fc1, self.fc2)
-        weights = [m.fused_weight() for m in linears]
-        if not self.pre_ln or not isinstance(self.act, nn.ReLU) or attn.out_proj.tp_size != 1 or None in weights:
+        projections = fused_projections(attn.qkv_proj, attn.out_proj, self.fc1, self.fc2)
+        if not self.pre_ln or not isinstance(self.act, nn.ReLU) or projections is None:
             return False
-        (qkv_w, qkv_p), (o_w, o_p), (fc1_w, fc1_p), (fc2_w, fc2_p) = weights
+        qkv, o, fc1, fc2 = (projections[i : i + 3] for i in range(0, 12, 3))
         ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
-        self.fused_weights = (
-            ln1.weight, ln1.bias, qkv_w, qkv_p, attn.qkv_proj.bias, o_w, o_p, attn.out_proj.bias, ln2.weight, ln2.bias,
-            fc1_w, fc1_p, self.fc1.bias, fc2_w, fc2_p, self.fc2.bias, attn.attn.k_cache, attn.attn.v_cache,
-        )
+        self.fused_weights = (ln1.weight, ln1.bias, *qkv, *o, ln2.weight, ln2.bias, *fc1, *fc2, attn.attn.k_cache,
+                              attn.attn.v_cache)
         self.fused_shape = (attn.attn.num_heads, attn.attn.head_dim, ln1.eps, attn.attn.scale, FUSED_STREAM_ROWS,
                             QUANT_STREAM_ROWS, attn.qkv_proj.int8_activations)
         return True
