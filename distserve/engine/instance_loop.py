@@ -12,6 +12,8 @@ and carries the messages; `get` returns one list of messages, `put` takes one of
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import queue
 import traceback
@@ -39,13 +41,32 @@ Get = Callable[..., list[InstanceMessage]]  # get(timeout=seconds) -> messages, 
 Put = Callable[[list[InstanceEvent]], None]
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a step frees for the next step.
+
+    By default glibc serves allocations of 128 KiB and more (a step's activations: MBs each)
+    with fresh mmaps and hands freed memory back to the OS, so every step touched new pages:
+    ~30,000 page faults per second of prefill here, 5-10% of its time. With mmap off and
+    trimming off, the process keeps its peak heap and reuses it (what tcmalloc, which vLLM
+    recommends on CPU, does by itself). False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20)))
+
+
 def configure_process(config: InstanceConfig) -> None:
-    """Pin the process to its cores and size torch's thread pool."""
+    """Pin the process to its cores, size torch's thread pool, keep freed memory."""
     import torch
 
     if config.cpu_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, config.cpu_cores)
     torch.set_num_threads(config.num_threads)
+    keep_freed_memory()
 
 
 def group_spec(config: InstanceConfig, rendezvous: str) -> GroupSpec | None:
