@@ -1,12 +1,12 @@
 """Decode step time by batch size, three ways interleaved step by step in one process (so that
 all see the same minutes of this machine):
 
-- one call: each LLaMA layer as one native call, its matmuls streaming the plain weight up to
-  `FUSED_STREAM_ROWS` rows and on oneDNN's packed weight above (the engine's path);
-- one call, streamed: the same with every matmul streamed;
-- layer by layer: torch modules, oneDNN's packed matmuls past `SMALL_BATCH` rows.
+- one call: each LLaMA layer as one native call, its matmuls on the panel kernel up to
+  `PANEL_ROWS` rows and on oneDNN's packed weight above (the engine's path);
+- one call, oneDNN: the same with every matmul on oneDNN (what the panel kernel gains);
+- layer by layer: torch modules, the same matmuls.
 
-This is what sets `FUSED_DECODE_BATCH` and `FUSED_STREAM_ROWS`.
+This is what sets `FUSED_DECODE_BATCH`.
 
 SmolLM2-135M float32, 2 threads, contexts drawn from 64-600 tokens, greedy.
 
@@ -27,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 import distserve.models.base as base
-import distserve.models.llama as llama
 from benchmarks.checkpoints import smollm2_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance_loop import build_instance
+from distserve.layers.linear import PANEL_ROWS
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
 from distserve.weights.source import load_model_config
@@ -39,13 +39,14 @@ from distserve.weights.source import load_model_config
 RESULTS = Path("benchmarks/results")
 BATCHES = (1, 4, 8, 9, 12, 16, 24, 32, 48, 64, 96, 128)
 STEPS = 36  # per batch size, the three paths in turn
-PATHS = ("one call", "one call, streamed", "layer by layer")
+PATHS = ("one call", "one call, oneDNN", "layer by layer")
 
 
 def set_stream_rows(layers: list, rows: int) -> None:
-    """The matmul rows up to which the one-call layers stream the plain weight."""
+    """The matmul rows up to which the one-call layers run the panel kernel (the third last of
+    their shape arguments: stream rows, quantized stream rows, int8 activations)."""
     for layer in layers:
-        layer.fused_shape = (*layer.fused_shape[:-1], rows)
+        layer.fused_shape = (*layer.fused_shape[:-3], rows, *layer.fused_shape[-2:])
 
 
 def main() -> None:
@@ -77,23 +78,23 @@ def main() -> None:
         for i in range(STEPS):
             path = PATHS[(i + i // len(PATHS)) % len(PATHS)]  # each path in each place of the round in turn
             base.FUSED_DECODE_BATCH = 0 if path == "layer by layer" else 1 << 30
-            set_stream_rows(layers, 1 << 30 if path == "one call, streamed" else llama.FUSED_STREAM_ROWS)
+            set_stream_rows(layers, 0 if path == "one call, oneDNN" else PANEL_ROWS)
             start = time.perf_counter()
             instance.step()
             times[path].append(time.perf_counter() - start)
         ms = {path: 1e3 * statistics.median(times[path][1:]) for path in PATHS}
-        rows.append({"batch": batch, "one_call_ms": ms["one call"], "one_call_streamed_ms": ms["one call, streamed"],
+        rows.append({"batch": batch, "one_call_ms": ms["one call"], "one_call_onednn_ms": ms["one call, oneDNN"],
                      "layer_by_layer_ms": ms["layer by layer"], "ratio": ms["one call"] / ms["layer by layer"]})
         for r in requests:
             instance.scheduler.abort(r.request_id)
     base.FUSED_DECODE_BATCH = limit
-    set_stream_rows(layers, llama.FUSED_STREAM_ROWS)
+    set_stream_rows(layers, PANEL_ROWS)
     instance.close()
     report(rows, [("batch", "batch", "d"), ("one call ms", "one_call_ms", ".1f"),
-                  ("one call, streamed ms", "one_call_streamed_ms", ".1f"), ("layer by layer ms", "layer_by_layer_ms", ".1f"),
+                  ("one call, oneDNN ms", "one_call_onednn_ms", ".1f"), ("layer by layer ms", "layer_by_layer_ms", ".1f"),
                   ("one call / layer by layer", "ratio", ".3f")],
            RESULTS / "decode_step.json", model="SmolLM2-135M", threads=2, fused_decode_batch=limit,
-           fused_stream_rows=llama.FUSED_STREAM_ROWS)
+           panel_rows=PANEL_ROWS)
 
 
 if __name__ == "__main__":

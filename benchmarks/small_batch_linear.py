@@ -1,11 +1,14 @@
-"""The streaming small-batch matmul (distserve/kernels, over the plain weight) against oneDNN's
-packed linear, by rows, with cold weights as a decode step sees them (each of 16 layers'
-weights read once in turn, 16 x the weight bytes far past the caches). This sets
-`SMALL_BATCH`: the rows up to which a decode step streams the weight.
+"""Decode-sized matmuls three ways, by rows, with cold weights as a decode step sees them (each
+of 16 layers' weights read once in turn, 16 x the weight bytes far past the caches):
+- panel: distserve's kernel over the weight in column panels (kernels/panel_linear.cpp);
+- stream: the streaming kernel over the plain weight (where AVX-512 is missing);
+- oneDNN's packed linear (what torch runs on CPU, and vLLM).
+This sets `PANEL_ROWS` and `SMALL_BATCH`: the rows up to which a decode step takes the panel
+(or streaming) kernel rather than oneDNN.
 
     python -m benchmarks.small_batch_linear
 
-Prints a table (ms a matmul, and oneDNN's time over streaming's) and writes
+Prints a table (ms a matmul, and oneDNN's time over each) and writes
 benchmarks/results/small_batch_linear.json.
 """
 
@@ -24,7 +27,7 @@ from distserve.kernels import cpu_ops
 RESULTS = Path("benchmarks/results")
 LAYERS = 16
 SHAPES = [(768, 1280), (768, 4096), (2048, 768), (576, 3072), (1536, 576), (1024, 4096)]  # (in, out)
-ROWS = (1, 2, 3, 4, 6, 8, 16, 32)
+ROWS = (1, 2, 3, 4, 8, 16, 32, 48, 64, 96, 128)
 
 
 def main() -> None:
@@ -35,10 +38,14 @@ def main() -> None:
     for k, n in SHAPES:
         weights = [torch.randn(n, k) for _ in range(LAYERS)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
+        panels = [ops.pack_panels(w) for w in weights]
         for m in ROWS:
             x = torch.randn(m, k)
-            paths = {"stream": lambda i, x=x, w=weights: ops.linear_small_batch(x, w[i], None),
+            paths = {"panel": lambda i, x=x, p=panels, n=n: ops.panel_linear(x, p[i], n, None),
+                     "stream": lambda i, x=x, w=weights: ops.linear_small_batch(x, w[i], None),
                      "onednn": lambda i, x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p[i], None, "none", [], "")}
+            if m > 8:
+                del paths["stream"]
             times: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(7):
                 for name, run in paths.items():
@@ -46,10 +53,14 @@ def main() -> None:
                     for i in range(LAYERS):
                         run(i)
                     times[name].append((time.perf_counter() - start) / LAYERS)
-            stream, onednn = (1e3 * statistics.median(times[p][1:]) for p in paths)
-            rows.append({"shape": f"{k}->{n}", "rows": m, "stream_ms": stream, "onednn_ms": onednn, "ratio": onednn / stream})
-    report(rows, [("shape", "shape", "s"), ("rows", "rows", "d"), ("stream ms", "stream_ms", ".3f"),
-                  ("oneDNN ms", "onednn_ms", ".3f"), ("oneDNN / stream", "ratio", ".2f")],
+            ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
+            stream = ms.get("stream", float("nan"))
+            rows.append({"shape": f"{k}->{n}", "rows": m, "panel_ms": ms["panel"], "stream_ms": stream,
+                         "onednn_ms": ms["onednn"], "onednn_over_panel": ms["onednn"] / ms["panel"],
+                         "onednn_over_stream": ms["onednn"] / stream})
+    report(rows, [("shape", "shape", "s"), ("rows", "rows", "d"), ("panel ms", "panel_ms", ".3f"),
+                  ("stream ms", "stream_ms", ".3f"), ("oneDNN ms", "onednn_ms", ".3f"),
+                  ("oneDNN / panel", "onednn_over_panel", ".2f"), ("oneDNN / stream", "onednn_over_stream", ".2f")],
            RESULTS / "small_batch_linear.json", layers=LAYERS, threads=2)
 
 

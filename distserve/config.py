@@ -149,6 +149,11 @@ class PhaseConfig:
             raise ValueError("decode instances schedule FCFS; 'sjf' is a prefill policy.")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"{phase}.kv_cache_gb must be > 0, got {self.kv_cache_gb}.")
+        if self.cpu_cores is not None:
+            missing = sorted(set(self.cpu_cores) - set(available_cores()))
+            if not self.cpu_cores or missing:
+                raise ValueError(f"{phase}.cpu_cores must name cores this process may run on "
+                                 f"({','.join(map(str, available_cores()))}), got {self.cpu_cores!r}.")
 
 
 @dataclass

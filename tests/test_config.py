@@ -39,3 +39,27 @@ def test_a_whole_config_or_keyword_arguments_not_both() -> None:
     assert d.model == "other-model" and d.mode is Mode.COLOCATED and config.model is None
     with pytest.raises(TypeError, match="not both"):
         deployment_from(None, DEFAULT_MODE, config, {"max_num_seqs": 4})
+
+
+def test_instances_may_be_given_cores_and_share_them() -> None:
+    """`--prefill-cpu-cores` / `--decode-cpu-cores` (taskset's syntax) pin each phase's instances;
+    phases given the same cores share them; cores this process may not use are refused."""
+    import argparse
+
+    from distserve.config import available_cores, resolve_instances
+    from distserve.entrypoints.cli import add_deployment_args, deployment_from_args
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_deployment_args(parser)
+    cores = available_cores()
+    both = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores))
+    args = parser.parse_args(["--mode", "disaggregated", "--prefill-cpu-cores", both, "--prefill-num-threads", str(len(cores)),
+                              "--decode-cpu-cores", both, "--decode-num-threads", "1"])
+    config = deployment_from_args(args)
+    prefill, decode = resolve_instances(config, None)
+    assert prefill.cpu_cores == decode.cpu_cores == cores
+    assert (prefill.num_threads, decode.num_threads) == (len(cores), 1)
+    with pytest.raises(argparse.ArgumentError, match="cores must look like 0-3,8"):
+        parser.parse_args(["--decode-cpu-cores", "0-x"])
+    with pytest.raises(ValueError, match="decode.cpu_cores must name cores this process may run on"):
+        deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--decode-cpu-cores", str(max(cores) + 1000)]))

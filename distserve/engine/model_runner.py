@@ -34,8 +34,8 @@ from distserve.models.registry import model_class
 from distserve.weights.loader import iterate_weights
 
 GIB = 1 << 30
-# On CPU, linear weights are kept twice (oneDNN-packed, and plain for small batches) when
-# they take at most this much; larger models keep only the packed copy.
+# On CPU, linear weights are kept twice (oneDNN-packed, and in panels or plain for small
+# batches) when they take at most this much; larger models keep only the packed copy.
 PLAIN_COPY_LIMIT = 2 * GIB
 
 

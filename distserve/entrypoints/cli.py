@@ -14,6 +14,20 @@ from distserve.config import DEFAULT_MODE, KV_TRANSPORTS, QUANTIZATIONS, Deploym
 PHASES = (Role.PREFILL, Role.DECODE)
 POLICIES = [p.value for p in Policy]
 
+def core_list(text: str) -> list[int]:
+    """CPU cores as `taskset -c` writes them: 0-3,8,10-11."""
+    cores: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cores += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cores must look like 0-3,8 (got {text!r})") from None
+    if not cores:
+        raise argparse.ArgumentTypeError(f"no cores in {text!r}")
+    return cores
+
+
 # flag -> (PhaseConfig field, type, help)
 PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
     "tensor-parallel-size": ("tensor_parallel_size", int, "N", "tensor-parallel workers per instance"),
@@ -24,6 +38,8 @@ PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
     "kv-cache-gb": ("kv_cache_gb", float, "GIB", "KV cache budget per instance, GiB"),
     "num-kv-blocks": ("num_kv_blocks", int, "N", "KV cache blocks per instance (overrides the budget)"),
     "num-threads": ("num_threads", int, "N", "torch threads per worker"),
+    "cpu-cores": ("cpu_cores", core_list, "LIST", "CPU cores each instance runs on, e.g. 0-3,8 (default: the "
+                  "machine's cores split evenly over the instances; instances given the same cores share them)"),
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 # compiled as one unit, in this order (later files use helpers of earlier ones)
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp", "decode_attention.cpp",
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp", "panel_linear.cpp", "decode_attention.cpp",
                                                             "prefill_attention.cpp")]
 FUNCTIONS = [
     "paged_attention_decode",
@@ -33,6 +33,8 @@ FUNCTIONS = [
     "prefill_attention",
     "quant_linear",
     "dequantize_rows",
+    "pack_panels",
+    "panel_linear",
 ]
 
 

@@ -279,9 +279,9 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
-// x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the
-// streaming kernel over the plain weight, more on oneDNN's packed weight (what the layer by
-// layer path runs through torch.ops.mkldnn._linear_pointwise), which wins on larger batches.
+// x W^T + b for a decode step inside the one-call layer: up to `stream_rows` rows on the panel
+// kernel (w: panels [P, K, 48]) or the streaming one (w: plain [N, K]), more on oneDNN's packed
+// weight (what the layer by layer path runs through torch.ops.mkldnn._linear_pointwise).
 // A quantized weight comes as its int8 / uint8 storage (w) and its scales and mins (packed);
 // `quant_rows` and `int8_activations` are quant_linear's `stream_rows` and `int8_activations`.
 static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
@@ -290,7 +290,7 @@ static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, con
   if (w.scalar_type() == torch::kChar || w.scalar_type() == torch::kByte) {
     return quant_linear(x, w, packed, b, w.scalar_type() == torch::kChar ? 8 : 4, quant_rows, int8_activations);
   }
-  if (x.size(0) <= stream_rows) return linear_small_batch(x, w, b);
+  if (x.size(0) <= stream_rows) return w.dim() == 3 ? panel_linear(x, w, packed.size(0), b) : linear_small_batch(x, w, b);
   static const auto onednn = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -304,7 +304,7 @@ static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, con
 // Python-level calls per layer, which at batch 1 cost about as much as the attention itself.
 //   h = x + o_proj(attn(rope(q), rope(k), v)), q, k, v = qkv_proj(rms_norm(x))
 //   y = h + down_proj(silu(gate) * up),        gate, up = gate_up_proj(rms_norm(h))
-// Each projection takes its plain weight (w) and oneDNN's packed one (p), or its quantized
+// Each projection takes its kept weight (w: panels or plain) and oneDNN's packed one (p), or its quantized
 // storage and scales; see `project`.
 torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tensor qkv_w, torch::Tensor qkv_p,
                                  c10::optional<torch::Tensor> qkv_b, torch::Tensor o_w, torch::Tensor o_p,

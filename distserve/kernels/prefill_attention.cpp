@@ -10,9 +10,9 @@
 // Q^T [D, rows] (packed once a tile), S^T = K Q^T [keys, rows], acc^T [D, rows]. Then keys and
 // values are read in place from the cache (broadcast one element at a time) with no packing
 // per key tile, and the softmax runs down the columns, eight rows a vector. For each tile of
-// TK keys up to the diagonal: S^T (register blocks of 6 keys x 16 rows), the causal mask on
-// the diagonal tiles, an online softmax (running max and sum per row, acc^T rescaled), and
-// acc^T += V^T P^T (6 head dims x 16 rows a block).
+// TK keys up to the diagonal: S^T (register blocks of 12 keys x 32 rows with AVX-512, 6 x 16
+// with AVX2), the causal mask on the diagonal tiles, an online softmax (running max and sum
+// per row, acc^T rescaled), and acc^T += V^T P^T (blocks of 12 head dims x 32 rows, or 6 x 16).
 // Costs differ by tile (later tokens see more keys), so threads take tiles dynamically,
 // costliest first.
 
@@ -20,66 +20,90 @@
 namespace {
 
 constexpr int64_t kTileKeys = 64;  // TK
-constexpr int64_t kTileRows = 96;  // TQ * G, about (a multiple of 16 after padding)
-constexpr int kBlock = 6;          // keys / head dims of a register block (12 accumulators)
+constexpr int64_t kTileRows = 96;  // TQ * G, about (a multiple of kRowBlock after padding)
 
-// st[j, c:c+16) = sum_d k_j[d] * qt[d, c:c+16) for R keys
+#ifdef __AVX512F__
+// Register blocks of 12 keys (or head dims) x 32 rows: 24 zmm accumulators, each key's
+// broadcast serving two of them.
+constexpr int kBlock = 12;
+constexpr int64_t kRowBlock = 32;
+using vec = __m512;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm512_set1_ps(x); }
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+// 6 x 16: 12 ymm accumulators (AVX2's 16 registers)
+constexpr int kBlock = 6;
+constexpr int64_t kRowBlock = 16;
+using vec = __m256;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vset1(float x) { return _mm256_set1_ps(x); }
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+constexpr int64_t kHalf = kRowBlock / 2;  // floats a vector
+
+// st[j, c:c+kRowBlock) = sum_d k_j[d] * qt[d, c:c+kRowBlock) for R keys
 template <int R>
 inline void qk_block(const float* const* k, const float* qt, int64_t D, int64_t RP, int64_t c, float* st) {
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  vec acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = vzero();
   for (int64_t d = 0; d < D; ++d) {
-    const __m256 b0 = _mm256_loadu_ps(qt + d * RP + c);
-    const __m256 b1 = _mm256_loadu_ps(qt + d * RP + c + 8);
+    const vec b0 = vload(qt + d * RP + c);
+    const vec b1 = vload(qt + d * RP + c + kHalf);
     for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(k[r] + d);
-      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+      const vec a = vset1(k[r][d]);
+      acc0[r] = vfma(a, b0, acc0[r]);
+      acc1[r] = vfma(a, b1, acc1[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(st + r * RP + c, acc0[r]);
-    _mm256_storeu_ps(st + r * RP + c + 8, acc1[r]);
+    vstore(st + r * RP + c, acc0[r]);
+    vstore(st + r * RP + c + kHalf, acc1[r]);
   }
 }
 
-// acc^T[d0 + i, c:c+16) += sum_j v_j[d0 + i] * p^T[j, c:c+16) for R head dims i
+// acc^T[d0 + i, c:c+kRowBlock) += sum_j v_j[d0 + i] * p^T[j, c:c+kRowBlock) for R head dims i
 template <int R>
 inline void pv_block(const float* const* v, int64_t n, int64_t d0, const float* pt, int64_t RP, int64_t c, float* acct) {
-  __m256 a0[R], a1[R];
+  vec a0[R], a1[R];
   for (int r = 0; r < R; ++r) {
-    a0[r] = _mm256_loadu_ps(acct + (d0 + r) * RP + c);
-    a1[r] = _mm256_loadu_ps(acct + (d0 + r) * RP + c + 8);
+    a0[r] = vload(acct + (d0 + r) * RP + c);
+    a1[r] = vload(acct + (d0 + r) * RP + c + kHalf);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const __m256 b0 = _mm256_loadu_ps(pt + j * RP + c);
-    const __m256 b1 = _mm256_loadu_ps(pt + j * RP + c + 8);
+    const vec b0 = vload(pt + j * RP + c);
+    const vec b1 = vload(pt + j * RP + c + kHalf);
     const float* vj = v[j] + d0;
     for (int r = 0; r < R; ++r) {
-      const __m256 w = _mm256_broadcast_ss(vj + r);
-      a0[r] = _mm256_fmadd_ps(w, b0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(w, b1, a1[r]);
+      const vec w = vset1(vj[r]);
+      a0[r] = vfma(w, b0, a0[r]);
+      a1[r] = vfma(w, b1, a1[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acct + (d0 + r) * RP + c, a0[r]);
-    _mm256_storeu_ps(acct + (d0 + r) * RP + c + 8, a1[r]);
+    vstore(acct + (d0 + r) * RP + c, a0[r]);
+    vstore(acct + (d0 + r) * RP + c + kHalf, a1[r]);
   }
 }
 
-// block(i, R) for i = 0, 6, 12, ... < n, R = min(6, n - i) as a compile-time constant
+// block(i, R) for i = 0, kBlock, 2 kBlock, ... < n, R = min(kBlock, n - i) as a compile-time constant
+template <int R = kBlock, typename F>
+inline void tail_block(int64_t i, int64_t r, F&& block) {
+  if constexpr (R > 0) {
+    if (r == R) return block(i, std::integral_constant<int, R>{});
+    tail_block<R - 1>(i, r, block);
+  }
+}
+
 template <typename F>
 inline void by_blocks(int64_t n, F&& block) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) block(i, std::integral_constant<int, kBlock>{});
-  switch (n - i) {
-    case 1: block(i, std::integral_constant<int, 1>{}); break;
-    case 2: block(i, std::integral_constant<int, 2>{}); break;
-    case 3: block(i, std::integral_constant<int, 3>{}); break;
-    case 4: block(i, std::integral_constant<int, 4>{}); break;
-    case 5: block(i, std::integral_constant<int, 5>{}); break;
-    default: break;
-  }
+  if (n > i) tail_block(i, n - i, block);
 }
 
 struct PrefillScratch {
@@ -174,7 +198,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   const int64_t out_stride = out.stride(0);
   const float fscale = static_cast<float>(scale);
   const int64_t TQ = std::max<int64_t>(1, kTileRows / G);
-  const int64_t max_rp = (TQ * G + 15) / 16 * 16;
+  const int64_t max_rp = (TQ * G + kRowBlock - 1) / kRowBlock * kRowBlock;
 
   std::vector<PrefillTile> tiles;
   for (int64_t s = 0; s < S; ++s) {
@@ -203,7 +227,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
       const PrefillTile& tile = tiles[i];
       const int64_t qlen = starts[tile.seq + 1] - starts[tile.seq], context = lens[tile.seq] - qlen;
       const int64_t* table = bt + tile.seq * max_blocks;
-      const int64_t rows = tile.count * G, RP = (rows + 15) / 16 * 16, h = tile.head;
+      const int64_t rows = tile.count * G, RP = (rows + kRowBlock - 1) / kRowBlock * kRowBlock, h = tile.head;
       // Q^T, scaled; row r = (token first + r / G, query head h * G + r % G); padding rows
       // repeat the last row (their results are dropped)
       for (int64_t r = 0; r < RP; ++r) {
@@ -224,11 +248,11 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
           w.v[j] = vp + block * v_sb + off * v_st + h * v_sh;
         }
         by_blocks(n, [&](int64_t j, auto R) {
-          for (int64_t c = 0; c < RP; c += 16) qk_block<decltype(R)::value>(w.k.data() + j, w.qt.data(), D, RP, c, w.st.data() + j * RP);
+          for (int64_t c = 0; c < RP; c += kRowBlock) qk_block<decltype(R)::value>(w.k.data() + j, w.qt.data(), D, RP, c, w.st.data() + j * RP);
         });
         softmax_tile(w, k0, n, RP, D, k0 + n - 1 > first_pos);
         by_blocks(D, [&](int64_t d0, auto R) {
-          for (int64_t c = 0; c < RP; c += 16) pv_block<decltype(R)::value>(w.v.data(), n, d0, w.st.data(), RP, c, w.acct.data());
+          for (int64_t c = 0; c < RP; c += kRowBlock) pv_block<decltype(R)::value>(w.v.data(), n, d0, w.st.data(), RP, c, w.acct.data());
         });
       }
       for (int64_t r = 0; r < rows; ++r) {

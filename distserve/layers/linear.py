@@ -27,17 +27,17 @@ from distserve.weights.loader import LoadedWeight, materialize, narrow
 
 # Batch size oneDNN lays a packed weight out for; it serves every batch size.
 _PACK_BATCH_HINT = 32
-# Up to this many rows, a streaming kernel over the plain weight beats oneDNN's packed one:
-# with cold weights, as a decode step reads them, 1.2-1.8x as fast at 1-2 rows, about even at
-# 3, slower from 4 (benchmarks/small_batch_linear.py).
+# Up to this many rows, distserve's panel kernel (kernels/panel_linear.cpp, AVX-512) beats
+# oneDNN's packed weight: with cold weights, as a decode step reads them, 1.3-1.9x as fast at
+# 1-16 rows, 1.03-1.2x at 48-64, even at 96-128 (benchmarks/small_batch_linear.py).
+PANEL_ROWS = 64
+# Without AVX-512, up to this many rows a streaming kernel over the plain weight beats
+# oneDNN's packed one: 1.2-1.8x as fast at 1-2 rows, about even at 3, slower from 4.
 SMALL_BATCH = 3
 # Decode steps of up to this many sequences (the default max_num_seqs) run a LLaMA-family
 # layer as one native call: against layer by layer, interleaved in one process
 # (benchmarks/decode_step.py), 8-29% faster a step at 1-32 sequences and 5-11% at 48-128.
 FUSED_DECODE_BATCH = 256
-# Inside that call, matmuls of up to this many rows stream the plain weight; larger ones run
-# on oneDNN's packed weight (the same crossover).
-FUSED_STREAM_ROWS = SMALL_BATCH
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -51,13 +51,31 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
 
+def pack_panels(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in the panel kernel's layout, where that kernel is built (AVX-512)."""
+    ops = native_ops(weight)
+    if ops is None or not weight.numel():
+        return None
+    panels = ops.pack_panels(weight.detach())
+    return panels if panels.numel() else None
+
+
+def direct_rows(weight: torch.Tensor) -> int:
+    """Rows up to which `linear` runs a kept weight (panels or plain) on distserve's own kernel
+    rather than on oneDNN's packed copy."""
+    return PANEL_ROWS if weight.dim() == 3 else SMALL_BATCH
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b by the fastest path here: for a few rows the native streaming kernel (when
-    the plain weight is kept), else oneDNN's packed weight, else torch."""
+    """x W^T + b by the fastest path here. `weight` is the plain weight [N, K], or its panels
+    (`pack_panels`), or empty; `packed` is oneDNN's copy. Up to `direct_rows` rows the panel or
+    streaming kernel runs over the kept weight, else oneDNN's packed weight, else torch."""
     if packed is not None:
-        if x.shape[0] <= SMALL_BATCH and weight.numel():
+        if weight.numel() and x.shape[0] <= direct_rows(weight):
             ops = native_ops(x)
             if ops is not None:
+                if weight.dim() == 3:
+                    return ops.panel_linear(x.contiguous(), weight, packed.shape[0], bias)
                 return ops.linear_small_batch(x.contiguous(), weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -116,8 +134,9 @@ class LinearBase(nn.Module):
 
     def prepack(self, keep_plain: bool, quantization: str | None = None) -> None:
         """After loading: merge the quantized shards, or quantize the float weight
-        (`quantization` int8 / int4), or else add the packed weight, the plain one staying only if
-        `keep_plain` (it serves small batches faster, at the cost of a second copy)."""
+        (`quantization` int8 / int4), or else add oneDNN's packed weight; if `keep_plain`, a
+        second copy serves small batches faster: the panels where that kernel is built, else
+        the plain weight."""
         shards, self._quant_shards = self._quant_shards, {}
         if shards and sum(s.shape[0] for s in shards.values()) == self.weight.shape[0]:
             self.quant = merge([shards[row] for row in sorted(shards)])
@@ -131,12 +150,14 @@ class LinearBase(nn.Module):
             self.weight.data = torch.empty(0)
             return
         self.packed = prepack(self.weight)
-        if self.packed is not None and not keep_plain:
-            self.weight.data = torch.empty(0)
+        if self.packed is not None:  # the small-batch copy: panels where they are built, else plain
+            panels = pack_panels(self.weight) if keep_plain else None
+            if panels is not None or not keep_plain:
+                self.weight.data = panels if panels is not None else torch.empty(0)
 
     def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What the one-call decode layer takes for this projection: the quantized storage and
-        its scales, or the plain and the packed weight; None when neither is kept."""
+        its scales, or the kept (panels or plain) and the packed weight; None when neither is kept."""
         if self.quant is not None:
             return self.quant.q, self.quant.sm
         if self.packed is not None and self.weight.numel():

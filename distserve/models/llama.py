@@ -20,10 +20,10 @@ from distserve.layers.activation import SiluAndMul
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import (
-    FUSED_STREAM_ROWS,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    direct_rows,
     fused_projections,
 )
 from distserve.layers.norm import RMSNorm
@@ -92,7 +92,7 @@ class LlamaDecoderLayer(nn.Module):
         self.fused_weights = (self.input_layernorm.weight, *qkv, *o, self.post_attention_layernorm.weight, *gate_up,
                               *down, attn.attn.k_cache, attn.attn.v_cache)
         self.fused_shape = (attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_dim,
-                            self.input_layernorm.eps, attn.attn.scale, FUSED_STREAM_ROWS, QUANT_STREAM_ROWS,
+                            self.input_layernorm.eps, attn.attn.scale, direct_rows(qkv[0]), QUANT_STREAM_ROWS,
                             attn.qkv_proj.int8_activations)
         return True
 

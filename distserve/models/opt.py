@@ -21,11 +21,11 @@ from distserve.layers.activation import get_activation
 from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import (
-    FUSED_STREAM_ROWS,
     ColumnParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    direct_rows,
     fused_projections,
 )
 from distserve.layers.norm import LayerNorm
@@ -75,7 +75,7 @@ class OPTDecoderLayer(nn.Module):
         ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
         self.fused_weights = (ln1.weight, ln1.bias, *qkv, *o, ln2.weight, ln2.bias, *fc1, *fc2, attn.attn.k_cache,
                               attn.attn.v_cache)
-        self.fused_shape = (attn.attn.num_heads, attn.attn.head_dim, ln1.eps, attn.attn.scale, FUSED_STREAM_ROWS,
+        self.fused_shape = (attn.attn.num_heads, attn.attn.head_dim, ln1.eps, attn.attn.scale, direct_rows(qkv[0]),
                             QUANT_STREAM_ROWS, attn.qkv_proj.int8_activations)
         return True
 

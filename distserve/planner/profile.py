@@ -25,7 +25,7 @@ from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance import Instance
 from distserve.engine.instance_loop import build_instance
 from distserve.engine.messages import AddRequest
-from distserve.layers.linear import FUSED_STREAM_ROWS, SMALL_BATCH
+from distserve.layers.linear import PANEL_ROWS, SMALL_BATCH
 from distserve.planner.latency_model import FittedLatencyModel
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
@@ -125,10 +125,9 @@ def fit_best(
     prefill: list[tuple[list[int], float]], decode: list[tuple[list[int], float]], meta: dict[str, object]
 ) -> FittedLatencyModel:
     """The fit whose decode batch-size split fits best: none, or one of a few thresholds (the
-    streaming matmul kernel takes up to SMALL_BATCH rows layer by layer and up to
-    FUSED_STREAM_ROWS in the one-call LLaMA decode layer, so a step's cost per sequence changes
-    there)."""
-    thresholds = tuple(dict.fromkeys((None, SMALL_BATCH + 1, FUSED_STREAM_ROWS + 1, 8, 16, 32, 64)))
+    panel matmul kernel takes up to PANEL_ROWS rows, or without AVX-512 the streaming one up to
+    SMALL_BATCH, and oneDNN the rest, so a step's cost per sequence changes there)."""
+    thresholds = tuple(dict.fromkeys((None, SMALL_BATCH + 1, 8, 16, 32, PANEL_ROWS + 1)))
     candidates = [FittedLatencyModel.fit(prefill, decode, threshold, meta) for threshold in thresholds]
     return min(candidates, key=lambda m: m.fit_error["decode"] + m.fit_error["prefill"])
 

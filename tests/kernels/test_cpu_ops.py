@@ -80,6 +80,23 @@ def test_linear_small_batch(rows: int, k_dim: int) -> None:
     torch.testing.assert_close(ops.linear_small_batch(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 13, 97])
+@pytest.mark.parametrize("k_dim, n_dim", [(576, 96), (1000, 101), (37, 5)])
+def test_panel_linear(rows: int, k_dim: int, n_dim: int) -> None:
+    """The panel kernel: whole and part panels (N past a multiple of 48), several slices of k
+    (K past 384), row counts past a micro-kernel (8) and a task's chunk (96)."""
+    g = torch.Generator().manual_seed(rows + k_dim)
+    x, w, b = torch.randn(rows, k_dim, generator=g), torch.randn(n_dim, k_dim, generator=g), torch.randn(n_dim, generator=g)
+    panels = ops.pack_panels(w)
+    if not panels.numel():
+        pytest.skip("the panel kernel needs AVX-512")
+    assert panels.shape == ((n_dim + 47) // 48, k_dim, 48)
+    torch.testing.assert_close(ops.panel_linear(x, panels, n_dim, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ops.panel_linear(x, panels, n_dim, None), F.linear(x, w), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.panel_linear(x, panels, n_dim + 48, None)
+
+
 def test_elementwise_ops() -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 96, generator=g), torch.randn(96, generator=g)
@@ -110,13 +127,14 @@ def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeyp
     """Decode steps run each LLaMA or pre-LN OPT layer as one native call; it gives the layer-by-layer
     path's tokens (and so transformers'), also past the 8 rows where layer by layer switches its
     matmuls to oneDNN, and with the call's own matmuls on oneDNN past `stream_rows`."""
+    from distserve.layers import linear
     from distserve.models import llama, opt
     from distserve.models.base import CausalLM
 
-    module = opt if variant == "opt" else llama
     layer = opt.OPTDecoderLayer if variant == "opt" else llama.LlamaDecoderLayer
-    if stream_rows is not None:
-        monkeypatch.setattr(module, "FUSED_STREAM_ROWS", stream_rows)
+    if stream_rows is not None:  # the kept weight's kernel up to stream_rows, oneDNN past them
+        monkeypatch.setattr(linear, "PANEL_ROWS", stream_rows)
+        monkeypatch.setattr(linear, "SMALL_BATCH", stream_rows)
     path = checkpoints(variant)
     prompts = mixed_prompts(count)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
