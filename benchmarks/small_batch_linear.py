@@ -28,6 +28,9 @@ RESULTS = Path("benchmarks/results")
 LAYERS = 16
 SHAPES = [(768, 1280), (768, 4096), (2048, 768), (576, 3072), (1536, 576), (1024, 4096)]  # (in, out)
 ROWS = (1, 2, 3, 4, 8, 16, 32, 48, 64, 96, 128)
+# LM heads (a vocabulary wide: SmolLM2's, OPT's, LLaMA-2's): each far past the caches alone
+HEADS = [(576, 49152), (1024, 50272), (768, 32000)]
+HEAD_ROWS = (1, 8, 32, 64, 128, 256)
 
 
 def main() -> None:
@@ -35,11 +38,11 @@ def main() -> None:
     torch.set_num_threads(2)
     ops = cpu_ops()
     rows = []
-    for k, n in SHAPES:
-        weights = [torch.randn(n, k) for _ in range(LAYERS)]
+    for (k, n), layers, row_counts in [(s, LAYERS, ROWS) for s in SHAPES] + [(h, 2, HEAD_ROWS) for h in HEADS]:
+        weights = [torch.randn(n, k) for _ in range(layers)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
         panels = [ops.pack_panels(w) for w in weights]
-        for m in ROWS:
+        for m in row_counts:
             x = torch.randn(m, k)
             paths = {"panel": lambda i, x=x, p=panels, n=n: ops.panel_linear(x, p[i], n, None),
                      "stream": lambda i, x=x, w=weights: ops.linear_small_batch(x, w[i], None),
@@ -50,9 +53,9 @@ def main() -> None:
             for _ in range(7):
                 for name, run in paths.items():
                     start = time.perf_counter()
-                    for i in range(LAYERS):
+                    for i in range(layers):
                         run(i)
-                    times[name].append((time.perf_counter() - start) / LAYERS)
+                    times[name].append((time.perf_counter() - start) / layers)
             ms = {name: 1e3 * statistics.median(t[1:]) for name, t in times.items()}
             stream = ms.get("stream", float("nan"))
             rows.append({"shape": f"{k}->{n}", "rows": m, "panel_ms": ms["panel"], "stream_ms": stream,

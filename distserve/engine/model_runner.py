@@ -69,7 +69,7 @@ def load_model(model_config: ModelConfig, device: torch.device, quantization: st
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights take in memory: parameters, packed copies and quantized
+    """Bytes the model's weights take in memory: parameters, packed and panel copies, quantized
     storage, each tensor counted once (a tied head shares the embedding's)."""
     seen: dict[int, int] = {}
 
@@ -85,6 +85,7 @@ def weight_bytes(model: nn.Module) -> int:
         count(p)
     for module in model.modules():
         count(getattr(module, "packed", None))
+        count(getattr(module, "panels", None))
         quant = getattr(module, "quant", None)
         if quant is not None:
             count(quant.q)

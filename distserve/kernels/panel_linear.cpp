@@ -6,14 +6,14 @@
 // vectors once for all eight rows of x; a panel is read from memory once per call, in address
 // order, while the next one is prefetched a slice per micro-kernel call, so the reads spread
 // evenly over the arithmetic. Against oneDNN's packed weight (benchmarks/small_batch_linear.py)
-// this is 1.3-2x as fast at 1-8 rows, and about even at 64; past that oneDNN wins.
+// this is 1.3-1.8x as fast at 1-16 rows and 1.01-1.16x at 64-128; at 256 rows, 0.9-1.0x.
 
 namespace {
 
 constexpr int64_t kPanel = 48;       // output columns a panel (three zmm)
 constexpr int64_t kPanelRows = 8;    // rows of x a micro-kernel call
 constexpr int64_t kPanelDepth = 384; // k a micro-kernel call (the panel's slice stays in L2)
-constexpr int64_t kPanelChunk = 96;  // rows of x a task, at most
+constexpr int64_t kPanelChunk = 256; // rows of x a task, at most
 
 #ifdef __AVX512F__
 // y[R rows][48] (+)= x[R rows][k0, k0 + kc) . panel[k0, k0 + kc); `load` adds to y, `bias`

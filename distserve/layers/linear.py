@@ -28,9 +28,9 @@ from distserve.weights.loader import LoadedWeight, materialize, narrow
 # Batch size oneDNN lays a packed weight out for; it serves every batch size.
 _PACK_BATCH_HINT = 32
 # Up to this many rows, distserve's panel kernel (kernels/panel_linear.cpp, AVX-512) beats
-# oneDNN's packed weight: with cold weights, as a decode step reads them, 1.3-1.9x as fast at
-# 1-16 rows, 1.03-1.2x at 48-64, even at 96-128 (benchmarks/small_batch_linear.py).
-PANEL_ROWS = 64
+# oneDNN's packed weight: with cold weights, as a decode step reads them, 1.3-1.8x as fast at
+# 1-16 rows, 1.03-1.16x at 64-96, 1.01-1.07x at 128 (benchmarks/small_batch_linear.py).
+PANEL_ROWS = 128
 # Without AVX-512, up to this many rows a streaming kernel over the plain weight beats
 # oneDNN's packed one: 1.2-1.8x as fast at 1-2 rows, about even at 3, slower from 4.
 SMALL_BATCH = 3
