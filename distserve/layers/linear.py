@@ -150,10 +150,12 @@ class LinearBase(nn.Module):
             self.weight.data = torch.empty(0)
             return
         self.packed = prepack(self.weight)
-        if self.packed is not None:  # the small-batch copy: panels where they are built, else plain
-            panels = pack_panels(self.weight) if keep_plain else None
-            if panels is not None or not keep_plain:
-                self.weight.data = panels if panels is not None else torch.empty(0)
+        if self.packed is None:
+            return
+        if not keep_plain:
+            self.weight.data = torch.empty(0)
+        elif (panels := pack_panels(self.weight)) is not None:  # the small-batch copy, else the plain weight
+            self.weight.data = panels
 
     def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """What the one-call decode layer takes for this projection: the quantized storage and

@@ -3,6 +3,8 @@ gives transformers' tokens with or without them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,7 +90,9 @@ def test_panel_linear(rows: int, k_dim: int, n_dim: int) -> None:
     g = torch.Generator().manual_seed(rows + k_dim)
     x, w, b = torch.randn(rows, k_dim, generator=g), torch.randn(n_dim, k_dim, generator=g), torch.randn(n_dim, generator=g)
     panels = ops.pack_panels(w)
-    if not panels.numel():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "avx512f" not in cpuinfo.read_text():
+        assert not panels.numel()  # not built: callers keep the plain weight
         pytest.skip("the panel kernel needs AVX-512")
     assert panels.shape == ((n_dim + 47) // 48, k_dim, 48)
     torch.testing.assert_close(ops.panel_linear(x, panels, n_dim, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
