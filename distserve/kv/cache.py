@@ -95,6 +95,8 @@ class KVCache:
             self._shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=f"ds-{uuid.uuid4().hex[:20]}")
             self.tensor = torch.frombuffer(self._shm.buf, dtype=layout.dtype, count=numel).view(layout.shape)
             self.tensor.zero_()
+        elif device == "cpu":
+            self.tensor, self._pages = zeros_on_huge_pages(layout.shape, layout.dtype)
         else:
             self.tensor = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
         self._cuda_ipc = cuda_ipc_handle(self.tensor) if shared and self.tensor.is_cuda else None
@@ -115,6 +117,30 @@ class KVCache:
         if self._shm is not None:
             self._shm.unlink()
             self._shm = None
+
+
+HUGE_PAGE = 2 << 20
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A zeroed CPU tensor in anonymous memory that the kernel is asked to back with 2 MiB pages
+    (transparent huge pages, `madvise` mode): decode attention reads a sequence's blocks
+    scattered over the cache, and with 4 KiB pages every few KiB read is a TLB miss and a
+    restart of the hardware prefetcher (OPT-shaped decode attention reads its KV ~20% faster,
+    `python -m benchmarks.decode_attention`). Returns the tensor and the mapping it lives in,
+    which must outlive it. Where the kernel has no huge pages, the memory is ordinary pages."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    nbytes = max(numel * torch.empty((), dtype=dtype).element_size(), 1)
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    tensor = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes + HUGE_PAGE)
+    offset = -tensor.data_ptr() % HUGE_PAGE  # the mapping starts on a 4 KiB page; the tensor on a 2 MiB one
+    tensor = tensor[offset:offset + nbytes].view(dtype)[:numel].view(shape)
+    tensor.zero_()  # fault the pages in now, huge where the kernel can
+    return tensor, buf
 
 
 def attach_shared(handle: KVCacheHandle) -> tuple[torch.Tensor, mmap.mmap]:
