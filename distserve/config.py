@@ -115,6 +115,8 @@ class PhaseConfig:
     preemption_mode: PreemptionMode | None = None
     num_threads: int | None = None
     cpu_cores: list[int] | None = None
+    # niceness of the instances' processes (0-19): where phases share cores, the higher yields
+    nice: int | None = None
     # weights: None (the deployment's `quantization`), auto, none, int8 or int4
     quantization: str | None = None
 
@@ -149,6 +151,9 @@ class PhaseConfig:
             raise ValueError("decode instances schedule FCFS; 'sjf' is a prefill policy.")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"{phase}.kv_cache_gb must be > 0, got {self.kv_cache_gb}.")
+        if self.nice is not None and (not isinstance(self.nice, int) or not 0 <= self.nice <= 19):
+            raise ValueError(f"{phase}.nice must be an integer from 0 (the default) to 19, got {self.nice!r}; "
+                             "to favour a phase, raise the other's.")
         if self.cpu_cores is not None:
             missing = sorted(set(self.cpu_cores) - set(available_cores()))
             if not self.cpu_cores or missing:

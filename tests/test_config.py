@@ -54,11 +54,15 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
     cores = available_cores()
     both = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores))
     args = parser.parse_args(["--mode", "disaggregated", "--prefill-cpu-cores", both, "--prefill-num-threads", str(len(cores)),
-                              "--decode-cpu-cores", both, "--decode-num-threads", "1"])
+                              "--decode-cpu-cores", both, "--decode-num-threads", "1", "--decode-nice", "10"])
     config = deployment_from_args(args)
     prefill, decode = resolve_instances(config, None)
     assert prefill.cpu_cores == decode.cpu_cores == cores
     assert (prefill.num_threads, decode.num_threads) == (len(cores), 1)
+    assert (prefill.phase.nice, decode.phase.nice) == (None, 10)
+    for bad in ("20", "-1"):
+        with pytest.raises(ValueError, match="decode.nice must be an integer from 0"):
+            deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--decode-nice", bad]))
     with pytest.raises(argparse.ArgumentError, match="cores must look like 0-3,8"):
         parser.parse_args(["--decode-cpu-cores", "0-x"])
     with pytest.raises(ValueError, match="decode.cpu_cores must name cores this process may run on"):

@@ -59,12 +59,29 @@ def keep_freed_memory() -> bool:
                ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20)))
 
 
+def lower_priority(nice: int) -> None:
+    """Run every thread of this process at niceness `nice` (or its own, if higher); threads
+    started later inherit it from the thread that starts them. Linux keeps a niceness per
+    thread, so threads already running (an import may start some) are set one by one."""
+    if not hasattr(os, "setpriority"):
+        return
+    tasks = "/proc/self/task"
+    for tid in map(int, os.listdir(tasks)) if os.path.isdir(tasks) else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
 def configure_process(config: InstanceConfig) -> None:
-    """Pin the process to its cores, size torch's thread pool, keep freed memory."""
+    """Pin the process to its cores, lower its priority if asked, size torch's thread pool,
+    keep freed memory."""
     import torch
 
     if config.cpu_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, config.cpu_cores)
+    if config.phase.nice:
+        lower_priority(config.phase.nice)
     torch.set_num_threads(config.num_threads)
     keep_freed_memory()
 

@@ -133,10 +133,11 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tor
     for dim in shape:
         numel *= dim
     nbytes = max(numel * torch.empty((), dtype=dtype).element_size(), 1)
-    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # whole huge pages, whatever the start
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
-    tensor = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes + HUGE_PAGE)
+    tensor = torch.frombuffer(buf, dtype=torch.uint8, count=size)
     offset = -tensor.data_ptr() % HUGE_PAGE  # the mapping starts on a 4 KiB page; the tensor on a 2 MiB one
     tensor = tensor[offset:offset + nbytes].view(dtype)[:numel].view(shape)
     tensor.zero_()  # fault the pages in now, huge where the kernel can

@@ -56,3 +56,26 @@ print(default, faults(20))
     default, kept = map(int, out.stdout.split())
     assert default > 20 * 10000  # 12,288 pages a round for the 48 MiB alone
     assert kept < 200
+
+
+def test_an_instance_process_runs_at_its_phase_niceness() -> None:
+    """`--decode-nice N`: the instance's process, and the threads torch starts in it, run at
+    niceness N, so that on shared cores the other phase's steps come first."""
+    import subprocess
+    import sys
+
+    script = """
+import os, threading, torch
+from distserve.config import InstanceConfig, PhaseConfig
+from distserve.engine.instance_loop import configure_process
+
+config = InstanceConfig(name="decode-0", role="decode", phase=PhaseConfig(nice=7), block_size=16, device="cpu",
+                        num_threads=2, cpu_cores=None, seed=0, swap_space_gb=0.0)
+configure_process(config)
+torch.ones(1 << 22).mul(2).sum()  # a parallel region: torch's worker threads exist now
+tids = [int(t) for t in os.listdir("/proc/self/task")]
+print(sorted({int(open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()[16]) for t in tids}), len(tids))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    nices, threads = out.stdout.rsplit(" ", 1)
+    assert nices == "[7]" and int(threads) >= 2

@@ -1,5 +1,5 @@
 """Where a worker's KV cache lives on CPU: an instance that shares nothing keeps it in
-anonymous memory on 2 MiB boundaries, backed by huge pages where the kernel offers them."""
+anonymous memory on 2 MiB boundaries, marked for huge pages where the kernel offers them."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from distserve.kv.cache import HUGE_PAGE, KVCache, KVLayout
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def huge_kib_at(address: int) -> int:
-    """AnonHugePages (KiB) of the mapping of this process that holds `address`."""
+def smaps_field(address: int, field: str) -> int:
+    """`field` of /proc/self/smaps for the mapping of this process that holds `address`."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and ":" not in head:
             start, end = (int(part, 16) for part in head.split("-"))
             inside = start <= address < end
-        elif inside and head == "AnonHugePages:":
+        elif inside and head == f"{field}:":
             return int(line.split()[1])
     raise AssertionError(f"no mapping holds {address:#x}")
 
@@ -39,4 +39,6 @@ def test_private_cpu_cache_is_zeroed_and_on_huge_page_boundaries(dtype: torch.dt
     v[7].fill_(-2.0)
     assert float(cache.tensor.sum()) == 1.5 * 4 * 64 - 2.0 * 16 * 4 * 64
     if THP.exists() and "[never]" not in THP.read_text():
-        assert huge_kib_at(cache.tensor.data_ptr()) >= 2048, "the cache is not on huge pages"
+        # the mapping is marked for huge pages; whether the kernel finds free 2 MiB pages for it
+        # depends on the machine's memory at the time
+        assert smaps_field(cache.tensor.data_ptr(), "THPeligible") == 1, "the cache is not marked for huge pages"
