@@ -126,8 +126,8 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tor
     """A zeroed CPU tensor in anonymous memory that the kernel is asked to back with 2 MiB pages
     (transparent huge pages, `madvise` mode): decode attention reads a sequence's blocks
     scattered over the cache, and with 4 KiB pages every few KiB read is a TLB miss and a
-    restart of the hardware prefetcher (OPT-shaped decode attention reads its KV ~20% faster,
-    `python -m benchmarks.decode_attention`). Returns the tensor and the mapping it lives in,
+    restart of the hardware prefetcher (decode attention over an OPT-shaped cache ran ~20%
+    faster on 2 MiB pages, docs/benchmarks.md). Returns the tensor and the mapping it lives in,
     which must outlive it. Where the kernel has no huge pages, the memory is ordinary pages."""
     numel = 1
     for dim in shape:
