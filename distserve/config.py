@@ -199,6 +199,10 @@ class DeploymentConfig:
     # disaggregated, cache-aware: a prompt a decode instance caches all but this many tokens
     # of is prefilled there (0: never)
     conditional_prefill_tokens: int = 128
+    # disaggregated, local backend: prefill and decode instances on the same CPU cores run
+    # their steps one at a time, a waiting prefill step first (engine/turns.py). None: where
+    # their cores overlap; True: every prefill and decode instance; False: never
+    time_share_cores: bool | None = None
     # weights of every phase that sets none of its own: auto (a GGUF's quantized matrices kept
     # quantized on CPU, a float checkpoint float), none (all float), int8 (per channel) or int4
     # (groups of 32), quantized at load
@@ -225,6 +229,11 @@ class DeploymentConfig:
             raise ValueError(f"routing_policy must be 'cache-aware' or 'least-loaded', got {self.routing_policy!r}.")
         if not isinstance(self.conditional_prefill_tokens, int) or self.conditional_prefill_tokens < 0:
             raise ValueError(f"conditional_prefill_tokens must be an integer >= 0, got {self.conditional_prefill_tokens!r}.")
+        if self.time_share_cores not in (None, True, False):
+            raise ValueError(f"time_share_cores must be true, false or null (where cores overlap), got {self.time_share_cores!r}.")
+        if self.time_share_cores and self.backend != "local":
+            raise ValueError("time_share_cores needs the local backend (instances on one machine); "
+                             "leave it unset or false with backend='ray'.")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, got {self.max_restarts!r}.")
         if self.quantization not in QUANTIZATIONS:
@@ -352,6 +361,10 @@ class InstanceConfig:
     kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
     step_log: str | None = None  # folder of the per-step log (DeploymentConfig.step_log)
     enable_prefix_caching: bool = False
+    # run steps in turns with the other phase's instances on the same cores (engine/turns.py),
+    # through lock files in `turns_dir` (the backend's run folder)
+    take_turns: bool = False
+    turns_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -466,7 +479,20 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
             instance.gpu_ids = [(next_gpu + r) % torch.cuda.device_count() for r in range(instance.num_workers)]
             next_gpu += instance.num_workers
         instances.append(instance)
+    mark_turns(instances, config)
     return instances
+
+
+def mark_turns(instances: list[InstanceConfig], config: DeploymentConfig) -> None:
+    """Have the prefill and decode instances that share CPU cores take turns by step (all of
+    them with `time_share_cores=True`)."""
+    if config.time_share_cores is False or config.backend != "local" or config.mode is not Mode.DISAGGREGATED:
+        return
+    for instance in instances:
+        others = [o for o in instances if o.role is not instance.role]
+        instance.take_turns = bool(config.time_share_cores) or any(
+            instance.cpu_cores and o.cpu_cores and set(instance.cpu_cores) & set(o.cpu_cores) for o in others
+        )
 
 
 def build_deployment(

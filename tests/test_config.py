@@ -60,6 +60,17 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
     assert prefill.cpu_cores == decode.cpu_cores == cores
     assert (prefill.num_threads, decode.num_threads) == (len(cores), 1)
     assert (prefill.phase.nice, decode.phase.nice) == (None, 10)
+    assert prefill.take_turns and decode.take_turns  # phases on the same cores step in turns
+    config.time_share_cores = False
+    assert not any(i.take_turns for i in resolve_instances(config, None))
+    if len(cores) > 1:  # a core each: nothing shared, no turns unless asked
+        apart = deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--prefill-cpu-cores", str(cores[0]),
+                                                        "--decode-cpu-cores", str(cores[1])]))
+        assert not any(i.take_turns for i in resolve_instances(apart, None))
+        apart.time_share_cores = True
+        assert all(i.take_turns for i in resolve_instances(apart, None))
+    with pytest.raises(ValueError, match="time_share_cores needs the local backend"):
+        deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--backend", "ray", "--time-share-cores"]))
     for bad in ("20", "-1"):
         with pytest.raises(ValueError, match="decode.nice must be an integer from 0"):
             deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--decode-nice", bad]))

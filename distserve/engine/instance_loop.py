@@ -12,6 +12,7 @@ and carries the messages; `get` returns one list of messages, `put` takes one of
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -30,6 +31,7 @@ from distserve.engine.messages import (
     StatsRequest,
     StepOutput,
 )
+from distserve.engine.turns import CoreTurns
 
 IDLE_WAIT = 0.05
 # OpenMP worker threads spin this long for the next parallel region before sleeping: a
@@ -115,12 +117,15 @@ def instance_main(
         put([InstanceFailed(config.name, traceback.format_exc(), os.getpid())])
         return
     put([instance.ready_message(os.getpid())])
+    turns = CoreTurns(config.turns_dir, prefill=config.role.takes_prompts) if config.take_turns and config.turns_dir else None
     try:
-        serve_instance(instance, get, put, parent_alive)
+        serve_instance(instance, get, put, parent_alive, turns)
     except BaseException:
         put([InstanceFailed(config.name, traceback.format_exc(), os.getpid())])
     finally:
         instance.close()
+        if turns is not None:
+            turns.close()
 
 
 def worker_main(model_config: ModelConfig, config: InstanceConfig, group: GroupSpec, rank: int) -> None:
@@ -138,8 +143,11 @@ def worker_main(model_config: ModelConfig, config: InstanceConfig, group: GroupS
         worker.close()
 
 
-def serve_instance(instance, get: Get, put: Put, parent_alive: Callable[[], bool]) -> None:  # noqa: ANN001 - an Instance
-    """The instance loop: messages, then a step, then events out."""
+def serve_instance(  # noqa: ANN001 - an Instance
+    instance, get: Get, put: Put, parent_alive: Callable[[], bool], turns: CoreTurns | None = None
+) -> None:
+    """The instance loop: messages, then a step (in its turn, where `turns` is given), then
+    events out."""
     while True:
         messages: list[InstanceMessage] = []
         try:
@@ -157,7 +165,8 @@ def serve_instance(instance, get: Get, put: Put, parent_alive: Callable[[], bool
             answer = instance.handle(message)
             if answer is not None:
                 events.append(answer)
-        stepped = instance.step()
+        with turns.turn() if turns is not None and instance.has_work() else contextlib.nullcontext():
+            stepped = instance.step()
         events.extend(stepped)
         if messages and not any(isinstance(e, StepOutput) for e in stepped) and not any(
             isinstance(m, (StatsRequest, ResetPrefixCache)) for m in messages

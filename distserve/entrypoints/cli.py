@@ -78,6 +78,9 @@ def add_deployment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditional-prefill-tokens", type=int, default=None, metavar="N",
                         help="disaggregated: prefill on the decode instance a prompt it caches all but N tokens of "
                         "(default 128; 0: never)")
+    parser.add_argument("--time-share-cores", action=argparse.BooleanOptionalAction, default=None,
+                        help="disaggregated: prefill and decode instances on the same CPU cores run their steps one "
+                        "at a time, a waiting prefill step first (default: where their cores overlap)")
     parser.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
                         help="weights: auto (a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K matrices kept quantized on CPU), "
                         "none (all float), int8 (per channel) or int4 (groups of 32), quantized at load (default auto)")
@@ -102,7 +105,7 @@ def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
         config.model = args.model
     for field in ("mode", "tokenizer", "dtype", "device", "max_model_len", "block_size", "seed", "swap_space_gb", "backend", "ray_address",
                   "kv_transport", "pair_placement", "step_log", "max_restarts", "restart_window", "enable_prefix_caching",
-                  "routing_policy", "conditional_prefill_tokens", "quantization"):
+                  "routing_policy", "conditional_prefill_tokens", "quantization", "time_share_cores"):
         value = getattr(args, field)
         if value is not None:
             setattr(config, field, value)

@@ -13,6 +13,7 @@ only its own pipe.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -124,6 +125,8 @@ class LocalBackend(Backend):
 
     def _start_processes(self, model_config: ModelConfig, instances: list[InstanceConfig]) -> None:
         for config in instances:
+            if config.take_turns:
+                config = dataclasses.replace(config, turns_dir=self._rendezvous)
             inbox = self._ctx.Queue()
             events, sender = self._ctx.Pipe(duplex=False)
             self._starts += 1
