@@ -5,8 +5,9 @@
    with its prefix cache, without it, and vLLM with its prefix cache on.
 2. multi-turn: ShareGPT conversations replayed turn by turn (each turn sent a think time after
    the last answer, with that answer in its prompt): goodput of distserve colocated and
-   1P+1D (cache-aware routing, conditional disaggregation) against vLLM with its prefix cache
-   on, the same conversations and arrivals; the share of prompt tokens each served from cache.
+   1P+1D (cache-aware routing, conditional disaggregation; a core a phase, and both phases on
+   both cores taking turns by step) against vLLM with its prefix cache on, the same
+   conversations and arrivals; the share of prompt tokens each served from cache.
 
 Multi-turn SLOs are 10x the unloaded latency of first turns: at 5x a first turn of a few
 hundred uncached tokens misses TTFT on an idle server, in every system alike, so that no
@@ -43,7 +44,9 @@ PARTS = {
                  "--ttft", "5", "--tpot", "1"],
     },
     "multi-turn": {
-        "systems": ["colocated", "disaggregated"],
+        # 1P+1D twice: a core a phase (the default split), and both phases on both cores taking
+        # turns by step (--time-share-cores, on where cores overlap)
+        "systems": ["colocated", "disaggregated", "1P1D-shared=--mode disaggregated --prefill-cpu-cores 0-1 --decode-cpu-cores 0-1"],
         "args": ["--workload", "sharegpt-chat", "--num-requests", "16", "--max-turns", "4", "--think-time", "1",
                  "--max-prompt-len", "512", "--rates", "0.1", "0.2", "0.4", "--slo-multiple", "10"],
     },

@@ -134,7 +134,7 @@ class Controller:
         self.ready = ready
         self.roles = {c.role for c in configs}
         loads = [InstanceLoad(c.name, c.role, ready[c.name].num_blocks, ready[c.name].block_size) for c in configs]
-        self.router = Router(loads, routing_policy, conditional_prefill_tokens)
+        self.router = Router(loads, routing_policy, conditional_prefill_tokens, shared_cores=any(c.take_turns for c in configs))
         self.stats: dict[str, InstanceStats] = {}
         self.requests: dict[str, TrackedRequest] = {}
         self.dead: dict[str, str] = {}  # why each instance last died

@@ -34,10 +34,12 @@ from distserve.engine.messages import (
 from distserve.engine.turns import CoreTurns
 
 IDLE_WAIT = 0.05
-# OpenMP worker threads spin this long for the next parallel region before sleeping: a
-# decode step runs hundreds of small ops between matmuls, and waking sleeping threads for
-# each matmul cost ~15% of a step here. Idle instances still go to sleep.
-OPENMP_SPIN = "10000000"
+# OpenMP worker threads spin this many turns (~8 ms here, libgomp's own default) for the next
+# parallel region before sleeping: a step's ops follow each other within that, so its threads
+# never sleep mid-step. 10,000,000 (~260 ms of a core after every step) decoded no faster (1
+# and 16 sequences, SmolLM2, alternating runs) and took a core from whichever instance steps
+# next on shared cores.
+OPENMP_SPIN = "300000"
 
 Get = Callable[..., list[InstanceMessage]]  # get(timeout=seconds) -> messages, or queue.Empty
 Put = Callable[[list[InstanceEvent]], None]

@@ -24,7 +24,10 @@ the prefill instances have more than 8x that many tokens queued), is prefilled o
 instance itself instead of moving through a prefill instance. So is one whose uncached suffix
 there is longer, up to 4x that limit, when a prefill instance would have at least twice as
 many tokens ahead of its first token (its queue and the prompt tokens it does not cache): the
-next turn of a conversation, whose last answer only the decode instance holds.
+next turn of a conversation, whose last answer only the decode instance holds. Where the
+phases share their cores and take turns by step (`shared_cores`, engine/turns.py), a prompt
+prefills as fast on either, so it goes to the decode instance whenever that leaves no more
+tokens ahead of its first token than a prefill instance would.
 
 The engine's controller and the planner's simulator both route through this class.
 """
@@ -87,10 +90,12 @@ class InstanceLoad:
 
 class Router:
     def __init__(
-        self, instances: list[InstanceLoad], policy: RoutingPolicy = RoutingPolicy.LEAST_LOADED, conditional_prefill_tokens: int = 0
+        self, instances: list[InstanceLoad], policy: RoutingPolicy = RoutingPolicy.LEAST_LOADED, conditional_prefill_tokens: int = 0,
+        shared_cores: bool = False,
     ) -> None:
         self.policy = RoutingPolicy(policy)
         self.conditional_prefill_tokens = conditional_prefill_tokens
+        self.shared_cores = shared_cores
         self.instances = {i.name: i for i in instances}
         # the cache index only serves a choice: between instances of a role, or of where to prefill
         prompt_roles = [i for i in instances if i.role.takes_prompts]
@@ -155,6 +160,8 @@ class Router:
         if suffix <= limit:
             return best
         remote = min(i.queued_tokens + len(token_ids) - i.cached_tokens(hashes) for i in prefill)
+        if self.shared_cores:
+            return best if suffix <= remote else None
         return best if suffix <= 4 * limit and 2 * suffix <= remote else None
 
     def route_decode(self, request_id: str, token_ids: list[int], hashes: list[int]) -> InstanceLoad | None:

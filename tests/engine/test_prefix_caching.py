@@ -120,17 +120,22 @@ def test_a_short_uncached_suffix_is_prefilled_on_the_decode_instance(checkpoints
     assert two.outputs[0].token_ids == hf_greedy(load_reference(checkpoints("llama-gqa")), turn, GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("message, queued, where", [(100, 0, "decode-0"), (250, 0, "decode-0"), (400, 0, "prefill-0"),
-                                                     (400, 10_000, "decode-0"), (600, 0, "prefill-0")])
-def test_a_next_turn_goes_where_its_uncached_work_is_least(message: int, queued: int, where: str) -> None:
+@pytest.mark.parametrize("message, queued, shared, where", [
+    (100, 0, False, "decode-0"), (250, 0, False, "decode-0"), (400, 0, False, "prefill-0"),
+    (400, 10_000, False, "decode-0"), (600, 0, False, "prefill-0"),
+    (400, 0, True, "decode-0"), (600, 0, True, "decode-0"),
+])
+def test_a_next_turn_goes_where_its_uncached_work_is_least(message: int, queued: int, shared: bool, where: str) -> None:
     """The decode instance holds turn one's prompt and 300-token answer, the prefill instance
     the prompt only. A next turn's message up to the limit (128) is prefilled on the decode
     instance; a longer one up to 4x the limit too, as the prefill instance would compute the
     answer again besides, unless the prefill instance would have less than twice its work ahead
-    (a 400-token message: 404 against 708), or the message is over 4x the limit."""
+    (a 400-token message: 404 against 708), or the message is over 4x the limit. Where the
+    phases share cores (`shared`: they prefill equally fast), it goes to the decode instance
+    whenever that computes fewer tokens (a 600-token message: 604 against 908)."""
     prefill = InstanceLoad("prefill-0", Role.PREFILL, 1000, BS)
     decode = InstanceLoad("decode-0", Role.DECODE, 1000, BS)
-    router = Router([prefill, decode], RoutingPolicy.CACHE_AWARE, conditional_prefill_tokens=128)
+    router = Router([prefill, decode], RoutingPolicy.CACHE_AWARE, conditional_prefill_tokens=128, shared_cores=shared)
     first = list(range(1000, 1200))
     conversation = first + list(range(5000, 5300))
     prefill.remember(router.hashes(first))

@@ -69,6 +69,27 @@ def test_a_killed_instance_comes_back_and_no_request_hangs(checkpoints, victim: 
 
 
 @pytest.mark.slow
+def test_a_killed_instance_leaves_the_shared_cores_to_the_other(checkpoints) -> None:
+    """Phases taking turns on shared cores (`time_share_cores`): kill -9 of the decode
+    instance mid-step, while it holds the turn, releases the turn with the process; the
+    prefill instance goes on prefilling and the requests sent after finish."""
+    with LLM(str(checkpoints("llama-gqa")), mode="disaggregated", num_kv_blocks=128, time_share_cores=True) as engine:
+        outputs = Outputs(engine)
+        prompts = mixed_prompts(8, seed=6)
+        decoding = [outputs.add({"prompt_token_ids": p}, LONG) for p in prompts[:4]]
+        outputs.poll_until(lambda: all(outputs.tokens(r) >= 2 for r in decoding))
+        os.kill(pids(engine)["decode-0"], signal.SIGKILL)
+        outputs.poll_until(lambda: state(engine, "decode-0") != "running")
+        later = [outputs.add({"prompt_token_ids": p}, LONG) for p in prompts[4:]]
+        outputs.poll_until(lambda: all(outputs.finished(r) for r in decoding + later), timeout=60)
+        assert all("decode-0" in outputs.latest[r].error for r in decoding)
+        for r in later:
+            out = outputs.latest[r]
+            assert out.error is None and len(out.outputs[0].token_ids) == LONG.max_tokens
+        assert all(s.kv_blocks_free == s.kv_blocks_total for s in engine.get_stats())
+
+
+@pytest.mark.slow
 def test_the_restart_budget_ends_in_unhealthy(checkpoints) -> None:
     with LLM(str(checkpoints("llama-gqa")), mode="colocated", num_kv_blocks=64, max_restarts=1, restart_window=60) as engine:
         os.kill(pids(engine)["colocated-0"], signal.SIGKILL)
