@@ -37,8 +37,8 @@ IDLE_WAIT = 0.05
 # OpenMP worker threads spin this many turns (~8 ms here, libgomp's own default) for the next
 # parallel region before sleeping: a step's ops follow each other within that, so its threads
 # never sleep mid-step. 10,000,000 (~260 ms of a core after every step) decoded no faster (1
-# and 16 sequences, SmolLM2, alternating runs) and took a core from whichever instance steps
-# next on shared cores.
+# and 16 sequences of SmolLM2, 64 of the LLaMA-GQA 150M shape, 3x1000-token prefills;
+# alternating runs) and took a core from whichever instance steps next on shared cores.
 OPENMP_SPIN = "300000"
 
 Get = Callable[..., list[InstanceMessage]]  # get(timeout=seconds) -> messages, or queue.Empty
