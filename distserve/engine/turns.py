@@ -6,9 +6,12 @@ their slowest thread, and a decode thread holding one core for a few millisecond
 whole region (a 680-token prefill beside six decoding streams took 2.8-5.0 s, ~1 s idle; in
 turns 0.95-1.04 s). Taking turns gives each step all the cores: an instance runs a step only while
 it holds the turn, and a decode step lets a prefill step that is waiting go first (TTFT
-before TPOT, as a prefill-first scheduler orders a colocated step). The decode instance is
-woken when that prefill step ends, so steps alternate while both phases have work: a prompt
-waits at most one decode step, a decode at most one prefill step.
+before TPOT, as a prefill-first scheduler orders a colocated step). A prompt waits at most
+the decode step under way. The decode instance is woken when the prefill step ends, and with
+one prefill instance gets the next turn, so steps alternate while both phases have work; with
+several prefill instances, a decode step waits until none of them is waiting. Every instance
+that takes turns takes the same one (two prefill instances on cores of their own, both
+sharing with one decode instance, also exclude each other).
 
 The turn is an `flock` on a file of the backend's run folder, so a process that dies holding
 it (kill -9) releases it with its file descriptors: nothing can be left waiting on a dead
