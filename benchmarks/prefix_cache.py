@@ -32,8 +32,10 @@ from pathlib import Path
 
 from benchmarks.checkpoints import smollm2_folder
 from benchmarks.report import report
+from distserve.config import available_cores
 
 RESULTS = Path("benchmarks/results/prefix_cache")
+ALL_CORES = ",".join(map(str, available_cores()))
 DISTSERVE = [sys.executable, "-m", "distserve.entrypoints.cli"]
 # dev mode: vLLM's POST /reset_prefix_cache, which the runner calls before each run
 VLLM_ENV = "VLLM_SERVER_DEV_MODE=1 VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_TARGET_DEVICE=cpu VLLM_LOGGING_LEVEL=WARNING"
@@ -46,7 +48,8 @@ PARTS = {
     "multi-turn": {
         # 1P+1D twice: a core a phase (the default split), and both phases on both cores taking
         # turns by step (--time-share-cores, on where cores overlap)
-        "systems": ["colocated", "disaggregated", "1P1D-shared=--mode disaggregated --prefill-cpu-cores 0-1 --decode-cpu-cores 0-1"],
+        "systems": ["colocated", "disaggregated",
+                    f"1P1D-shared=--mode disaggregated --prefill-cpu-cores {ALL_CORES} --decode-cpu-cores {ALL_CORES}"],
         "args": ["--workload", "sharegpt-chat", "--num-requests", "16", "--max-turns", "4", "--think-time", "1",
                  "--max-prompt-len", "512", "--rates", "0.1", "0.2", "0.4", "--slo-multiple", "10"],
     },

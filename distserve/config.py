@@ -361,8 +361,8 @@ class InstanceConfig:
     kv_group: Any = None  # KVGroupSpec of the deployment's KV transfer group, when it has one
     step_log: str | None = None  # folder of the per-step log (DeploymentConfig.step_log)
     enable_prefix_caching: bool = False
-    # run steps in turns with the other phase's instances on the same cores (engine/turns.py),
-    # through lock files in `turns_dir` (the backend's run folder)
+    # run steps in turns with the other phase's instances on the same cores (engine/turns.py);
+    # the local backend then sets `turns_dir`, its run folder, which holds the lock files
     take_turns: bool = False
     turns_dir: str | None = None
 

@@ -119,7 +119,7 @@ def instance_main(
         put([InstanceFailed(config.name, traceback.format_exc(), os.getpid())])
         return
     put([instance.ready_message(os.getpid())])
-    turns = CoreTurns(config.turns_dir, prefill=config.role.takes_prompts) if config.take_turns and config.turns_dir else None
+    turns = CoreTurns(config.turns_dir, prefill=config.role.takes_prompts) if config.turns_dir else None
     try:
         serve_instance(instance, get, put, parent_alive, turns)
     except BaseException:

@@ -40,8 +40,8 @@ PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
     "num-threads": ("num_threads", int, "N", "torch threads per worker"),
     "cpu-cores": ("cpu_cores", core_list, "LIST", "CPU cores each instance runs on, e.g. 0-3,8 (default: the "
                   "machine's cores split evenly over the instances; instances given the same cores share them)"),
-    "nice": ("nice", int, "N", "niceness of each instance's processes, 0-19 (default 0): where phases share cores, "
-             "the higher value yields, e.g. --decode-nice 10 keeps prefill (TTFT) first"),
+    "nice": ("nice", int, "N", "niceness of each instance's processes, 0-19 (default 0): against other processes "
+             "on its cores (phases on the same cores already take turns, see --time-share-cores)"),
 }
 
 
