@@ -485,14 +485,19 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
 
 def mark_turns(instances: list[InstanceConfig], config: DeploymentConfig) -> None:
     """Have the prefill and decode instances that share CPU cores take turns by step (all of
-    them with `time_share_cores=True`)."""
+    them with `time_share_cores=True`). An instance on CPU pinned to no cores (more workers
+    than cores) runs on all of them, so it shares them with every other."""
     if config.time_share_cores is False or config.backend != "local" or config.mode is not Mode.DISAGGREGATED:
         return
+
+    def cores(instance: InstanceConfig) -> set[int]:
+        if instance.cpu_cores:
+            return set(instance.cpu_cores)
+        return set(available_cores()) if instance.device == "cpu" else set()
+
     for instance in instances:
         others = [o for o in instances if o.role is not instance.role]
-        instance.take_turns = bool(config.time_share_cores) or any(
-            instance.cpu_cores and o.cpu_cores and set(instance.cpu_cores) & set(o.cpu_cores) for o in others
-        )
+        instance.take_turns = bool(config.time_share_cores) or any(cores(instance) & cores(o) for o in others)
 
 
 def build_deployment(

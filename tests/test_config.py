@@ -69,6 +69,10 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
         assert not any(i.take_turns for i in resolve_instances(apart, None))
         apart.time_share_cores = True
         assert all(i.take_turns for i in resolve_instances(apart, None))
+    # more workers than cores: none is pinned, so every instance runs on all of them
+    crowded = deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--device", "cpu",
+                                                      "--prefill-tensor-parallel-size", str(len(cores) + 1)]))
+    assert all(i.cpu_cores is None and i.take_turns for i in resolve_instances(crowded, None))
     with pytest.raises(ValueError, match="time_share_cores needs the local backend"):
         deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--backend", "ray", "--time-share-cores"]))
     for bad in ("20", "-1"):
