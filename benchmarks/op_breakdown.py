@@ -16,6 +16,9 @@ floor / time (100% = at the hardware's limit).
 
     python -m benchmarks.op_breakdown [--shape llama-gqa-150m] [--quick]
 
+Then mixed steps: one prompt beside running decodes in one step (what colocated and chunked
+steps do), against the prompt's step and the decodes' step run apart.
+
 Prints one table per step and writes benchmarks/results/op_breakdown.json.
 """
 
@@ -37,16 +40,17 @@ import distserve.models.base as base
 from benchmarks.offline_throughput import matmul_peak, shape_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
-from distserve.engine.instance_loop import build_instance
+from distserve.engine.instance_loop import build_instance, keep_freed_memory
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
 from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
 PREFILLS = [(128, 1), (128, 8), (512, 1), (512, 4), (1024, 1), (1024, 4), (2048, 1)]  # (prompt tokens, prompts)
+MIXED = [(128, 32, 512), (512, 8, 512), (512, 32, 512), (512, 64, 512), (512, 32, 2048)]  # (prompt, decodes, context)
 DECODES = [(1, 512), (8, 512), (32, 128), (32, 512), (32, 2048), (64, 128), (64, 512), (128, 128), (128, 512),
            (256, 128), (256, 512)]  # (batch, context)
-QUICK_PREFILLS, QUICK_DECODES = [(512, 1)], [(32, 512)]
+QUICK_PREFILLS, QUICK_DECODES, QUICK_MIXED = [(512, 1)], [(32, 512)], [(512, 32, 512)]
 REPEATS = 5
 OPS = ("qkv_proj", "rotary", "attention", "o_proj", "norms", "gate_up_proj", "act", "down_proj", "residual",
        "embedding", "lm_head", "sampling", "other")
@@ -126,6 +130,7 @@ class ModuleTimer:
 class Breakdown:
     def __init__(self, folder: Path, peak: float, bandwidth: float) -> None:
         torch.set_num_threads(2)
+        keep_freed_memory()  # as every instance process does: steps reuse the heap, no page faults
         self.config = load_model_config(str(folder), max_model_len=4096)
         hf = json.loads((folder / "config.json").read_text())
         self.hf = hf
@@ -185,15 +190,20 @@ class Breakdown:
         return self._row("prefill", f"{prompts} x {tokens}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, tokens * prompts, prompts, tokens)
 
-    def decode(self, batch: int, context: int) -> dict:
+    def _running(self, batch: int, context: int, steps: int) -> list[Request]:
+        """`batch` requests decoding after `context` tokens, with blocks for `steps` more."""
         requests = []
         for _ in range(batch):
             r = self._request(context, 1 << 20)
             r.append_token(5)
-            self.instance.blocks.grow(r.block_table, r.num_tokens + 2 * REPEATS + 2)
+            self.instance.blocks.grow(r.block_table, r.num_tokens + steps + 2)
             r.num_computed_tokens = context
             self.instance.scheduler.start_running(r)
             requests.append(r)
+        return requests
+
+    def decode(self, batch: int, context: int) -> dict:
+        requests = self._running(batch, context, 2 * REPEATS)
         totals, ops = [], defaultdict(list)
         for i in range(2 * REPEATS + 1):
             seconds, times = self._timed_step(layer_by_layer=i % 2 == 0 and i > 0)
@@ -204,6 +214,35 @@ class Breakdown:
             self.instance.scheduler.abort(r.request_id)
         return self._row("decode", f"{batch} x {context}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, batch, batch, context + REPEATS)
+
+    def mixed(self, tokens: int, batch: int, context: int) -> dict:
+        """A step of one prompt of `tokens` tokens beside `batch` running decodes, against the
+        prompt's step alone plus the decodes' step alone (medians, the three kinds of step
+        alternating; a first round of each is warm-up)."""
+        requests = self._running(batch, context, 2 * REPEATS + 2)
+        together, decodes, prompt = [], [], []
+        scheduler = self.instance.scheduler
+        for i in range(REPEATS + 1):
+            scheduler.add(self._request(tokens, 1))  # done after its first token
+            step_together = self._timed_step(layer_by_layer=False)[0]
+            assert not scheduler.waiting and len(scheduler.running) == batch, "the prompt did not join the decodes"
+            step_decodes = self._timed_step(layer_by_layer=False)[0]
+            if i:  # the first round is warm-up
+                together.append(step_together)
+                decodes.append(step_decodes)
+        for r in requests:
+            scheduler.abort(r.request_id)
+        for i in range(REPEATS + 1):
+            scheduler.add(self._request(tokens, 1))
+            step_prompt = self._timed_step(layer_by_layer=False)[0]
+            if i:
+                prompt.append(step_prompt)
+        assert not self.instance.has_work()
+        row = {"case": f"{tokens} + {batch} x {context}", "together_ms": 1e3 * statistics.median(together),
+               "prompt_ms": 1e3 * statistics.median(prompt), "decodes_ms": 1e3 * statistics.median(decodes)}
+        row["apart_ms"] = row["prompt_ms"] + row["decodes_ms"]
+        row["together_over_apart"] = row["together_ms"] / row["apart_ms"]
+        return row
 
     def _floors(self, tokens: int, sequences: int, context: int, phase: str) -> dict[str, float]:
         """Each op's floor in seconds for a step of `tokens` tokens over `sequences` sequences
@@ -279,7 +318,7 @@ def main() -> None:
     peak, bandwidth = matmul_peak(), read_bandwidth()
     print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     bench = Breakdown(folder, peak, bandwidth)
-    prefills, decodes = (QUICK_PREFILLS, QUICK_DECODES) if args.quick else (PREFILLS, DECODES)
+    prefills, decodes, mixed = (QUICK_PREFILLS, QUICK_DECODES, QUICK_MIXED) if args.quick else (PREFILLS, DECODES, MIXED)
     rows = []
     for tokens, prompts in tqdm(prefills, desc="prefill steps"):
         rows.append(bench.prefill(tokens, prompts))
@@ -287,9 +326,15 @@ def main() -> None:
     for batch, context in tqdm(decodes, desc="decode steps"):
         rows.append(bench.decode(batch, context))
         print_ops(rows[-1])
+    mixed_rows = [bench.mixed(*case) for case in tqdm(mixed, desc="mixed steps")]
+    print("\nmixed steps: a prompt beside running decodes, against the two steps apart")
+    for row in mixed_rows:
+        print(f"  {row['case']:<18} together {row['together_ms']:8.1f} ms  apart {row['apart_ms']:8.1f} ms "
+              f"(prompt {row['prompt_ms']:.1f} + decodes {row['decodes_ms']:.1f})  {row['together_over_apart']:.2f}x")
     report(rows, [("phase", "phase", "s"), ("case", "case", "s"), ("step ms", "step_ms", ".1f"),
                   ("floor ms", "floor_ms", ".1f"), ("% of floor", "share_of_floor", ".0%")],
-           args.out, shape=args.shape, matmul_peak_gflops=peak / 1e9, read_bandwidth_gbps=bandwidth / 1e9, threads=2)
+           args.out, shape=args.shape, matmul_peak_gflops=peak / 1e9, read_bandwidth_gbps=bandwidth / 1e9, threads=2,
+           mixed=mixed_rows)
 
 
 if __name__ == "__main__":
