@@ -7,9 +7,12 @@ them off.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -51,18 +54,32 @@ def cpu_ops() -> ModuleType | None:
     build = cache_root() / "kernels" / digest
     build.mkdir(parents=True, exist_ok=True)
     try:
-        return load_inline(
-            name=f"distserve_cpu_ops_{digest}",
-            cpp_sources=[source],
-            functions=FUNCTIONS,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _build_lock(build):
+            return load_inline(
+                name=f"distserve_cpu_ops_{digest}",
+                cpp_sources=[source],
+                functions=FUNCTIONS,
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as exc:  # no compiler or ninja: run on torch ops, slower
         logger.warning("native CPU kernels unavailable (%s); using torch ops", exc)
         return None
+
+
+@contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """One process at a time builds or loads the kernels of a folder. torch's own lock there
+    is a file that a builder killed mid-build (an instance stopped with SIGKILL on its first
+    step) leaves behind, and every later build would wait on it forever; this one is an
+    `flock`, released with the dead process's descriptors, so whoever holds it knows torch's
+    file is stale and removes it."""
+    with open(build / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        yield
 
 
 def native_ops(x: torch.Tensor) -> ModuleType | None:

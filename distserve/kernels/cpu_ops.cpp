@@ -39,6 +39,36 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
   return _mm256_add_ps(lo, hi);
 }
 
+// The polynomial of e^r for the reduced argument, written once for both vector widths: the
+// ops are overloads on the vector type (V{} only picks the overload).
+inline __m256 vsplat(__m256, float x) { return _mm256_set1_ps(x); }
+inline __m256 vmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 vnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+inline __m256 vtimes(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 vplus(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+#ifdef __AVX512F__
+inline __m512 vsplat(__m512, float x) { return _mm512_set1_ps(x); }
+inline __m512 vmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m512 vnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+inline __m512 vtimes(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 vplus(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+#endif
+
+// e^r for x = n ln2 + r (n = round(x / ln2)): the 2^n factor is the caller's
+template <typename V>
+inline V exp_reduced(V x, V n) {
+  const V z{};
+  V r = vnmadd(n, vsplat(z, 0.693359375f), x);  // ln2 in two parts
+  r = vnmadd(n, vsplat(z, -2.12194440e-4f), r);
+  V p = vsplat(z, 1.9875691500e-4f);
+  p = vmadd(p, r, vsplat(z, 1.3981999507e-3f));
+  p = vmadd(p, r, vsplat(z, 8.3334519073e-3f));
+  p = vmadd(p, r, vsplat(z, 4.1665795894e-2f));
+  p = vmadd(p, r, vsplat(z, 1.6666665459e-1f));
+  p = vmadd(p, r, vsplat(z, 5.0000001201e-1f));
+  return vmadd(p, vtimes(r, r), vplus(r, vsplat(z, 1.f)));
+}
+
 // e^x for eight floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
 // polynomial, 2^n through the exponent bits (relative error ~1e-7, like expf). Inputs are
 // clamped to [-87.3, 88.3], where 2^n stays a normal float; kNonPositive skips the upper clamp
@@ -50,18 +80,20 @@ inline __m256 exp8(__m256 x) {
   if (!kNonPositive) x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256 p = exp_reduced(x, n);
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+#ifdef __AVX512F__
+// exp8<true> for sixteen floats, 2^n applied by scalef
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp_reduced(x, n), n);
+}
+#endif
 #endif
 
 // s[t] = e^(s[t] - m) for t < n; returns their sum

@@ -2,7 +2,7 @@
 // prompts, and prompt chunks after cached context (chunked prefill, prefix-cache hits) alike,
 // since the step's own K and V are in the cache before attention runs.
 //
-// Compiled in one unit after cpu_ops.cpp (it uses exp8 from there on AVX2).
+// Compiled in one unit after cpu_ops.cpp (it uses exp8 / exp16_nonpositive from there).
 //
 // Work is split into tiles of (sequence, KV head, TQ query tokens); the tile's rows are its
 // tokens' query heads of that KV head (GQA: G heads share each key), so every key and value
@@ -119,21 +119,7 @@ struct PrefillTile {
 };
 
 #ifdef __AVX512F__
-// e^x for x <= 0, sixteen lanes: exp8's polynomial, the power of two applied by scalef
-inline vec vexp(vec x) {
-  x = _mm512_max_ps(x, vset1(-87.3f));
-  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  vec p = vset1(1.9875691500e-4f);
-  p = vfma(p, r, vset1(1.3981999507e-3f));
-  p = vfma(p, r, vset1(8.3334519073e-3f));
-  p = vfma(p, r, vset1(4.1665795894e-2f));
-  p = vfma(p, r, vset1(1.6666665459e-1f));
-  p = vfma(p, r, vset1(5.0000001201e-1f));
-  p = vfma(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, vset1(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+inline vec vexp(vec x) { return exp16_nonpositive(x); }  // x <= 0
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }

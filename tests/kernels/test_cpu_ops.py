@@ -191,3 +191,19 @@ def test_torch_fallback_gives_the_same_tokens(checkpoints, monkeypatch) -> None:
     monkeypatch.setattr(kernels, "cpu_ops", lambda: None)
     got, _ = run_in_process(path, prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), num_kv_blocks=64)
     assert got == expected
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path: Path) -> None:
+    """torch's lock file, left by a builder killed mid-build, is removed by the next builder,
+    which holds an flock that excludes any other meanwhile."""
+    import fcntl
+
+    from distserve.kernels import _build_lock
+
+    (tmp_path / "lock").touch()  # what a killed builder leaves
+    with _build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        with open(tmp_path / "build.flock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "build.flock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the builder is done
