@@ -383,6 +383,14 @@ class InstanceConfig:
         return dataclasses.replace(self, cpu_cores=cores, device=device)
 
     @property
+    def cores_in_use(self) -> set[int]:
+        """The CPU cores its workers run on: those it is pinned to, else (on CPU, with more
+        workers than cores) every core this process may use; none on a GPU."""
+        if self.cpu_cores:
+            return set(self.cpu_cores)
+        return set(available_cores()) if self.device == "cpu" else set()
+
+    @property
     def max_num_seqs(self) -> int:
         return self.phase.max_num_seqs
 
@@ -485,19 +493,12 @@ def resolve_instances(config: DeploymentConfig, model: ModelConfig) -> list[Inst
 
 def mark_turns(instances: list[InstanceConfig], config: DeploymentConfig) -> None:
     """Have the prefill and decode instances that share CPU cores take turns by step (all of
-    them with `time_share_cores=True`). An instance on CPU pinned to no cores (more workers
-    than cores) runs on all of them, so it shares them with every other."""
+    them with `time_share_cores=True`)."""
     if config.time_share_cores is False or config.backend != "local" or config.mode is not Mode.DISAGGREGATED:
         return
-
-    def cores(instance: InstanceConfig) -> set[int]:
-        if instance.cpu_cores:
-            return set(instance.cpu_cores)
-        return set(available_cores()) if instance.device == "cpu" else set()
-
     for instance in instances:
         others = [o for o in instances if o.role is not instance.role]
-        instance.take_turns = bool(config.time_share_cores) or any(cores(instance) & cores(o) for o in others)
+        instance.take_turns = bool(config.time_share_cores) or any(instance.cores_in_use & o.cores_in_use for o in others)
 
 
 def build_deployment(

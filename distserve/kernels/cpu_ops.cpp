@@ -39,34 +39,39 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
   return _mm256_add_ps(lo, hi);
 }
 
-// The polynomial of e^r for the reduced argument, written once for both vector widths: the
-// ops are overloads on the vector type (V{} only picks the overload).
+// Vector ops as overloads on the vector type, so code written once serves 8 and 16 lanes (the
+// exponential's polynomial below, prefill attention's softmax). vsplat's first argument only
+// picks the width.
 inline __m256 vsplat(__m256, float x) { return _mm256_set1_ps(x); }
-inline __m256 vmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256 vnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
-inline __m256 vtimes(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-inline __m256 vplus(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 vfnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 #ifdef __AVX512F__
 inline __m512 vsplat(__m512, float x) { return _mm512_set1_ps(x); }
-inline __m512 vmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-inline __m512 vnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
-inline __m512 vtimes(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-inline __m512 vplus(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m512 vfnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+inline __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
 #endif
 
 // e^r for x = n ln2 + r (n = round(x / ln2)): the 2^n factor is the caller's
 template <typename V>
 inline V exp_reduced(V x, V n) {
   const V z{};
-  V r = vnmadd(n, vsplat(z, 0.693359375f), x);  // ln2 in two parts
-  r = vnmadd(n, vsplat(z, -2.12194440e-4f), r);
+  V r = vfnma(n, vsplat(z, 0.693359375f), x);  // ln2 in two parts
+  r = vfnma(n, vsplat(z, -2.12194440e-4f), r);
   V p = vsplat(z, 1.9875691500e-4f);
-  p = vmadd(p, r, vsplat(z, 1.3981999507e-3f));
-  p = vmadd(p, r, vsplat(z, 8.3334519073e-3f));
-  p = vmadd(p, r, vsplat(z, 4.1665795894e-2f));
-  p = vmadd(p, r, vsplat(z, 1.6666665459e-1f));
-  p = vmadd(p, r, vsplat(z, 5.0000001201e-1f));
-  return vmadd(p, vtimes(r, r), vplus(r, vsplat(z, 1.f)));
+  p = vfma(p, r, vsplat(z, 1.3981999507e-3f));
+  p = vfma(p, r, vsplat(z, 8.3334519073e-3f));
+  p = vfma(p, r, vsplat(z, 4.1665795894e-2f));
+  p = vfma(p, r, vsplat(z, 1.6666665459e-1f));
+  p = vfma(p, r, vsplat(z, 5.0000001201e-1f));
+  return vfma(p, vmul(r, r), vadd(r, vsplat(z, 1.f)));
 }
 
 // e^x for eight floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6

@@ -34,7 +34,6 @@ inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vset1(float x) { return _mm512_set1_ps(x); }
 inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 #else
 // 6 x 16: 12 ymm accumulators (AVX2's 16 registers)
 constexpr int kBlock = 6;
@@ -44,7 +43,6 @@ inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vset1(float x) { return _mm256_set1_ps(x); }
 inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 #endif
 constexpr int64_t kHalf = kRowBlock / 2;  // floats a vector
 
@@ -120,20 +118,12 @@ struct PrefillTile {
 
 #ifdef __AVX512F__
 inline vec vexp(vec x) { return exp16_nonpositive(x); }  // x <= 0
-inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 // keys past the row's position (key > pos) become -inf
 inline vec vmask(vec s, vec key, vec pos) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(key, pos, _CMP_LE_OQ), vset1(-std::numeric_limits<float>::infinity()), s);
 }
 #else
 inline vec vexp(vec x) { return exp8<true>(x); }
-inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vmask(vec s, vec key, vec pos) {
   return _mm256_blendv_ps(vset1(-std::numeric_limits<float>::infinity()), s, _mm256_cmp_ps(key, pos, _CMP_LE_OQ));
 }
