@@ -14,7 +14,9 @@ GEMM or oneDNN's packed linear) or its weight bytes over the read bandwidth, whi
 longer; attention's FLOPs (causal) or its KV bytes; elementwise ops' bytes. "% of floor" is
 floor / time (100% = at the hardware's limit).
 
-    python -m benchmarks.op_breakdown [--shape llama-gqa-150m] [--quick]
+    python -m benchmarks.op_breakdown [--shape llama-gqa-150m|opt-200m|...] [--quick]
+
+OPT's out_proj, fc1 and fc2 are counted as o_proj, gate_up_proj and down_proj.
 
 Then mixed steps: one prompt beside running decodes in one step (what colocated and chunked
 steps do), against the prompt's step and the decodes' step run apart.
@@ -54,6 +56,7 @@ QUICK_PREFILLS, QUICK_DECODES, QUICK_MIXED = [(512, 1)], [(32, 512)], [(512, 32,
 REPEATS = 5
 OPS = ("qkv_proj", "rotary", "attention", "o_proj", "norms", "gate_up_proj", "act", "down_proj", "residual",
        "embedding", "lm_head", "sampling", "other")
+OPT_OPS = {"out_proj": "o_proj", "fc1": "gate_up_proj", "fc2": "down_proj"}  # OPT's modules under the ops' names
 
 
 def read_bandwidth() -> float:
@@ -98,13 +101,15 @@ class ModuleTimer:
         last = name.rsplit(".", 1)[-1]
         if last in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act"):
             return last
-        if last in ("input_layernorm", "post_attention_layernorm", "norm"):
+        if last in OPT_OPS:
+            return OPT_OPS[last]
+        if last in ("input_layernorm", "post_attention_layernorm", "norm", "self_attn_layer_norm", "final_layer_norm"):
             return "norms"
         if last == "attn":
             return "attention"
         if last == "self_attn":
             return "rotary"  # its own time, outside its children: the rotary embedding and the split
-        if last == "embed_tokens":
+        if last in ("embed_tokens", "embed_positions"):
             return "embedding"
         if last.isdigit() and name.startswith("model.layers"):
             return "residual"  # a decoder layer's own time: the residual adds
@@ -252,7 +257,8 @@ class Breakdown:
         heads = hf["num_attention_heads"]
         kv_heads = hf.get("num_key_value_heads") or heads
         head_dim = hf.get("head_dim") or hidden // heads
-        inter = hf["intermediate_size"]
+        gated = "intermediate_size" in hf  # LLaMA's gate and up projections; OPT's one fc1 of ffn_dim
+        inter = hf["intermediate_size"] if gated else hf["ffn_dim"]
         vocab = hf["vocab_size"]
 
         def matmul(n_in: int, n_out: int, rows: int) -> float:
@@ -272,12 +278,12 @@ class Breakdown:
         qkv_out = (heads + 2 * kv_heads) * head_dim
         return {
             "qkv_proj": layers * matmul(hidden, qkv_out, tokens),
-            "rotary": layers * elementwise(2 * tokens * (heads + kv_heads) * head_dim),
+            "rotary": layers * elementwise(2 * tokens * (heads + kv_heads) * head_dim) if gated else 0.0,
             "attention": layers * max(attn_flops / self.peak, kv_bytes / self.bandwidth),
             "o_proj": layers * matmul(heads * head_dim, hidden, tokens),
             "norms": (2 * layers + 1) * elementwise(2 * tokens * hidden),
-            "gate_up_proj": layers * matmul(hidden, 2 * inter, tokens),
-            "act": layers * elementwise(3 * tokens * inter),
+            "gate_up_proj": layers * matmul(hidden, (2 if gated else 1) * inter, tokens),
+            "act": layers * elementwise((3 if gated else 2) * tokens * inter),
             "down_proj": layers * matmul(inter, hidden, tokens),
             "residual": layers * elementwise(6 * tokens * hidden),
             "embedding": elementwise(2 * tokens * hidden),

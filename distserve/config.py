@@ -86,7 +86,10 @@ DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-DEFAULT_KV_CACHE_GB = 1.0
+# An instance's KV cache on CPU when kv_cache_gb is not given (vLLM's CPU build took 4 GiB by
+# default too), or less where max_num_seqs sequences of max_model_len tokens never fill it.
+DEFAULT_KV_CACHE_GB = 4.0
+GIB = 1 << 30
 KV_TRANSPORTS = ("auto", "shm", "torch")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 DEFAULT_CHUNK_SIZE = 512

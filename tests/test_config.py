@@ -82,3 +82,20 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
         parser.parse_args(["--decode-cpu-cores", "0-x"])
     with pytest.raises(ValueError, match="decode.cpu_cores must name cores this process may run on"):
         deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--decode-cpu-cores", str(max(cores) + 1000)]))
+
+
+def test_the_default_kv_budget_is_4_gib_or_what_the_sequences_can_fill(checkpoints) -> None:
+    import torch
+
+    from distserve.config import GIB, resolve_instances
+    from distserve.engine.model_runner import kv_layout, num_kv_blocks
+    from distserve.weights.source import load_model_config
+
+    model = load_model_config(str(checkpoints("llama-gqa")), max_model_len=100)
+    instance = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "colocated", max_num_seqs=3), model)[0]
+    assert num_kv_blocks(model, instance, torch.device("cpu")) == 3 * 7  # 3 sequences of 7 blocks of 16
+    huge = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "colocated", max_num_seqs=1 << 20), model)[0]
+    per_block = kv_layout(model, huge, 1).bytes_per_block
+    assert num_kv_blocks(model, huge, torch.device("cpu")) == int(4 * GIB // per_block)
+    given = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "colocated", max_num_seqs=3, kv_cache_gb=0.01), model)[0]
+    assert num_kv_blocks(model, given, torch.device("cpu")) == int(0.01 * GIB // per_block)  # a budget given is taken whole

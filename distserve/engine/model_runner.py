@@ -14,7 +14,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from distserve.config import DEFAULT_KV_CACHE_GB, QUANTIZATIONS, InstanceConfig, ModelConfig, PreemptionMode
+from distserve.config import DEFAULT_KV_CACHE_GB, GIB, QUANTIZATIONS, InstanceConfig, ModelConfig, PreemptionMode
 from distserve.distributed.group import group_min, recv_from_prev_stage, send_to_next_stage
 from distserve.distributed.parallel_state import (
     get_parallel_state,
@@ -33,7 +33,6 @@ from distserve.models.base import CausalLM
 from distserve.models.registry import model_class
 from distserve.weights.loader import iterate_weights
 
-GIB = 1 << 30
 # On CPU, linear weights are kept twice (oneDNN-packed, and in panels or plain for small
 # batches) when they take at most this much; larger models keep only the packed copy.
 PLAIN_COPY_LIMIT = 2 * GIB
@@ -120,8 +119,10 @@ def num_kv_blocks(model_config: ModelConfig, config: InstanceConfig, device: tor
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = 0.85 * free
-    else:
+    else:  # the default, or what the instance's sequences could ever fill, if less
         budget = DEFAULT_KV_CACHE_GB * GIB / workers
+        most = config.max_num_seqs * -(-model_config.max_model_len // config.block_size)
+        budget = min(budget, most * bytes_per_block)
     blocks = int(budget // bytes_per_block)
     if blocks < 1:
         raise ValueError(f"a KV budget of {budget / GIB:.3f} GiB holds no block of {bytes_per_block} bytes")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distserve.config import DEFAULT_KV_CACHE_GB, DeploymentConfig, Mode, PhaseConfig, Role, batched_token_budget
+from distserve.config import DEFAULT_KV_CACHE_GB, GIB, DeploymentConfig, Mode, PhaseConfig, Role, batched_token_budget
 from distserve.engine.router import RoutingPolicy
 from distserve.planner.latency_model import FittedLatencyModel, LatencyModel
 from distserve.planner.simulator import ClusterSpec, InstanceSpec
 
-GIB = 1 << 30
 # a phase's step times and, unless the deployment sets one, its KV capacity in tokens
 PhaseModel = Callable[[Role, PhaseConfig], tuple[LatencyModel, int]]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GIB = 1 << 30
+from distserve.config import GIB
 
 
 @dataclass(frozen=True)
