@@ -86,10 +86,15 @@ DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# An instance's KV cache on CPU when kv_cache_gb is not given (vLLM's CPU build took 4 GiB by
-# default too), or less where max_num_seqs sequences of max_model_len tokens never fill it.
-DEFAULT_KV_CACHE_GB = 4.0
 GIB = 1 << 30
+
+
+def default_kv_cache_gb(role: Role) -> float:
+    """An instance's KV cache on CPU when `kv_cache_gb` is not given (the engine takes less
+    where max_num_seqs sequences of max_model_len tokens never fill it): 4 GiB, as vLLM's CPU
+    build took by default; 1 GiB for a prefill instance, whose cache holds prompts only until
+    their decode instance pulls them, and is shared memory that the decode side maps whole."""
+    return 1.0 if role is Role.PREFILL else 4.0
 KV_TRANSPORTS = ("auto", "shm", "torch")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 DEFAULT_CHUNK_SIZE = 512

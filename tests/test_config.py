@@ -84,7 +84,7 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
         deployment_from_args(parser.parse_args(["--mode", "disaggregated", "--decode-cpu-cores", str(max(cores) + 1000)]))
 
 
-def test_the_default_kv_budget_is_4_gib_or_what_the_sequences_can_fill(checkpoints) -> None:
+def test_the_default_kv_budget_is_4_gib_1_for_prefill_or_what_the_sequences_can_fill(checkpoints) -> None:
     import torch
 
     from distserve.config import GIB, resolve_instances
@@ -99,3 +99,6 @@ def test_the_default_kv_budget_is_4_gib_or_what_the_sequences_can_fill(checkpoin
     assert num_kv_blocks(model, huge, torch.device("cpu")) == int(4 * GIB // per_block)
     given = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "colocated", max_num_seqs=3, kv_cache_gb=0.01), model)[0]
     assert num_kv_blocks(model, given, torch.device("cpu")) == int(0.01 * GIB // per_block)  # a budget given is taken whole
+    prefill, decode = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "disaggregated", max_num_seqs=1 << 20), model)
+    assert num_kv_blocks(model, prefill, torch.device("cpu")) == int(1 * GIB // per_block)  # it holds prompts until pulled
+    assert num_kv_blocks(model, decode, torch.device("cpu")) == int(4 * GIB // per_block)

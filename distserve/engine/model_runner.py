@@ -14,7 +14,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from distserve.config import DEFAULT_KV_CACHE_GB, GIB, QUANTIZATIONS, InstanceConfig, ModelConfig, PreemptionMode
+from distserve.config import GIB, QUANTIZATIONS, InstanceConfig, ModelConfig, PreemptionMode, default_kv_cache_gb
 from distserve.distributed.group import group_min, recv_from_prev_stage, send_to_next_stage
 from distserve.distributed.parallel_state import (
     get_parallel_state,
@@ -120,7 +120,7 @@ def num_kv_blocks(model_config: ModelConfig, config: InstanceConfig, device: tor
         free, _ = torch.cuda.mem_get_info(device)
         budget = 0.85 * free
     else:  # the default, or what the instance's sequences could ever fill, if less
-        budget = DEFAULT_KV_CACHE_GB * GIB / workers
+        budget = default_kv_cache_gb(config.role) * GIB / workers
         most = config.max_num_seqs * -(-model_config.max_model_len // config.block_size)
         budget = min(budget, most * bytes_per_block)
     blocks = int(budget // bytes_per_block)

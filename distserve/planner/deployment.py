@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distserve.config import DEFAULT_KV_CACHE_GB, GIB, DeploymentConfig, Mode, PhaseConfig, Role, batched_token_budget
+from distserve.config import GIB, DeploymentConfig, Mode, PhaseConfig, Role, batched_token_budget, default_kv_cache_gb
 from distserve.engine.router import RoutingPolicy
 from distserve.planner.latency_model import FittedLatencyModel, LatencyModel
 from distserve.planner.simulator import ClusterSpec, InstanceSpec
@@ -47,6 +47,6 @@ def fitted_phase_model(files: dict[str, str], kv_bytes_per_token: int, scale: fl
         if path is None:
             raise ValueError(f"no fitted profile for the {role} phase; give {role}=PATH or all=PATH.")
         latency = FittedLatencyModel.load(path)
-        return (latency.scaled(scale) if scale != 1.0 else latency), int(DEFAULT_KV_CACHE_GB * GIB // kv_bytes_per_token)
+        return (latency.scaled(scale) if scale != 1.0 else latency), int(default_kv_cache_gb(role) * GIB // kv_bytes_per_token)
 
     return model
