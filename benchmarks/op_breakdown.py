@@ -54,6 +54,7 @@ DECODES = [(1, 512), (8, 512), (32, 128), (32, 512), (32, 2048), (64, 128), (64,
            (256, 128), (256, 512)]  # (batch, context)
 QUICK_PREFILLS, QUICK_DECODES, QUICK_MIXED = [(512, 1)], [(32, 512)], [(512, 32, 512)]
 REPEATS = 5
+KV_CACHE_GB = 6.0
 OPS = ("qkv_proj", "rotary", "attention", "o_proj", "norms", "gate_up_proj", "act", "down_proj", "residual",
        "embedding", "lm_head", "sampling", "other")
 OPT_OPS = {"out_proj": "o_proj", "fc1": "gate_up_proj", "fc2": "down_proj"}  # OPT's modules under the ops' names
@@ -140,7 +141,7 @@ class Breakdown:
         hf = json.loads((folder / "config.json").read_text())
         self.hf = hf
         deployment = DeploymentConfig(model=str(folder), mode="colocated", max_model_len=4096, enable_prefix_caching=False)
-        deployment.colocated.kv_cache_gb = 6.0
+        deployment.colocated.kv_cache_gb = KV_CACHE_GB
         deployment.colocated.max_num_batched_tokens = 8192
         self.instance = build_instance(self.config, resolve_instances(deployment, self.config)[0])
         self.model = self.instance.executor.runner.model
@@ -194,6 +195,11 @@ class Breakdown:
             record(seconds, times, whole=i % 2 == 0, totals=totals, ops=ops)
         return self._row("prefill", f"{prompts} x {tokens}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, tokens * prompts, prompts, tokens)
+
+    def fits(self, batch: int, context: int) -> bool:
+        """Whether `batch` sequences of `context` tokens (and the steps timed after) fit the KV cache."""
+        blocks = self.instance.blocks
+        return batch * blocks.blocks_for(context + 2 * REPEATS + 4) <= blocks.num_free_blocks
 
     def _running(self, batch: int, context: int, steps: int) -> list[Request]:
         """`batch` requests decoding after `context` tokens, with blocks for `steps` more."""
@@ -330,9 +336,12 @@ def main() -> None:
         rows.append(bench.prefill(tokens, prompts))
         print_ops(rows[-1])
     for batch, context in tqdm(decodes, desc="decode steps"):
+        if not bench.fits(batch, context):
+            print(f"\ndecode {batch} x {context}: skipped, more KV than the {KV_CACHE_GB:g} GiB cache holds")
+            continue
         rows.append(bench.decode(batch, context))
         print_ops(rows[-1])
-    mixed_rows = [bench.mixed(*case) for case in tqdm(mixed, desc="mixed steps")]
+    mixed_rows = [bench.mixed(*case) for case in tqdm(mixed, desc="mixed steps") if bench.fits(*case[1:])]
     print("\nmixed steps: a prompt beside running decodes, against the two steps apart")
     for row in mixed_rows:
         print(f"  {row['case']:<18} together {row['together_ms']:8.1f} ms  apart {row['apart_ms']:8.1f} ms "

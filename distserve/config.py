@@ -87,6 +87,12 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 GIB = 1 << 30
+KV_TRANSPORTS = ("auto", "shm", "torch")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+DEFAULT_CHUNK_SIZE = 512
+# Prompt tokens batched into one prefill step (a longer prompt runs alone). Batches past a
+# few thousand tokens only make the matmuls and activations slower on CPU.
+DEFAULT_BATCHED_TOKENS = 2048
 
 
 def default_kv_cache_gb(role: Role) -> float:
@@ -95,12 +101,6 @@ def default_kv_cache_gb(role: Role) -> float:
     build took by default; 1 GiB for a prefill instance, whose cache holds prompts only until
     their decode instance pulls them, and is shared memory that the decode side maps whole."""
     return 1.0 if role is Role.PREFILL else 4.0
-KV_TRANSPORTS = ("auto", "shm", "torch")
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
-DEFAULT_CHUNK_SIZE = 512
-# Prompt tokens batched into one prefill step (a longer prompt runs alone). Batches past a
-# few thousand tokens only make the matmuls and activations slower on CPU.
-DEFAULT_BATCHED_TOKENS = 2048
 
 
 @dataclass

@@ -35,8 +35,8 @@ PHASE_FLAGS: dict[str, tuple[str, Callable[[str], object], str, str]] = {
     "max-num-seqs": ("max_num_seqs", int, "N", "most requests in one step (the batch size)"),
     "max-num-batched-tokens": ("max_num_batched_tokens", int, "N", "most tokens in one step"),
     "policy": ("policy", str, "POLICY", f"scheduling policy, one of {POLICIES} (sjf: shortest prompt first, prefill only)"),
-    "kv-cache-gb": ("kv_cache_gb", float, "GIB", "KV cache budget per instance, GiB (default on CPU: 4, 1 for prefill, or what max-num-seqs "
-                "sequences of max-model-len tokens can fill if less; 85%% of free memory on a GPU)"),
+    "kv-cache-gb": ("kv_cache_gb", float, "GIB", "KV cache budget per instance, GiB (default on CPU: 4, 1 for prefill, "
+                    "or what max-num-seqs sequences of max-model-len tokens can fill if less; 85%% of free memory on a GPU)"),
     "num-kv-blocks": ("num_kv_blocks", int, "N", "KV cache blocks per instance (overrides the budget)"),
     "num-threads": ("num_threads", int, "N", "torch threads per worker"),
     "cpu-cores": ("cpu_cores", core_list, "LIST", "CPU cores each instance runs on, e.g. 0-3,8 (default: the "
