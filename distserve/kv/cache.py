@@ -93,8 +93,8 @@ class KVCache:
                 numel *= dim
             nbytes = numel * torch.empty((), dtype=layout.dtype).element_size()
             self._shm = shared_memory.SharedMemory(create=True, size=max(nbytes, 1), name=f"ds-{uuid.uuid4().hex[:20]}")
-            # a new shared-memory file reads as zeros
             self.tensor = torch.frombuffer(self._shm.buf, dtype=layout.dtype, count=numel).view(layout.shape)
+            self.tensor.zero_()
         elif device == "cpu":
             self.tensor, self._pages = zeros_on_huge_pages(layout.shape, layout.dtype)
         else:
