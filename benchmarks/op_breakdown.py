@@ -196,10 +196,11 @@ class Breakdown:
         return self._row("prefill", f"{prompts} x {tokens}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, tokens * prompts, prompts, tokens)
 
-    def fits(self, batch: int, context: int) -> bool:
-        """Whether `batch` sequences of `context` tokens (and the steps timed after) fit the KV cache."""
+    def _fits(self, batch: int, context: int, steps: int, prompt: int = 0) -> bool:
+        """Whether `_running(batch, context, steps)`'s blocks and a prompt of `prompt` tokens fit the KV cache."""
         blocks = self.instance.blocks
-        return batch * blocks.blocks_for(context + 2 * REPEATS + 4) <= blocks.num_free_blocks
+        held = context + 1 + steps + 2  # as `_running` grows each table
+        return batch * blocks.blocks_for(held) + blocks.blocks_for(prompt) <= blocks.num_free_blocks
 
     def _running(self, batch: int, context: int, steps: int) -> list[Request]:
         """`batch` requests decoding after `context` tokens, with blocks for `steps` more."""
@@ -213,7 +214,10 @@ class Breakdown:
             requests.append(r)
         return requests
 
-    def decode(self, batch: int, context: int) -> dict:
+    def decode(self, batch: int, context: int) -> dict | None:
+        """The decode step's row; None where its KV does not fit the cache."""
+        if not self._fits(batch, context, 2 * REPEATS):
+            return None
         requests = self._running(batch, context, 2 * REPEATS)
         totals, ops = [], defaultdict(list)
         for i in range(2 * REPEATS + 1):
@@ -226,10 +230,12 @@ class Breakdown:
         return self._row("decode", f"{batch} x {context}", statistics.median(totals),
                          {op: statistics.median(v) for op, v in ops.items()}, batch, batch, context + REPEATS)
 
-    def mixed(self, tokens: int, batch: int, context: int) -> dict:
+    def mixed(self, tokens: int, batch: int, context: int) -> dict | None:
         """A step of one prompt of `tokens` tokens beside `batch` running decodes, against the
         prompt's step alone plus the decodes' step alone (medians, the three kinds of step
-        alternating; a first round of each is warm-up)."""
+        alternating; a first round of each is warm-up); None where their KV does not fit the cache."""
+        if not self._fits(batch, context, 2 * REPEATS + 2, tokens):
+            return None
         requests = self._running(batch, context, 2 * REPEATS + 2)
         together, decodes, prompt = [], [], []
         scheduler = self.instance.scheduler
@@ -336,12 +342,19 @@ def main() -> None:
         rows.append(bench.prefill(tokens, prompts))
         print_ops(rows[-1])
     for batch, context in tqdm(decodes, desc="decode steps"):
-        if not bench.fits(batch, context):
+        row = bench.decode(batch, context)
+        if row is None:
             print(f"\ndecode {batch} x {context}: skipped, more KV than the {KV_CACHE_GB:g} GiB cache holds")
             continue
-        rows.append(bench.decode(batch, context))
-        print_ops(rows[-1])
-    mixed_rows = [bench.mixed(*case) for case in tqdm(mixed, desc="mixed steps") if bench.fits(*case[1:])]
+        rows.append(row)
+        print_ops(row)
+    mixed_rows = []
+    for case in tqdm(mixed, desc="mixed steps"):
+        row = bench.mixed(*case)
+        if row is None:
+            print(f"\nmixed {case}: skipped, more KV than the {KV_CACHE_GB:g} GiB cache holds")
+            continue
+        mixed_rows.append(row)
     print("\nmixed steps: a prompt beside running decodes, against the two steps apart")
     for row in mixed_rows:
         print(f"  {row['case']:<18} together {row['together_ms']:8.1f} ms  apart {row['apart_ms']:8.1f} ms "

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from distserve.config import DEFAULT_MODE, Mode, PhaseConfig, Policy, PreemptionMode, Role, build_deployment, deployment_from
+from distserve.config import (
+    DEFAULT_MODE,
+    GIB,
+    Mode,
+    PhaseConfig,
+    Policy,
+    PreemptionMode,
+    Role,
+    build_deployment,
+    deployment_from,
+    resolve_instances,
+)
+from distserve.engine.model_runner import kv_layout, num_kv_blocks
+from distserve.weights.source import load_model_config
 
 
 def test_instance_counts_come_from_either_place_and_must_agree() -> None:
@@ -85,12 +99,6 @@ def test_instances_may_be_given_cores_and_share_them() -> None:
 
 
 def test_the_default_kv_budget_is_4_gib_1_for_prefill_or_what_the_sequences_can_fill(checkpoints) -> None:
-    import torch
-
-    from distserve.config import GIB, resolve_instances
-    from distserve.engine.model_runner import kv_layout, num_kv_blocks
-    from distserve.weights.source import load_model_config
-
     model = load_model_config(str(checkpoints("llama-gqa")), max_model_len=100)
     instance = resolve_instances(build_deployment(str(checkpoints("llama-gqa")), "colocated", max_num_seqs=3), model)[0]
     assert num_kv_blocks(model, instance, torch.device("cpu")) == 3 * 7  # 3 sequences of 7 blocks of 16

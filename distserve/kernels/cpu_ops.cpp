@@ -41,23 +41,20 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
 
 // Vector ops as overloads on the vector type, so code written once serves 8 and 16 lanes (the
 // exponential's polynomial below, prefill attention's softmax). vsplat's first argument only
-// picks the width.
-inline __m256 vsplat(__m256, float x) { return _mm256_set1_ps(x); }
-inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline __m256 vfnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
-inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
-inline __m256 vsub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
-inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+// picks the width. Spelled once for both widths: V the type, P its intrinsics' prefix.
+#define DISTSERVE_VECTOR_OPS(V, P)                                   \
+  inline V vsplat(V, float x) { return P##_set1_ps(x); }             \
+  inline V vfma(V a, V b, V c) { return P##_fmadd_ps(a, b, c); }     \
+  inline V vfnma(V a, V b, V c) { return P##_fnmadd_ps(a, b, c); }   \
+  inline V vmul(V a, V b) { return P##_mul_ps(a, b); }               \
+  inline V vadd(V a, V b) { return P##_add_ps(a, b); }               \
+  inline V vsub(V a, V b) { return P##_sub_ps(a, b); }               \
+  inline V vmax(V a, V b) { return P##_max_ps(a, b); }
+DISTSERVE_VECTOR_OPS(__m256, _mm256)
 #ifdef __AVX512F__
-inline __m512 vsplat(__m512, float x) { return _mm512_set1_ps(x); }
-inline __m512 vfma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-inline __m512 vfnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
-inline __m512 vmul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
-inline __m512 vsub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
-inline __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+DISTSERVE_VECTOR_OPS(__m512, _mm512)
 #endif
+#undef DISTSERVE_VECTOR_OPS
 
 // e^r for x = n ln2 + r (n = round(x / ln2)): the 2^n factor is the caller's
 template <typename V>
