@@ -1,12 +1,13 @@
-"""Decode attention alone: the native paged kernel over SmolLM2's shape (9 query / 3 KV heads,
-head dim 64, 30 layers, blocks of 16 scattered over the cache), by batch size, with the KV it
-reads per second. With `--against REV` (a git revision), the kernels as they were there are
+"""Decode attention alone: the native paged kernel over a model's attention shape (SmolLM2's by
+default: 9 query / 3 KV heads, head dim 64, 30 layers; blocks of 16 scattered over the cache),
+by batch size, with the KV it reads per second. With `--against REV` (a git revision), the kernels as they were there are
 built too and the two alternate call by call (this machine's speed drifts); with
 `--same-output`, their outputs must be equal bit for bit.
 
-    python -m benchmarks.decode_attention [--against REV [--same-output]] [--block-size 16]
+    python -m benchmarks.decode_attention [--shape smollm2|llama-gqa|opt] [--against REV [--same-output]]
+                                          [--block-size 16] [--out FILE]
 
-Prints a table and writes benchmarks/results/decode_attention.json.
+Prints a table and writes benchmarks/results/decode_attention-SHAPE.json (or FILE).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import torch
 
 from benchmarks.report import report
 from distserve.kernels import SOURCES, cpu_ops
+from distserve.kv.cache import zeros_on_huge_pages
 from distserve.weights.gguf import cache_root
 
 RESULTS = Path("benchmarks/results")
-HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
+# (query heads, KV heads, head dim, layers) of the offline benchmark's shapes
+SHAPES = {"smollm2": (9, 3, 64, 30), "llama-gqa": (12, 4, 64, 16), "opt": (16, 16, 64, 12)}
+BLOCK = 16
 BATCHES = (1, 8, 16, 64)
 REPEATS = 12
 
@@ -51,15 +55,19 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="a git revision whose kernels to compare with")
     parser.add_argument("--same-output", action="store_true", help="require bit-equal outputs from the two")
     parser.add_argument("--block-size", type=int, default=BLOCK)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/decode_attention-SHAPE.json")
     args = parser.parse_args()
     block = args.block_size
+    heads, kv_heads, head_dim, layers = SHAPES[args.shape]
     torch.set_num_threads(2)
     kernels = {"current": cpu_ops()}
     if args.against:
         kernels["against"] = build(args.against)
     rng = random.Random(0)
     num_blocks = max(BATCHES) * -(-640 // block)
-    cache = torch.randn(LAYERS, 2, num_blocks, block, KV_HEADS, HEAD_DIM)
+    cache, _mapping = zeros_on_huge_pages((layers, 2, num_blocks, block, kv_heads, head_dim), torch.float32)  # as the engine's
+    cache.normal_()
     rows = []
     for batch in BATCHES:
         lens = [rng.randrange(64, 600) for _ in range(batch)]
@@ -69,7 +77,7 @@ def main() -> None:
         width = max(map(len, tables))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         seq_lens = torch.tensor(lens)
-        q = torch.randn(batch, HEADS, HEAD_DIM)
+        q = torch.randn(batch, heads, head_dim)
         outs = {name: m.paged_attention_decode(q, cache[0, 0], cache[0, 1], block_tables, seq_lens, 0.125)
                 for name, m in kernels.items()}
         if "against" in outs:
@@ -80,10 +88,10 @@ def main() -> None:
         for _ in range(REPEATS):
             for name, m in kernels.items():
                 start = time.perf_counter()
-                for layer in range(LAYERS):
+                for layer in range(layers):
                     m.paged_attention_decode(q, cache[layer, 0], cache[layer, 1], block_tables, seq_lens, 0.125)
                 times[name].append(time.perf_counter() - start)
-        kv_bytes = sum(lens) * KV_HEADS * HEAD_DIM * 4 * 2 * LAYERS
+        kv_bytes = sum(lens) * kv_heads * head_dim * 4 * 2 * layers
         row = {"batch": batch, "kv_mb": kv_bytes / 1e6}
         for name in kernels:
             seconds = statistics.median(times[name])
@@ -92,8 +100,8 @@ def main() -> None:
     columns = [("batch", "batch", "d"), ("KV MB", "kv_mb", ".0f")]
     for name in kernels:
         columns += [(f"{name} ms", f"{name}_ms", ".2f"), (f"{name} GB/s", f"{name}_gbps", ".1f")]
-    report(rows, columns, RESULTS / "decode_attention.json",
-           shape={"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS},
+    report(rows, columns, args.out or RESULTS / f"decode_attention-{args.shape}.json",
+           shape={"name": args.shape, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "layers": layers},
            against=args.against, block_size=block)
 
 

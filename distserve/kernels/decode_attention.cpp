@@ -10,6 +10,66 @@ struct AttentionScratch {
   std::vector<float> scores, acc, qs, m, l;
 };
 
+// Decode attention is bound by reading K and V from memory, in block-sized pieces scattered
+// over the cache (benchmarks/decode_attention.py). The reads are kept going while the core
+// computes: a cursor walks the rows the kernel will read, in the order it reads them, and
+// asks for them into L2 kReadAheadLines cache lines in front, a few lines after every
+// register block, so that as many lines are asked for as are consumed. Asked for in one
+// burst ahead of each block instead, the requests queue up behind each other while the
+// arithmetic waits, and the two do not overlap (about a fifth less KV bandwidth).
+constexpr int64_t kReadAheadLines = 512;
+constexpr int64_t kChunkTokens = 64;  // tokens between two updates of the online softmax
+constexpr int64_t kValueTokens = 16;  // value rows added into the accumulators at a time
+
+// The cursor over a sequence's K and V rows (heads [h0, h1) of each token), chunk by chunk:
+// the chunk's K rows, then its V rows.
+struct ReadAhead {
+  const int64_t* table;
+  int64_t len, bs, chunk;
+  const char *k, *v;  // the first byte of head h0 in row 0 of block 0
+  int64_t k_sb, k_st, v_sb, v_st;  // strides in bytes
+  int64_t lines_per_row;
+  int64_t c0 = 0, t = 0, line = 0, asked = 0;
+  bool in_v = false;
+  const char* row = nullptr;
+  ReadAhead* next = nullptr;  // the sequence read after this one: past this one's end, its lines
+
+  // the cursor over heads [h0, h1) of sequence `table`, `len` (strides in floats)
+  static ReadAhead over(const int64_t* table, int64_t len, const float* kp, const float* vp, int64_t bs, int64_t k_sb,
+                        int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh, int64_t h0, int64_t h1) {
+    const int64_t chunk = std::max<int64_t>(1, kChunkTokens / bs) * bs;
+    return ReadAhead{table, len, bs, chunk, reinterpret_cast<const char*>(kp + h0 * k_sh),
+                     reinterpret_cast<const char*>(vp + h0 * v_sh), k_sb * 4, k_st * 4, v_sb * 4, v_st * 4,
+                     ((h1 - h0) * k_sh * 4 + 63) / 64};
+  }
+
+  // ask for the next n lines
+  void advance(int64_t n) {
+    asked += n;
+    while (n > 0) {
+      if (line == 0) {
+        if (c0 >= len) {
+          if (next) next->advance(n);
+          return;
+        }
+        const int64_t block = table[t / bs], slot = t % bs;
+        row = in_v ? v + block * v_sb + slot * v_st : k + block * k_sb + slot * k_st;
+      }
+      const int64_t take = std::min(n, lines_per_row - line);
+      for (int64_t i = line; i < line + take; ++i) __builtin_prefetch(row + i * 64, 0, 1);  // prefetcht2 on x86
+      n -= take;
+      line += take;
+      if (line < lines_per_row) return;
+      line = 0;
+      if (++t == std::min(c0 + chunk, len)) {  // the chunk's K rows are done: its V rows; those done: the next chunk
+        if (in_v) c0 = t;
+        else t = c0;
+        in_v = !in_v;
+      }
+    }
+  }
+};
+
 #ifdef __AVX2__
 // Query rows of one KV head taken together by the register-blocked kernels below: three
 // need 24 accumulators (AVX-512VL's 32 vector registers); with AVX2's 16, one.
@@ -91,62 +151,48 @@ inline void by_row_groups(int64_t G, F&& f) {
   }
 }
 
-// Decode attention is bound by reading K and V from memory, in block-sized pieces scattered
-// over the cache. Two things make those reads faster here (benchmarks/decode_attention.py):
-// reading each block's rows in address order (every head of eight tokens, then the next
-// eight), and asking for the rows this many tokens ahead into L2 before they are needed.
-constexpr int64_t kPrefetchTokens = 32;
-constexpr int64_t kValueTokens = 16;  // value rows added into the accumulators at a time
-
-// Prefetch (into L2) the K or V rows of tokens [t0, t1) of a sequence (those below `len`):
-// each token's `bytes` from `offset` floats into its row.
-inline void prefetch_rows(const int64_t* table, int64_t t0, int64_t t1, int64_t len, const float* base, int64_t bs,
-                          int64_t sb, int64_t st, int64_t offset, int64_t bytes) {
-  for (int64_t t = t0; t < std::min(t1, len); ++t) {
-    const char* row = reinterpret_cast<const char*>(base + table[t / bs] * sb + (t % bs) * st + offset);
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(row + i, _MM_HINT_T2);
-  }
-}
-
-// `attend` for D a multiple of 8, block by block with an online softmax: the block's scores
-// (register blocks of 8 keys x kRowsAtOnce query rows of a KV head), the running max and sum
-// of every query row, then the value rows added into the rows' accumulators (kRowsAtOnce rows
-// x 64 dims in registers over kValueTokens rows). Both passes go through the block eight
-// tokens at a time, every head of them, so memory is read in address order.
+// `attend` for D a multiple of 8, kChunkTokens at a time with an online softmax: the chunk's
+// scores (register blocks of 8 keys x kRowsAtOnce query rows of a KV head; every head of
+// eight tokens, then the next eight, so memory is read in address order), the running max
+// and sum of every query row, then the value rows added into the rows' accumulators
+// (kRowsAtOnce rows x 64 dims in registers over kValueTokens rows).
 inline void attend_blocked(const float* q, float* out, const int64_t* table, int64_t len, const float* kp,
                            const float* vp, int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb,
                            int64_t v_st, int64_t v_sh, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale,
-                           AttentionScratch& w) {
-  const int64_t rows = (h1 - h0) * G, stride = (bs + 7) / 8 * 8;
-  const int64_t k_bytes = (h1 - h0) * k_sh * 4, v_bytes = (h1 - h0) * v_sh * 4;
+                           ReadAhead& ahead, AttentionScratch& w) {
+  const int64_t heads = h1 - h0, rows = heads * G, lines_per_row = ahead.lines_per_row;
+  const int64_t chunk = ahead.chunk, stride = (chunk + 7) / 8 * 8;
   w.qs.resize(rows * D);
   for (int64_t i = 0; i < rows * D; ++i) w.qs[i] = q[h0 * G * D + i] * scale;
   w.acc.assign(rows * D, 0.f);
   w.m.assign(rows, -std::numeric_limits<float>::infinity());
   w.l.assign(rows, 0.f);
   w.scores.resize(rows * stride);
-  w.k_tokens.resize(8);
-  w.v_tokens.resize(kValueTokens);
-  for (int64_t b0 = 0; b0 < len; b0 += bs) {
-    const int64_t n = std::min(bs, len - b0);
-    const float* kb = kp + table[b0 / bs] * k_sb;
-    const float* vb = vp + table[b0 / bs] * v_sb;
+  w.k_tokens.resize(stride);
+  w.v_tokens.resize(stride);
+  ahead.advance(kReadAheadLines - ahead.asked);  // what the previous sequence's tail has not asked for
+  for (int64_t c0 = 0; c0 < len; c0 += chunk) {
+    const int64_t n = std::min(chunk, len - c0);
+    for (int64_t i = 0; i < (n + 7) / 8 * 8; ++i) {  // rows past n repeat the last one; their scores are never read
+      const int64_t t = c0 + std::min(i, n - 1);
+      w.k_tokens[i] = kp + table[t / bs] * k_sb + (t % bs) * k_st;
+      w.v_tokens[i] = vp + table[t / bs] * v_sb + (t % bs) * v_st;
+    }
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
-      prefetch_rows(table, b0 + t0 + kPrefetchTokens, b0 + t0 + kPrefetchTokens + 8, len, kp, bs, k_sb, k_st, h0 * k_sh, k_bytes);
-      prefetch_rows(table, b0 + t0, b0 + std::min(n, t0 + 8), len, vp, bs, v_sb, v_st, h0 * v_sh, v_bytes);
       for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t i = 0; i < 8; ++i)  // rows past n repeat the last one; their scores are never read
-          w.k_tokens[i] = kb + std::min(t0 + i, n - 1) * k_st + h * k_sh;
+        const float* k8[8];
+        for (int64_t i = 0; i < 8; ++i) k8[i] = w.k_tokens[t0 + i] + h * k_sh;
         by_row_groups(G, [&](int64_t g0, auto NG) {
           const int64_t r = (h - h0) * G + g0;
-          scores8<decltype(NG)::value>(w.qs.data() + r * D, D, w.k_tokens.data(), w.scores.data() + r * stride + t0, stride);
+          scores8<decltype(NG)::value>(w.qs.data() + r * D, D, k8, w.scores.data() + r * stride + t0, stride);
         });
+        ahead.advance(8 * lines_per_row / heads);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.scores.data() + r * stride;
       const float m_new = std::max(w.m[r], max_of(s, n));
-      const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first block
+      const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first chunk
       w.l[r] = w.l[r] * alpha + exp_shifted(s, n, m_new);
       w.m[r] = m_new;
       if (alpha != 1.f)
@@ -155,12 +201,13 @@ inline void attend_blocked(const float* q, float* out, const int64_t* table, int
     for (int64_t t0 = 0; t0 < n; t0 += kValueTokens) {
       const int64_t m = std::min(kValueTokens, n - t0);
       for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t i = 0; i < m; ++i) w.v_tokens[i] = vb + (t0 + i) * v_st + h * v_sh;
+        const float* v16[kValueTokens];
+        for (int64_t i = 0; i < m; ++i) v16[i] = w.v_tokens[t0 + i] + h * v_sh;
         by_row_groups(G, [&](int64_t g0, auto NG) {
           const int64_t r = (h - h0) * G + g0;
-          values_rows<decltype(NG)::value>(w.scores.data() + r * stride + t0, stride, w.v_tokens.data(), m, D,
-                                           w.acc.data() + r * D);
+          values_rows<decltype(NG)::value>(w.scores.data() + r * stride + t0, stride, v16, m, D, w.acc.data() + r * D);
         });
+        ahead.advance(m * lines_per_row / heads);
       }
     }
   }
@@ -172,16 +219,19 @@ inline void attend_blocked(const float* q, float* out, const int64_t* table, int
 #endif
 
 // Attention of one sequence's query heads for the KV heads [h0, h1) over its `len` cached
-// tokens: `attend_blocked` when D is a multiple of 8 (every shape we know), else block by
-// block the scores of a block's tokens, then after the softmax the values. Every head's
+// tokens: `attend_blocked` when D is a multiple of 8 (every shape we know; `ahead` is its
+// read-ahead cursor), else block by block the scores of a block's tokens, then after the
+// softmax the values. Every head's
 // arithmetic is the same whichever heads are done together, so the result does not depend on
 // how the batch is split over threads.
 inline void attend(const float* q, float* out, const int64_t* table, int64_t len, const float* kp, const float* vp,
                    int64_t bs, int64_t k_sb, int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh,
-                   int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, AttentionScratch& w) {
+                   int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, ReadAhead& ahead,
+                   AttentionScratch& w) {
 #ifdef __AVX2__
   if (D % 8 == 0)
-    return attend_blocked(q, out, table, len, kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st, v_sh, h0, h1, G, D, scale, w);
+    return attend_blocked(q, out, table, len, kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st, v_sh, h0, h1, G, D, scale,
+                          ahead, w);
 #endif
   const int64_t heads = h1 - h0, rows_per_token = heads * G;
   w.k_tokens.resize(len);
@@ -267,13 +317,25 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   // per task so that every thread has work
   const bool per_head = B < 2 * at::get_num_threads();
   const int64_t tasks = per_head ? B * Hkv : B;
+  // a thread's tasks read one after another: the read-ahead runs on from one into the next
+  const auto read_ahead = [&](int64_t task) {
+    const int64_t b = per_head ? task / Hkv : task, h0 = per_head ? task % Hkv : 0;
+    return ReadAhead::over(bt + b * max_blocks, lens[b], kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st, v_sh, h0,
+                           per_head ? h0 + 1 : Hkv);
+  };
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AttentionScratch scratch;
+    ReadAhead ahead = read_ahead(begin), next{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = per_head ? task / Hkv : task;
       const int64_t h0 = per_head ? task % Hkv : 0, h1 = per_head ? h0 + 1 : Hkv;
+      if (task + 1 < end) {
+        next = read_ahead(task + 1);
+        ahead.next = &next;
+      }
       attend(qp + b * Hq * D, op + b * Hq * D, bt + b * max_blocks, lens[b], kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st,
-             v_sh, h0, h1, G, D, fscale, scratch);
+             v_sh, h0, h1, G, D, fscale, ahead, scratch);
+      ahead = next;
     }
   });
   return out;

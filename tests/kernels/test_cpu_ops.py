@@ -20,12 +20,13 @@ pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build th
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 40), (4, 2, 80), (2, 1, 36)])
-def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int) -> None:
+@pytest.mark.parametrize("bs", [16, 12])
+def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int, bs: int) -> None:
     g = torch.Generator().manual_seed(heads + head_dim)
-    num_blocks, bs, batch = 64, 16, 5
+    num_blocks, batch = 96, 6
     cache = torch.randn(3, 2, num_blocks, bs, kv_heads, head_dim, generator=g)  # strided per-layer views
     k, v = cache[1, 0], cache[1, 1]
-    lens = torch.tensor([1, 15, 16, 17, 90])
+    lens = torch.tensor([1, 15, 16, 17, 90, 200])  # within a block, across blocks, across softmax chunks
     width = int((lens.max() + bs - 1) // bs)
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)])
     q = torch.randn(batch, heads, head_dim, generator=g)
