@@ -1,11 +1,12 @@
-"""Decode attention alone: the native paged kernel over a model's attention shape (SmolLM2's by
-default: 9 query / 3 KV heads, head dim 64, 30 layers; blocks of 16 scattered over the cache),
-by batch size, with the KV it reads per second. With `--against REV` (a git revision), the kernels as they were there are
+"""Decode attention alone: the native paged kernel over the attention of one of the offline
+benchmark's shapes (SmolLM2's by default: 9 query / 3 KV heads, head dim 64, 30 layers), blocks
+of 16 scattered over a cache on huge pages (as the engine's), by batch size, with the KV it
+reads per second. With `--against REV` (a git revision), the kernels as they were there are
 built too and the two alternate call by call (this machine's speed drifts); with
 `--same-output`, their outputs must be equal bit for bit.
 
-    python -m benchmarks.decode_attention [--shape smollm2|llama-gqa|opt] [--against REV [--same-output]]
-                                          [--block-size 16] [--out FILE]
+    python -m benchmarks.decode_attention [--shape smollm2|llama-gqa-150m|opt-200m]
+                                          [--against REV [--same-output]] [--block-size 16] [--out FILE]
 
 Prints a table and writes benchmarks/results/decode_attention-SHAPE.json (or FILE).
 """
@@ -16,19 +17,20 @@ import argparse
 import random
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.offline_throughput import shape_folder
 from benchmarks.report import report
 from distserve.kernels import SOURCES, cpu_ops
 from distserve.kv.cache import zeros_on_huge_pages
 from distserve.weights.gguf import cache_root
+from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
-# (query heads, KV heads, head dim, layers) of the offline benchmark's shapes
-SHAPES = {"smollm2": (9, 3, 64, 30), "llama-gqa": (12, 4, 64, 16), "opt": (16, 16, 64, 12)}
 BLOCK = 16
 BATCHES = (1, 8, 16, 64)
 REPEATS = 12
@@ -55,18 +57,20 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="a git revision whose kernels to compare with")
     parser.add_argument("--same-output", action="store_true", help="require bit-equal outputs from the two")
     parser.add_argument("--block-size", type=int, default=BLOCK)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--shape", default="smollm2", help="a shape of benchmarks/offline_throughput.py")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/decode_attention-SHAPE.json")
     args = parser.parse_args()
     block = args.block_size
-    heads, kv_heads, head_dim, layers = SHAPES[args.shape]
+    model = load_model_config(str(shape_folder(args.shape, Path(args.work_dir))))
+    heads, kv_heads, head_dim, layers = model.num_attention_heads, model.num_kv_heads, model.head_dim, model.num_layers
     torch.set_num_threads(2)
     kernels = {"current": cpu_ops()}
     if args.against:
         kernels["against"] = build(args.against)
     rng = random.Random(0)
     num_blocks = max(BATCHES) * -(-640 // block)
-    cache, _mapping = zeros_on_huge_pages((layers, 2, num_blocks, block, kv_heads, head_dim), torch.float32)  # as the engine's
+    cache, _mapping = zeros_on_huge_pages((layers, 2, num_blocks, block, kv_heads, head_dim), torch.float32)
     cache.normal_()
     rows = []
     for batch in BATCHES:

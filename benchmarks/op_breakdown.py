@@ -133,6 +133,12 @@ class ModuleTimer:
         return hook
 
 
+def _held(context: int, steps: int) -> int:
+    """Tokens of KV a running request of `context` tokens (and the one it decodes next) holds
+    room for, to take `steps` more steps."""
+    return context + 1 + steps + 2
+
+
 class Breakdown:
     def __init__(self, folder: Path, peak: float, bandwidth: float) -> None:
         torch.set_num_threads(2)
@@ -199,8 +205,7 @@ class Breakdown:
     def _fits(self, batch: int, context: int, steps: int, prompt: int = 0) -> bool:
         """Whether `_running(batch, context, steps)`'s blocks and a prompt of `prompt` tokens fit the KV cache."""
         blocks = self.instance.blocks
-        held = context + 1 + steps + 2  # as `_running` grows each table
-        return batch * blocks.blocks_for(held) + blocks.blocks_for(prompt) <= blocks.num_free_blocks
+        return batch * blocks.blocks_for(_held(context, steps)) + blocks.blocks_for(prompt) <= blocks.num_free_blocks
 
     def _running(self, batch: int, context: int, steps: int) -> list[Request]:
         """`batch` requests decoding after `context` tokens, with blocks for `steps` more."""
@@ -208,7 +213,7 @@ class Breakdown:
         for _ in range(batch):
             r = self._request(context, 1 << 20)
             r.append_token(5)
-            self.instance.blocks.grow(r.block_table, r.num_tokens + steps + 2)
+            self.instance.blocks.grow(r.block_table, _held(context, steps))
             r.num_computed_tokens = context
             self.instance.scheduler.start_running(r)
             requests.append(r)

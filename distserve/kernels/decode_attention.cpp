@@ -21,25 +21,30 @@ constexpr int64_t kReadAheadLines = 512;
 constexpr int64_t kChunkTokens = 64;  // tokens between two updates of the online softmax
 constexpr int64_t kValueTokens = 16;  // value rows added into the accumulators at a time
 
+// Token t's row of a paged cache: its block from the sequence's table, then its slot
+// (strides in floats)
+inline const float* token_row(const float* base, const int64_t* table, int64_t t, int64_t bs, int64_t sb, int64_t st) {
+  return base + table[t / bs] * sb + (t % bs) * st;
+}
+
 // The cursor over a sequence's K and V rows (heads [h0, h1) of each token), chunk by chunk:
 // the chunk's K rows, then its V rows.
 struct ReadAhead {
   const int64_t* table;
   int64_t len, bs, chunk;
-  const char *k, *v;  // the first byte of head h0 in row 0 of block 0
-  int64_t k_sb, k_st, v_sb, v_st;  // strides in bytes
+  const float *k, *v;  // head h0 of the caches
+  int64_t k_sb, k_st, v_sb, v_st;
   int64_t lines_per_row;
   int64_t c0 = 0, t = 0, line = 0, asked = 0;
   bool in_v = false;
   const char* row = nullptr;
   ReadAhead* next = nullptr;  // the sequence read after this one: past this one's end, its lines
 
-  // the cursor over heads [h0, h1) of sequence `table`, `len` (strides in floats)
+  // the cursor over heads [h0, h1) of sequence `table`, `len`
   static ReadAhead over(const int64_t* table, int64_t len, const float* kp, const float* vp, int64_t bs, int64_t k_sb,
                         int64_t k_st, int64_t k_sh, int64_t v_sb, int64_t v_st, int64_t v_sh, int64_t h0, int64_t h1) {
     const int64_t chunk = std::max<int64_t>(1, kChunkTokens / bs) * bs;
-    return ReadAhead{table, len, bs, chunk, reinterpret_cast<const char*>(kp + h0 * k_sh),
-                     reinterpret_cast<const char*>(vp + h0 * v_sh), k_sb * 4, k_st * 4, v_sb * 4, v_st * 4,
+    return ReadAhead{table, len, bs, chunk, kp + h0 * k_sh, vp + h0 * v_sh, k_sb, k_st, v_sb, v_st,
                      ((h1 - h0) * k_sh * 4 + 63) / 64};
   }
 
@@ -52,8 +57,8 @@ struct ReadAhead {
           if (next) next->advance(n);
           return;
         }
-        const int64_t block = table[t / bs], slot = t % bs;
-        row = in_v ? v + block * v_sb + slot * v_st : k + block * k_sb + slot * k_st;
+        row = reinterpret_cast<const char*>(in_v ? token_row(v, table, t, bs, v_sb, v_st)
+                                                 : token_row(k, table, t, bs, k_sb, k_st));
       }
       const int64_t take = std::min(n, lines_per_row - line);
       for (int64_t i = line; i < line + take; ++i) __builtin_prefetch(row + i * 64, 0, 1);  // prefetcht2 on x86
@@ -175,8 +180,8 @@ inline void attend_blocked(const float* q, float* out, const int64_t* table, int
     const int64_t n = std::min(chunk, len - c0);
     for (int64_t i = 0; i < (n + 7) / 8 * 8; ++i) {  // rows past n repeat the last one; their scores are never read
       const int64_t t = c0 + std::min(i, n - 1);
-      w.k_tokens[i] = kp + table[t / bs] * k_sb + (t % bs) * k_st;
-      w.v_tokens[i] = vp + table[t / bs] * v_sb + (t % bs) * v_st;
+      w.k_tokens[i] = token_row(kp, table, t, bs, k_sb, k_st);
+      w.v_tokens[i] = token_row(vp, table, t, bs, v_sb, v_st);
     }
     for (int64_t t0 = 0; t0 < n; t0 += 8) {
       for (int64_t h = h0; h < h1; ++h) {
@@ -237,8 +242,8 @@ inline void attend(const float* q, float* out, const int64_t* table, int64_t len
   w.k_tokens.resize(len);
   w.v_tokens.resize(len);
   for (int64_t t = 0; t < len; ++t) {
-    w.k_tokens[t] = kp + table[t / bs] * k_sb + (t % bs) * k_st;
-    w.v_tokens[t] = vp + table[t / bs] * v_sb + (t % bs) * v_st;
+    w.k_tokens[t] = token_row(kp, table, t, bs, k_sb, k_st);
+    w.v_tokens[t] = token_row(vp, table, t, bs, v_sb, v_st);
   }
   // scores[(h, g), t] = q_(h, g) . k_(h, t) * scale, eight tokens at a time
   w.scores.resize(rows_per_token * len);
@@ -317,18 +322,22 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
   // per task so that every thread has work
   const bool per_head = B < 2 * at::get_num_threads();
   const int64_t tasks = per_head ? B * Hkv : B;
+  struct Task {
+    int64_t b, h0, h1;  // the sequence and its KV heads
+  };
+  const auto task_at = [&](int64_t task) {
+    return per_head ? Task{task / Hkv, task % Hkv, task % Hkv + 1} : Task{task, 0, Hkv};
+  };
   // a thread's tasks read one after another: the read-ahead runs on from one into the next
   const auto read_ahead = [&](int64_t task) {
-    const int64_t b = per_head ? task / Hkv : task, h0 = per_head ? task % Hkv : 0;
-    return ReadAhead::over(bt + b * max_blocks, lens[b], kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st, v_sh, h0,
-                           per_head ? h0 + 1 : Hkv);
+    const Task t = task_at(task);
+    return ReadAhead::over(bt + t.b * max_blocks, lens[t.b], kp, vp, bs, k_sb, k_st, k_sh, v_sb, v_st, v_sh, t.h0, t.h1);
   };
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AttentionScratch scratch;
     ReadAhead ahead = read_ahead(begin), next{};
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = per_head ? task / Hkv : task;
-      const int64_t h0 = per_head ? task % Hkv : 0, h1 = per_head ? h0 + 1 : Hkv;
+      const auto [b, h0, h1] = task_at(task);
       if (task + 1 < end) {
         next = read_ahead(task + 1);
         ahead.next = &next;
