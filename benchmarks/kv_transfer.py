@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace, transport: str) -> list[dict]:
     rows = []
     with LLM(args.model, mode="disaggregated", decode={"kv_cache_gb": 2.0}, prefill={"kv_cache_gb": 2.0},
              kv_transport=transport) as llm:
-        vocab = llm.controller.model_config.vocab_size
+        vocab = llm.engine.model_config.vocab_size
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
         llm.generate({"prompt_token_ids": [100] * 16}, params, use_tqdm=False)  # warm up both instances
         for length in LENGTHS:

@@ -164,7 +164,9 @@ class Worker:
                 pass  # a worker is gone already
         if self.transport is not None:
             self.transport.close()
+        if self.kv_server is not None:
+            self.kv_server.close()
         if self.kv_group is not None:
-            self.kv_group.close()  # ends the KV server's wait
+            self.kv_group.close()
         self.runner.close()
         destroy_worker_group()

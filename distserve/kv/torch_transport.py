@@ -2,14 +2,17 @@
 machines, or instances told to behave as if they were).
 
 Every worker of a disaggregated deployment joins one KV transfer group (independent of each
-instance's worker group), meeting at a TCP store the controller hosts. The group has two
-channels. Requests go over gloo, which can wait for a message from any rank. The KV itself
-goes over the data channel: that same gloo group, with GPU tensors staged through host
+instance's worker group), meeting at a TCP store the controller hosts. Requests go through
+that store: a decode worker takes the next ticket of the prefill worker it pulls from (an
+atomic `add`) and writes its request under that ticket (its rank, the blocks, and the layers
+and heads it holds). A prefill worker serves its cache from a thread that waits for its
+tickets in order, over a store connection of its own; it gathers the slices asked for and
+sends them back over the data channel: a gloo group, with GPU tensors staged through host
 memory; or, when every worker has a GPU of its own, NCCL, device to device (NCCL refuses two
-ranks on one GPU). A prefill worker serves its cache from a thread: it waits for a request
-from any decode worker (the blocks, and the layers and heads that worker holds), gathers
-those slices and sends them back. The decode worker scatters what it receives into its own
-blocks.
+ranks on one GPU). The decode worker scatters what it receives into its own blocks. The
+server stops at a ticket its own worker writes with no request, so it is never inside a
+collective library's receive when the process exits (a thread left in gloo's receive can
+abort the process at exit).
 
 The KV goes in chunks of at most `CHUNK_BYTES` through two staging buffers on each side,
 kept for the worker's life: the server gathers chunk i+1 while chunk i is on the wire, the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import datetime
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,9 +38,11 @@ from distserve.kv.transfer import KVTransport, Overlap
 if TYPE_CHECKING:
     from distserve.config import InstanceConfig
 
-REQUEST_TAG, DATA_TAG = 11, 12
+DATA_TAG = 12
+REQUESTS = "distserve-kv-requests"  # store keys: REQUESTS/<server rank>/tickets and /<ticket>
 CHUNK_BYTES = 4 << 20  # measured best of 4 / 16 MiB on the CPU machine (benchmarks/kv_transfer.py)
-TIMEOUT = datetime.timedelta(days=7)  # a serving thread waits for requests as long as it lives
+TIMEOUT = datetime.timedelta(minutes=10)  # a pull is answered in far less
+IDLE = datetime.timedelta(days=7)  # a serving thread waits for requests as long as it lives
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,45 @@ def data_backend(instances: list[InstanceConfig], backend: str, nccl_available: 
 
 @dataclass
 class KVGroup:
-    """One worker's membership of the KV transfer group: requests go over `control` (gloo);
-    the KV over `data` (`control` itself, or NCCL), in tensors on `device`."""
+    """One worker's membership of the KV transfer group, as `rank`: requests go through
+    `store`; the KV over `data` (`control`, gloo, or NCCL), in tensors on `device`."""
 
+    spec: KVGroupSpec
+    rank: int
+    store: dist.TCPStore
     control: dist.ProcessGroupGloo
     data: dist.ProcessGroup
     device: torch.device
 
+    def ask(self, server: int, request: list[int]) -> None:
+        """Queue `request` for the KV server of rank `server` (an empty one stops it)."""
+        ticket = self.store.add(f"{REQUESTS}/{server}/tickets", 1)
+        self.store.set(f"{REQUESTS}/{server}/{ticket}", torch.tensor(request, dtype=torch.long).numpy().tobytes())
+
+    def requests(self) -> Iterator[tuple[int, list[int]]]:
+        """This rank's requests, in ticket order, as (requesting rank, request), over a store
+        connection of its own (a wait holds its connection); ends at an empty request, or
+        when the store is gone."""
+        store = dist.TCPStore(self.spec.store_host, self.spec.store_port, is_master=False, timeout=IDLE)
+        ticket = 1
+        while True:
+            key = f"{REQUESTS}/{self.rank}/{ticket}"
+            try:
+                store.wait([key])
+            except dist.DistStoreError:
+                continue  # a week without requests
+            except dist.DistError:
+                return  # the store's host (the controller) is gone
+            value = store.get(key)
+            store.delete_key(key)
+            ticket += 1
+            if not value:
+                return
+            request = torch.frombuffer(bytearray(value), dtype=torch.long).tolist()
+            yield request[0], request[1:]
+
     def close(self) -> None:
-        """Break off the group: ends the KV server's wait."""
+        """Break off the group."""
         if self.data is not self.control:
             self.data.abort()
         self.control.abort()
@@ -81,17 +117,17 @@ class KVGroup:
 def join_kv_group(spec: KVGroupSpec, rank: int, host: str, device: str) -> KVGroup:
     """Join the deployment's KV transfer group as `rank`, listening on `host`; `device` holds
     this worker's cache."""
-    store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=datetime.timedelta(minutes=10))
+    store = dist.TCPStore(spec.store_host, spec.store_port, is_master=False, timeout=TIMEOUT)
     options = dist.ProcessGroupGloo._Options()
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     options._timeout = TIMEOUT
     control = dist.ProcessGroupGloo(dist.PrefixStore("distserve-kv", store), rank, spec.world_size, options)
     if spec.data_backend != "nccl":
-        return KVGroup(control, control, torch.device("cpu"))
+        return KVGroup(spec, rank, store, control, control, torch.device("cpu"))
     nccl_options = dist.ProcessGroupNCCL.Options()
-    nccl_options._timeout = datetime.timedelta(minutes=10)  # a pull is answered in far less
+    nccl_options._timeout = TIMEOUT
     data = dist.ProcessGroupNCCL(dist.PrefixStore("distserve-kv-data", store), rank, spec.world_size, nccl_options)
-    return KVGroup(control, data, torch.device(device))
+    return KVGroup(spec, rank, store, control, data, torch.device(device))
 
 
 def host_store(host: str) -> dist.TCPStore:
@@ -128,19 +164,20 @@ class KVServer:
         if self.cache.tensor.is_cuda:
             torch.cuda.set_device(self.cache.tensor.device)  # this thread's NCCL calls use its device
         staging = Staging(self.group.device)
-        header = torch.empty(6, dtype=torch.long)
-        while True:
+        for peer, (layer_start, layer_end, head_start, head_end, per_chunk, *blocks) in self.group.requests():
+            kv = self.cache.tensor[layer_start:layer_end, :, :, :, head_start:head_end]
             try:
-                work = self.group.control.recv_anysource([header], REQUEST_TAG)
-                work.wait()
-                peer = work._source_rank()
-                count, layer_start, layer_end, head_start, head_end, per_chunk = header.tolist()
-                blocks = torch.empty(count, dtype=torch.long)
-                self.group.control.recv([blocks], peer, REQUEST_TAG).wait()
-                kv = self.cache.tensor[layer_start:layer_end, :, :, :, head_start:head_end]
-                self._send(kv, blocks.to(kv.device).split(per_chunk), staging, peer)
+                self._send(kv, torch.tensor(blocks, dtype=torch.long, device=kv.device).split(per_chunk), staging, peer)
             except RuntimeError:
-                return  # the group was shut down: this worker is stopping
+                return  # the group was broken off
+
+    def close(self) -> None:
+        """Stop serving: a request with nothing in it ends the thread's wait."""
+        try:
+            self.group.ask(self.group.rank, [])
+        except dist.DistError:
+            return  # the store is gone, and with it the thread's wait
+        self.thread.join(timeout=10)
 
     def _send(self, kv: torch.Tensor, chunks: tuple[torch.Tensor, ...], staging: Staging, peer: int) -> None:
         sends: list[dist.Work | None] = [None, None]  # the send in flight from each buffer
@@ -175,11 +212,9 @@ class TorchDistributedTransport(KVTransport):
         view = dst.tensor[ov.dst_layers, :, :, :, ov.dst_heads]
         block_bytes = view[:, :, :1].numel() * view.element_size()
         per_chunk = max(1, self.chunk_bytes // block_bytes)  # the server sends the chunks this asks for
-        header = torch.tensor([len(src_blocks), ov.src_layers.start, ov.src_layers.stop, ov.src_heads.start,
-                               ov.src_heads.stop, per_chunk], dtype=torch.long)
-        peer, control = source.kv_rank, self.group.control
-        control.send([header], peer, REQUEST_TAG).wait()
-        control.send([torch.tensor(src_blocks, dtype=torch.long)], peer, REQUEST_TAG).wait()
+        peer = source.kv_rank
+        self.group.ask(peer, [self.group.rank, ov.src_layers.start, ov.src_layers.stop, ov.src_heads.start,
+                              ov.src_heads.stop, per_chunk, *src_blocks])
         chunks = torch.tensor(dst_blocks, dtype=torch.long, device=view.device).split(per_chunk)
 
         def receive(i: int) -> tuple[torch.Tensor, dist.Work]:

@@ -5,6 +5,7 @@ layers and heads the destination holds and only the blocks asked for."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import torch
 
@@ -24,11 +25,15 @@ def source_kv() -> torch.Tensor:
 
 
 def serve(spec: KVGroupSpec, stop: multiprocessing.synchronize.Event) -> None:
+    errors: list[threading.ExceptHookArgs] = []
+    threading.excepthook = errors.append
     group = join_kv_group(spec, 0, "127.0.0.1", "cpu")
     cache = KVCache(SOURCE, "cpu", shared=False)
     cache.tensor.copy_(source_kv())
-    KVServer(group, cache)
+    server = KVServer(group, cache)
     stop.wait(120)
+    server.close()
+    assert not server.thread.is_alive() and not errors  # the serving thread ended by returning
     group.close()
 
 
