@@ -17,18 +17,16 @@ import argparse
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.offline_throughput import shape_folder
+from benchmarks.offline_throughput import WORK_DIR, shape_config
 from benchmarks.report import report
 from distserve.kernels import SOURCES, cpu_ops
 from distserve.kv.cache import zeros_on_huge_pages
 from distserve.weights.gguf import cache_root
-from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
 BLOCK = 16
@@ -58,11 +56,11 @@ def main() -> None:
     parser.add_argument("--same-output", action="store_true", help="require bit-equal outputs from the two")
     parser.add_argument("--block-size", type=int, default=BLOCK)
     parser.add_argument("--shape", default="smollm2", help="a shape of benchmarks/offline_throughput.py")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/decode_attention-SHAPE.json")
     args = parser.parse_args()
     block = args.block_size
-    model = load_model_config(str(shape_folder(args.shape, Path(args.work_dir))))
+    model = shape_config(args.shape, Path(args.work_dir))
     heads, kv_heads, head_dim, layers = model.num_attention_heads, model.num_kv_heads, model.head_dim, model.num_layers
     torch.set_num_threads(2)
     kernels = {"current": cpu_ops()}

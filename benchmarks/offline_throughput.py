@@ -44,8 +44,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.checkpoints import random_checkpoint, smollm2_folder
 from benchmarks.report import report
+from distserve.config import ModelConfig
+from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
+WORK_DIR = Path(tempfile.gettempdir()) / "distserve-bench-models"  # where the shapes' checkpoints are written
 WORKER = Path(__file__).with_name("offline_worker.py")
 
 
@@ -84,6 +87,11 @@ def shape_folder(name: str, root: Path) -> Path:
     else:
         raise ValueError(f"unknown shape {name!r}")
     return random_checkpoint(root, name, config)
+
+
+def shape_config(name: str, root: Path) -> ModelConfig:
+    """The model config of shape `name` (its checkpoint written under `root` first if needed)."""
+    return load_model_config(str(shape_folder(name, root)))
 
 
 def workload_flops(config: dict, prompts: list[list[int]], max_tokens: list[int]) -> float:
@@ -221,7 +229,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--systems", nargs="+", choices=["distserve", "vllm", "transformers"], default=["distserve", "vllm"])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
     args = parser.parse_args()
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.offline_throughput import shape_folder
+from benchmarks.offline_throughput import WORK_DIR, shape_folder
 from distserve.bench.runner import Server, distserve_command, free_port
 
 RESULTS = Path("benchmarks/results/online_serving")
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     out = Path(args.out)

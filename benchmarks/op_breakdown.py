@@ -30,7 +30,6 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import distserve.models.base as base
-from benchmarks.offline_throughput import matmul_peak, shape_folder
+from benchmarks.offline_throughput import WORK_DIR, matmul_peak, shape_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance_loop import build_instance, keep_freed_memory
@@ -332,7 +331,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-gqa-150m", help="a shape of benchmarks/offline_throughput.py")
     parser.add_argument("--quick", action="store_true", help="one prefill and one decode case")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", default=str(RESULTS / "op_breakdown.json"))
     args = parser.parse_args()
     root = Path(args.work_dir)

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.offline_throughput import shape_folder
+from benchmarks.offline_throughput import WORK_DIR, shape_config
 from benchmarks.report import report
 from distserve.kernels import cpu_ops
-from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
 BLOCK = 16
@@ -136,10 +135,10 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/prefill_attention-SHAPE.json")
     args = parser.parse_args()
-    model = load_model_config(str(shape_folder(args.shape, Path(args.work_dir))))
+    model = shape_config(args.shape, Path(args.work_dir))
     heads, kv_heads, head_dim = model.num_attention_heads, model.num_kv_heads, model.head_dim
     torch.set_num_threads(2)
     with_vllm = Path(args.vllm_python).exists()

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.checkpoints import smollm2_folder
-from benchmarks.offline_throughput import FAMILIES, Worker
+from benchmarks.offline_throughput import FAMILIES, WORK_DIR, Worker
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance_loop import build_instance
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-cpp-python", default="/tmp/llamacpp-venv/bin/python")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
-    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "distserve-bench-models"))
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--skip", nargs="*", default=[], choices=["single", "steps", "offline"])
     args = parser.parse_args()
     gguf = builtin_model_path()

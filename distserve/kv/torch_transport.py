@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from distserve.config import InstanceConfig
 
 DATA_TAG = 12
-REQUESTS = "distserve-kv-requests"  # store keys: REQUESTS/<server rank>/tickets and /<ticket>
+REQUESTS = "distserve-kv-requests"
 CHUNK_BYTES = 4 << 20  # measured best of 4 / 16 MiB on the CPU machine (benchmarks/kv_transfer.py)
 TIMEOUT = datetime.timedelta(minutes=10)  # a pull is answered in far less
 IDLE = datetime.timedelta(days=7)  # a serving thread waits for requests as long as it lives
@@ -68,6 +68,11 @@ def data_backend(instances: list[InstanceConfig], backend: str, nccl_available: 
     return "nccl" if None not in gpus and len(set(gpus)) == len(gpus) else "gloo"
 
 
+def request_key(server: int, ticket: int | str) -> str:
+    """The store key of ticket `ticket` of the KV server of rank `server` ("tickets": its counter)."""
+    return f"{REQUESTS}/{server}/{ticket}"
+
+
 @dataclass
 class KVGroup:
     """One worker's membership of the KV transfer group, as `rank`: requests go through
@@ -82,8 +87,8 @@ class KVGroup:
 
     def ask(self, server: int, request: list[int]) -> None:
         """Queue `request` for the KV server of rank `server` (an empty one stops it)."""
-        ticket = self.store.add(f"{REQUESTS}/{server}/tickets", 1)
-        self.store.set(f"{REQUESTS}/{server}/{ticket}", torch.tensor(request, dtype=torch.long).numpy().tobytes())
+        ticket = self.store.add(request_key(server, "tickets"), 1)
+        self.store.set(request_key(server, ticket), torch.tensor(request, dtype=torch.long).numpy().tobytes())
 
     def requests(self) -> Iterator[tuple[int, list[int]]]:
         """This rank's requests, in ticket order, as (requesting rank, request), over a store
@@ -92,7 +97,7 @@ class KVGroup:
         store = dist.TCPStore(self.spec.store_host, self.spec.store_port, is_master=False, timeout=IDLE)
         ticket = 1
         while True:
-            key = f"{REQUESTS}/{self.rank}/{ticket}"
+            key = request_key(self.rank, ticket)
             try:
                 store.wait([key])
             except dist.DistStoreError:
