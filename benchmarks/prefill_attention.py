@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from benchmarks.offline_throughput import WORK_DIR, shape_config
 from benchmarks.report import report
 from distserve.kernels import cpu_ops
+from distserve.layers.attention import PREFILL_PACK_BYTES
 
 RESULTS = Path("benchmarks/results")
 BLOCK = 16
@@ -105,7 +106,8 @@ def distserve_and_sdpa(heads: int, kv_heads: int, head_dim: int, length: int) ->
     starts, lens = torch.tensor([0, length]), torch.tensor([length])
 
     def call() -> None:
-        ops.prefill_attention(q, cache[0], cache[1], table[None], starts, lens, heads, head_dim ** -0.5, out)
+        ops.prefill_attention(q, cache[0], cache[1], table[None], starts, lens, heads, head_dim ** -0.5, out,
+                              PREFILL_PACK_BYTES)
 
     seconds = fastest(call, REPEATS)
     expected = sdpa(q, k, v, heads, head_dim)

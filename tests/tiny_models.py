@@ -197,9 +197,9 @@ def run_in_process(
     return outputs, instance
 
 
-def perplexity(instance: Instance, tokens: list[int], chunk: int | None = None) -> float:
-    """Perplexity of `tokens` under the instance's model: one prefill over free blocks, or
-    prefill chunks of `chunk` tokens (a few rows a matmul, as decode steps run them)."""
+def prompt_logits(instance: Instance, tokens: list[int], chunk: int | None = None) -> torch.Tensor:
+    """The instance's model's logits at every position of `tokens`: one prefill over free
+    blocks, or prefill chunks of `chunk` tokens, each after the cached part before it."""
     runner = instance.executor.runner
     blocks = list(range(-(-len(tokens) // runner.block_size)))
     logits = []
@@ -209,7 +209,13 @@ def perplexity(instance: Instance, tokens: list[int], chunk: int | None = None) 
         input_ids, positions, meta, _, _ = runner.prepare(SimpleNamespace(requests=[request], num_new_tokens=[count]))
         with torch.inference_mode():
             logits.append(runner.model.compute_logits(runner.model(input_ids, positions, meta, None)))
-    nll = torch.nn.functional.cross_entropy(torch.cat(logits)[:-1].float(), torch.tensor(tokens[1:]))
+    return torch.cat(logits).float()
+
+
+def perplexity(instance: Instance, tokens: list[int], chunk: int | None = None) -> float:
+    """Perplexity of `tokens` under the instance's model (see `prompt_logits`; chunks of a few
+    rows a matmul run as decode steps do)."""
+    nll = torch.nn.functional.cross_entropy(prompt_logits(instance, tokens, chunk)[:-1], torch.tensor(tokens[1:]))
     return math.exp(nll.item())
 
 

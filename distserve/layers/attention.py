@@ -6,8 +6,9 @@ query each). Every layer first writes the step's K and V into the cache slots of
 `slot_mapping`, then:
 
 - prefill sequences (whole prompts, or chunks after cached context) attend causally over
-  their blocks, read in place by the native flash-style kernel (kernels/prefill_attention.cpp;
-  on other devices torch's SDPA, over the step's own K/V or the gathered blocks);
+  their blocks with the native flash-style kernel (kernels/prefill_attention.cpp; a sequence
+  of 256 keys or more has its keys copied out head by head first, up to PREFILL_PACK_BYTES at
+  a time); on other devices torch's SDPA, over the step's own K/V or the gathered blocks;
 - all decodes run as one batch: the native kernel reads their blocks in place; torch's path
   gathers them from the block tables and masks padded key positions.
 
@@ -24,6 +25,9 @@ from torch import nn
 
 from distserve.kernels import native_ops
 
+# scratch the native prefill kernel may copy a sequence's keys and values into, a group of
+# KV heads at a time (16 MiB holds 2,048 tokens of 16 heads of 64)
+PREFILL_PACK_BYTES = 64 << 20
 
 @dataclass
 class AttentionMetadata:
@@ -80,7 +84,7 @@ class Attention(nn.Module):
         if ops is not None and q.stride(-1) == 1:  # flash-style, over the cache the step's K/V are now in
             ops.prefill_attention(q[:prefill], self.k_cache, self.v_cache, meta.prefill_block_table,
                                   meta.prefill_query_starts, meta.prefill_seq_lens_tensor, self.num_heads, self.scale,
-                                  out[:prefill])
+                                  out[:prefill], PREFILL_PACK_BYTES)
         else:
             self._prefill_sdpa(q, k, v, meta, out)
         if meta.num_decodes:

@@ -45,12 +45,14 @@ def test_paged_attention_decode(heads: int, kv_heads: int, head_dim: int, bs: in
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(12, 4, 64), (4, 4, 64), (8, 1, 128), (6, 2, 40), (7, 7, 80)])
 def test_prefill_attention(heads: int, kv_heads: int, head_dim: int) -> None:
     """Whole prompts and chunks after cached context, in one call, against causal SDPA over
-    the same keys; q strided as a view of the QKV projection, out a slice of a larger one."""
+    the same keys; q strided as a view of the QKV projection, out a slice of a larger one. The
+    sequences of 256 keys and more have their keys copied out first, all KV heads at once or
+    one at a time (as the scratch allows), or are read in place: the same numbers each way."""
     g = torch.Generator().manual_seed(heads * head_dim)
-    bs, num_blocks = 16, 80
+    bs, num_blocks = 16, 100
     cache = torch.randn(2, num_blocks, bs, kv_heads, head_dim, generator=g)
     k, v = cache[0], cache[1]
-    specs = [(37, 37), (64, 200), (1, 50), (130, 130), (100, 300)]  # (new tokens, context including them)
+    specs = [(37, 37), (64, 200), (1, 50), (130, 130), (100, 300), (300, 300), (2, 257)]  # (new tokens, context with them)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     width = max(-(-n // bs) for _, n in specs)
     tables, starts, expected, used = [], [0], [], 0
@@ -68,11 +70,16 @@ def test_prefill_attention(heads: int, kv_heads: int, head_dim: int) -> None:
                                              attn_mask=mask, scale=0.2, enable_gqa=True)
         expected.append(out.transpose(0, 1).reshape(query_len, -1))
         starts.append(starts[-1] + query_len)
-    out = torch.zeros(starts[-1] + 3, heads * head_dim)
-    ops.prefill_attention(q, k, v, torch.tensor(tables), torch.tensor(starts), torch.tensor([n for _, n in specs]),
-                          heads, 0.2, out[: starts[-1]])
-    torch.testing.assert_close(out[: starts[-1]], torch.cat(expected), atol=2e-6, rtol=1e-5)
-    assert not out[starts[-1] :].any()
+    one_head = 2 * 300 * head_dim * 4  # the longest sequence's keys and values of one KV head
+    outs = []
+    for pack_bytes in (0, one_head, kv_heads * one_head):
+        out = torch.zeros(starts[-1] + 3, heads * head_dim)
+        ops.prefill_attention(q, k, v, torch.tensor(tables), torch.tensor(starts), torch.tensor([n for _, n in specs]),
+                              heads, 0.2, out[: starts[-1]], pack_bytes)
+        torch.testing.assert_close(out[: starts[-1]], torch.cat(expected), atol=2e-6, rtol=1e-5)
+        assert not out[starts[-1] :].any()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
