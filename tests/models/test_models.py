@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from distserve.sampling_params import SamplingParams
 import torch
 
+from distserve.sampling_params import SamplingParams
 from tests.tiny_models import VARIANTS, hf_greedy, load_reference, mixed_prompts, prompt_logits, run_in_process
 
 NEW_TOKENS = 64
