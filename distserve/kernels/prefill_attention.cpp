@@ -7,13 +7,17 @@
 // Work is split into tiles of (sequence, KV head, TQ query tokens); the tile's rows are its
 // tokens' query heads of that KV head (GQA: G heads share each key), so every key and value
 // read serves TQ * G query rows. Everything is kept transposed, rows along the vector lanes:
-// Q^T [D, rows] (packed once a tile), S^T = K Q^T [keys, rows], acc^T [D, rows]. Then keys and
-// values are read in place from the cache (broadcast one element at a time) with no packing
-// per key tile, and the softmax runs down the columns, a vector of rows at a time (sixteen
-// with AVX-512, eight with AVX2). For each tile of TK keys up to the diagonal: S^T (register
-// blocks of 12 keys x 32 rows with AVX-512, 6 x 16 with AVX2), the causal mask on the
-// diagonal tiles, an online softmax (running max and sum per row, acc^T rescaled), and
-// acc^T += V^T P^T (blocks of 12 head dims x 32 rows, or 6 x 16).
+// Q^T [D, rows] (packed once a tile), S^T = K Q^T [keys, rows], acc^T [D, rows]. Keys and
+// values are read one element at a time (broadcast), and the softmax runs down the columns,
+// a vector of rows at a time (sixteen with AVX-512, eight with AVX2). For each tile of TK keys
+// up to the diagonal: S^T (register blocks of 8 keys x 48 rows with AVX-512, 4 x 24 with
+// AVX2: 128 keys are whole blocks), the causal mask on the diagonal tiles, an online softmax
+// (running max and sum per row, acc^T rescaled), and acc^T += V^T P^T (blocks of 8 head dims
+// x 48 rows, or 4 x 24: 64 or 128 head dims are whole blocks). Against 12 x 32 blocks (a
+// tail block of 8 keys and one of 4 head dims, and 14 loads every 24 multiply-adds against
+// 11) this ran 1.1-1.15x over GQA shapes and 1.0-1.06x over 16 KV heads.
+// Keys and values are read in place from the cache, or, for sequences of kPackMinKeys keys
+// and more, from a copy made head by head (see prefill_attention below).
 // Costs differ by tile (later tokens see more keys), so threads take tiles dynamically,
 // costliest first.
 
@@ -24,70 +28,63 @@ namespace {
 constexpr int64_t kTileKeys = 128;
 constexpr int64_t kTileRows = 96;  // TQ * G, about (a multiple of kRowBlock after padding)
 
+// Register blocks of kBlock keys (or head dims) x kRowVecs vectors of rows: each key's
+// broadcast serves kRowVecs accumulators, and 128 keys or 64 head dims are whole blocks.
 #ifdef __AVX512F__
-// Register blocks of 12 keys (or head dims) x 32 rows: 24 zmm accumulators, each key's
-// broadcast serving two of them.
-constexpr int kBlock = 12;
-constexpr int64_t kRowBlock = 32;
+constexpr int kBlock = 8;  // x 3 zmm of 16 rows: 24 accumulators of AVX-512's 32 registers
+constexpr int kLanes = 16;
 using vec = __m512;
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vset1(float x) { return _mm512_set1_ps(x); }
 inline vec vzero() { return _mm512_setzero_ps(); }
 #else
-// 6 x 16: 12 ymm accumulators (AVX2's 16 registers)
-constexpr int kBlock = 6;
-constexpr int64_t kRowBlock = 16;
+constexpr int kBlock = 4;  // x 3 ymm of 8 rows: 12 accumulators of AVX2's 16 registers
+constexpr int kLanes = 8;
 using vec = __m256;
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vset1(float x) { return _mm256_set1_ps(x); }
 inline vec vzero() { return _mm256_setzero_ps(); }
 #endif
-constexpr int64_t kHalf = kRowBlock / 2;  // floats a vector
+constexpr int kRowVecs = 3;
+constexpr int64_t kRowBlock = kRowVecs * kLanes;  // rows a register block
 
 // st[j, c:c+kRowBlock) = sum_d k_j[d] * qt[d, c:c+kRowBlock) for R keys
 template <int R>
 inline void qk_block(const float* const* k, const float* qt, int64_t D, int64_t RP, int64_t c, float* st) {
-  vec acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = vzero();
+  vec acc[R][kRowVecs];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kRowVecs; ++i) acc[r][i] = vzero();
   for (int64_t d = 0; d < D; ++d) {
-    const vec b0 = vload(qt + d * RP + c);
-    const vec b1 = vload(qt + d * RP + c + kHalf);
+    vec b[kRowVecs];
+    for (int i = 0; i < kRowVecs; ++i) b[i] = vload(qt + d * RP + c + i * kLanes);
     for (int r = 0; r < R; ++r) {
       const vec a = vset1(k[r][d]);
-      acc0[r] = vfma(a, b0, acc0[r]);
-      acc1[r] = vfma(a, b1, acc1[r]);
+      for (int i = 0; i < kRowVecs; ++i) acc[r][i] = vfma(a, b[i], acc[r][i]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    vstore(st + r * RP + c, acc0[r]);
-    vstore(st + r * RP + c + kHalf, acc1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kRowVecs; ++i) vstore(st + r * RP + c + i * kLanes, acc[r][i]);
 }
 
-// acc^T[d0 + i, c:c+kRowBlock) += sum_j v_j[d0 + i] * p^T[j, c:c+kRowBlock) for R head dims i
+// acc^T[d0 + r, c:c+kRowBlock) += sum_j v_j[d0 + r] * p^T[j, c:c+kRowBlock) for R head dims r
 template <int R>
 inline void pv_block(const float* const* v, int64_t n, int64_t d0, const float* pt, int64_t RP, int64_t c, float* acct) {
-  vec a0[R], a1[R];
-  for (int r = 0; r < R; ++r) {
-    a0[r] = vload(acct + (d0 + r) * RP + c);
-    a1[r] = vload(acct + (d0 + r) * RP + c + kHalf);
-  }
+  vec a[R][kRowVecs];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kRowVecs; ++i) a[r][i] = vload(acct + (d0 + r) * RP + c + i * kLanes);
   for (int64_t j = 0; j < n; ++j) {
-    const vec b0 = vload(pt + j * RP + c);
-    const vec b1 = vload(pt + j * RP + c + kHalf);
+    vec b[kRowVecs];
+    for (int i = 0; i < kRowVecs; ++i) b[i] = vload(pt + j * RP + c + i * kLanes);
     const float* vj = v[j] + d0;
     for (int r = 0; r < R; ++r) {
       const vec w = vset1(vj[r]);
-      a0[r] = vfma(w, b0, a0[r]);
-      a1[r] = vfma(w, b1, a1[r]);
+      for (int i = 0; i < kRowVecs; ++i) a[r][i] = vfma(w, b[i], a[r][i]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    vstore(acct + (d0 + r) * RP + c, a0[r]);
-    vstore(acct + (d0 + r) * RP + c + kHalf, a1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kRowVecs; ++i) vstore(acct + (d0 + r) * RP + c + i * kLanes, a[r][i]);
 }
 
 // block(i, R) for i = 0, kBlock, 2 kBlock, ... < n, R = min(kBlock, n - i) as a compile-time constant
@@ -129,48 +126,49 @@ inline vec vmask(vec s, vec key, vec pos) {
 }
 #endif
 
-// The online softmax over one key tile (keys k0 + [0, n)), a row block at a time (two
+// The online softmax over one key tile (keys k0 + [0, n)), a row block at a time (kRowVecs
 // independent vectors, for the pipelines): S^T becomes P^T in place, m and l move to the new
 // maxima, acc^T is rescaled. `masked`: some key lies past some row's position (the diagonal
 // tile); those scores become -inf first.
 inline void softmax_tile(PrefillScratch& w, int64_t k0, int64_t n, int64_t RP, int64_t D, bool masked) {
+  constexpr int V = kRowVecs;
   for (int64_t c = 0; c < RP; c += kRowBlock) {
     float* st = w.st.data() + c;
     if (masked) {
-      const vec pos0 = vload(w.pos.data() + c), pos1 = vload(w.pos.data() + c + kHalf);
+      vec pos[V];
+      for (int i = 0; i < V; ++i) pos[i] = vload(w.pos.data() + c + i * kLanes);
       for (int64_t j = 0; j < n; ++j) {
         const vec key = vset1(static_cast<float>(k0 + j));
         float* sj = st + j * RP;
-        vstore(sj, vmask(vload(sj), key, pos0));
-        vstore(sj + kHalf, vmask(vload(sj + kHalf), key, pos1));
+        for (int i = 0; i < V; ++i) vstore(sj + i * kLanes, vmask(vload(sj + i * kLanes), key, pos[i]));
       }
     }
-    vec mx0 = vset1(-std::numeric_limits<float>::infinity()), mx1 = mx0;
-    for (int64_t j = 0; j < n; ++j) {
-      mx0 = vmax(mx0, vload(st + j * RP));
-      mx1 = vmax(mx1, vload(st + j * RP + kHalf));
+    vec mx[V], m[V], alpha[V], sum[V];
+    for (int i = 0; i < V; ++i) mx[i] = vset1(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; ++j)
+      for (int i = 0; i < V; ++i) mx[i] = vmax(mx[i], vload(st + j * RP + i * kLanes));
+    for (int i = 0; i < V; ++i) {
+      const vec m_old = vload(w.m.data() + c + i * kLanes);
+      m[i] = vmax(m_old, mx[i]);  // finite: key 0 is in every row's first tile
+      alpha[i] = vexp(vsub(m_old, m[i]));
+      sum[i] = vzero();
     }
-    const vec m_old0 = vload(w.m.data() + c), m_old1 = vload(w.m.data() + c + kHalf);
-    const vec m0 = vmax(m_old0, mx0), m1 = vmax(m_old1, mx1);  // finite: key 0 is in every row's first tile
-    const vec alpha0 = vexp(vsub(m_old0, m0)), alpha1 = vexp(vsub(m_old1, m1));
-    vec sum0 = vzero(), sum1 = vzero();
     for (int64_t j = 0; j < n; ++j) {
       float* sj = st + j * RP;
-      const vec p0 = vexp(vsub(vload(sj), m0));
-      const vec p1 = vexp(vsub(vload(sj + kHalf), m1));
-      vstore(sj, p0);
-      vstore(sj + kHalf, p1);
-      sum0 = vadd(sum0, p0);
-      sum1 = vadd(sum1, p1);
+      for (int i = 0; i < V; ++i) {
+        const vec p = vexp(vsub(vload(sj + i * kLanes), m[i]));
+        vstore(sj + i * kLanes, p);
+        sum[i] = vadd(sum[i], p);
+      }
     }
-    vstore(w.l.data() + c, vfma(vload(w.l.data() + c), alpha0, sum0));
-    vstore(w.l.data() + c + kHalf, vfma(vload(w.l.data() + c + kHalf), alpha1, sum1));
-    vstore(w.m.data() + c, m0);
-    vstore(w.m.data() + c + kHalf, m1);
+    for (int i = 0; i < V; ++i) {
+      float* l = w.l.data() + c + i * kLanes;
+      vstore(l, vfma(vload(l), alpha[i], sum[i]));
+      vstore(w.m.data() + c + i * kLanes, m[i]);
+    }
     for (int64_t d = 0; d < D; ++d) {
       float* a = w.acct.data() + d * RP + c;
-      vstore(a, vmul(vload(a), alpha0));
-      vstore(a + kHalf, vmul(vload(a + kHalf), alpha1));
+      for (int i = 0; i < V; ++i) vstore(a + i * kLanes, vmul(vload(a + i * kLanes), alpha[i]));
     }
   }
 }
