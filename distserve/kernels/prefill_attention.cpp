@@ -297,14 +297,15 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
     for (int64_t h = 0; h < Hkv; ++h) tiles_of(s, h, tiles);
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const PrefillTile& a, const PrefillTile& b) { return a.cost > b.cost; });
-  run_tiles(tiles, qp, q_stride, starts, lens, G, D, max_rp, fscale, op, out_stride,
-            [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
-              const int64_t* table = bt + tile.seq * max_blocks;
-              for (int64_t j = 0; j < n; ++j) {
-                w.k[j] = token_row(kp, table, k0 + j, bs, k_sb, k_st) + tile.head * k_sh;
-                w.v[j] = token_row(vp, table, k0 + j, bs, v_sb, v_st) + tile.head * v_sh;
-              }
-            });
+  if (!tiles.empty())
+    run_tiles(tiles, qp, q_stride, starts, lens, G, D, max_rp, fscale, op, out_stride,
+              [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
+                const int64_t* table = bt + tile.seq * max_blocks;
+                for (int64_t j = 0; j < n; ++j) {
+                  w.k[j] = token_row(kp, table, k0 + j, bs, k_sb, k_st) + tile.head * k_sh;
+                  w.v[j] = token_row(vp, table, k0 + j, bs, v_sb, v_st) + tile.head * v_sh;
+                }
+              });
 
   // the others a group of KV heads at a time: copied out ([heads, len, D] for K, then for V),
   // then the group's tiles head by head
