@@ -113,6 +113,18 @@ struct PrefillTile {
   double cost;
 };
 
+// What every tile of a call reads and writes besides keys and values: the query rows (scaled
+// by `scale` as a tile packs them), where each sequence's rows start and its length with
+// context, and the output rows; G query heads a KV head of D dims, tiles of up to max_rp rows.
+struct PrefillQueries {
+  const float* q;
+  int64_t q_stride;
+  const int64_t *starts, *lens;
+  float* out;
+  int64_t out_stride, G, D, max_rp;
+  float scale;
+};
+
 #ifdef __AVX512F__
 inline vec vexp(vec x) { return exp16_nonpositive(x); }  // x <= 0
 // keys past the row's position (key > pos) become -inf
@@ -177,9 +189,11 @@ inline void softmax_tile(PrefillScratch& w, int64_t k0, int64_t n, int64_t RP, i
 // k0, n, w)` points w.k[j] and w.v[j] at the key and value rows of positions k0 + j (j < n)
 // of the tile's sequence and KV head.
 template <typename Rows>
-void run_tiles(const std::vector<PrefillTile>& tiles, const float* qp, int64_t q_stride, const int64_t* starts,
-               const int64_t* lens, int64_t G, int64_t D, int64_t max_rp, float fscale, float* op, int64_t out_stride,
-               Rows&& rows_of) {
+void run_tiles(const std::vector<PrefillTile>& tiles, const PrefillQueries& a, Rows&& rows_of) {
+  const float* qp = a.q;
+  const int64_t* starts = a.starts;
+  const int64_t* lens = a.lens;
+  const int64_t G = a.G, D = a.D, max_rp = a.max_rp;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     PrefillScratch w;
@@ -200,8 +214,8 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const float* qp, int64_t q
       // repeat the last row (their results are dropped)
       for (int64_t r = 0; r < RP; ++r) {
         const int64_t rr = std::min(r, rows - 1), t = rr / G;
-        const float* src = qp + (starts[tile.seq] + tile.first + t) * q_stride + (h * G + rr % G) * D;
-        for (int64_t d = 0; d < D; ++d) w.qt[d * RP + r] = src[d] * fscale;
+        const float* src = qp + (starts[tile.seq] + tile.first + t) * a.q_stride + (h * G + rr % G) * D;
+        for (int64_t d = 0; d < D; ++d) w.qt[d * RP + r] = src[d] * a.scale;
         w.pos[r] = static_cast<float>(context + tile.first + t);
       }
       std::fill(w.acct.begin(), w.acct.begin() + D * RP, 0.f);
@@ -221,7 +235,7 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const float* qp, int64_t q
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / w.l[r];
-        float* o = op + (starts[tile.seq] + tile.first + r / G) * out_stride + (h * G + r % G) * D;
+        float* o = a.out + (starts[tile.seq] + tile.first + r / G) * a.out_stride + (h * G + r % G) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = w.acct[d * RP + r] * inv;
       }
     }
@@ -245,8 +259,8 @@ constexpr int64_t kPackMinKeys = 256;
 // and a head's keys do not stay in L2 from one query tile to the next. A sequence of at least
 // kPackMinKeys keys therefore has them copied out, a group of KV heads at a time (as many as
 // pack_bytes holds, at least one), each head's rows in one run, and the group's tiles run head
-// by head over the copy (1.2-1.4x over 16 KV heads, or 2,048 keys of 4; the same over 1,024 of
-// 4). 0: everything is read in place. The arithmetic is the same either way, and so are the
+// by head over the copy (over 16 KV heads 1.1-1.15x at 1,024-2,048 keys and 1.25x for a chunk
+// after 1,536 cached; level over 4). 0: everything is read in place. The arithmetic is the same either way, and so are the
 // results.
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                        torch::Tensor query_starts, torch::Tensor seq_lens, int64_t num_heads, double scale, torch::Tensor out,
@@ -263,8 +277,6 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   TORCH_CHECK(D == k_cache.size(3) && Hq % Hkv == 0, "query and cache head shapes disagree");
   const int64_t S = seq_lens.size(0), max_blocks = block_tables.size(1);
   TORCH_CHECK(out.size(0) == T && out.size(1) == Hq * D && out.stride(1) == 1, "out: [T, heads * head_dim]");
-  const float* qp = q.data_ptr<float>();
-  const int64_t q_stride = q.stride(0);
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   const int64_t k_sb = k_cache.stride(0), k_st = k_cache.stride(1), k_sh = k_cache.stride(2);
@@ -272,11 +284,9 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* starts = query_starts.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t out_stride = out.stride(0);
-  const float fscale = static_cast<float>(scale);
   const int64_t TQ = std::max<int64_t>(1, kTileRows / G);
-  const int64_t max_rp = (TQ * G + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const PrefillQueries queries{q.data_ptr<float>(), q.stride(0), starts, lens, out.data_ptr<float>(), out.stride(0), G, D,
+                               (TQ * G + kRowBlock - 1) / kRowBlock * kRowBlock, static_cast<float>(scale)};
   const auto tiles_of = [&](int64_t s, int64_t h, std::vector<PrefillTile>& tiles) {  // costliest (last) first
     const int64_t qlen = starts[s + 1] - starts[s], context = lens[s] - qlen;
     for (int64_t first = (qlen - 1) / TQ * TQ; first >= 0; first -= TQ) {
@@ -298,8 +308,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const PrefillTile& a, const PrefillTile& b) { return a.cost > b.cost; });
   if (!tiles.empty())
-    run_tiles(tiles, qp, q_stride, starts, lens, G, D, max_rp, fscale, op, out_stride,
-              [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
+    run_tiles(tiles, queries, [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
                 const int64_t* table = bt + tile.seq * max_blocks;
                 for (int64_t j = 0; j < n; ++j) {
                   w.k[j] = token_row(kp, table, k0 + j, bs, k_sb, k_st) + tile.head * k_sh;
@@ -321,16 +330,18 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
       float* cv = ck + (h1 - h0) * head_floats;
       at::parallel_for(0, (len + bs - 1) / bs, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
-          for (int64_t t = b * bs; t < std::min(len, (b + 1) * bs); ++t)
+          for (int64_t t = b * bs; t < std::min(len, (b + 1) * bs); ++t) {
+            const float* krow = token_row(kp, table, t, bs, k_sb, k_st);
+            const float* vrow = token_row(vp, table, t, bs, v_sb, v_st);
             for (int64_t h = h0; h < h1; ++h) {
-              std::memcpy(ck + (h - h0) * head_floats + t * D, token_row(kp, table, t, bs, k_sb, k_st) + h * k_sh, D * 4);
-              std::memcpy(cv + (h - h0) * head_floats + t * D, token_row(vp, table, t, bs, v_sb, v_st) + h * v_sh, D * 4);
+              std::memcpy(ck + (h - h0) * head_floats + t * D, krow + h * k_sh, D * 4);
+              std::memcpy(cv + (h - h0) * head_floats + t * D, vrow + h * v_sh, D * 4);
             }
+          }
       });
       tiles.clear();
       for (int64_t h = h0; h < h1; ++h) tiles_of(s, h, tiles);
-      run_tiles(tiles, qp, q_stride, starts, lens, G, D, max_rp, fscale, op, out_stride,
-                [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
+      run_tiles(tiles, queries, [&](const PrefillTile& tile, int64_t k0, int64_t n, PrefillScratch& w) {
                   const float* hk = ck + (tile.head - h0) * head_floats + k0 * D;
                   const float* hv = cv + (tile.head - h0) * head_floats + k0 * D;
                   for (int64_t j = 0; j < n; ++j) {
