@@ -23,9 +23,9 @@
 //
 // Tiles of 48 rows (one register row block with AVX-512), where they were 96: a tile's Q^T,
 // S^T and acc^T then take 48 KiB (D = 64), about L1, and on the diagonal fewer products past
-// a row's position are computed and masked. With that, each row block's keys stopping at
-// its last row, and a tile's query and output rows asked for at once: 1.06-1.16x over the
-// offline benchmark's shapes (benchmarks/prefill_attention.py), results bitwise the same.
+// a row's position are computed and masked. With that and a tile's query and output rows
+// asked for at once: 1.06-1.16x over the offline benchmark's shapes
+// (benchmarks/prefill_attention.py), results bitwise the same.
 
 #ifdef __AVX2__
 namespace {
@@ -112,7 +112,6 @@ inline void by_blocks(int64_t n, F&& block) {
 struct PrefillScratch {
   std::vector<float> qt, st, acct, m, l, pos;
   std::vector<const float*> k, v;
-  std::vector<int64_t> block_keys;  // keys of the current tile each row block sees
 };
 
 struct PrefillTile {
@@ -145,16 +144,14 @@ inline vec vmask(vec s, vec key, vec pos) {
 }
 #endif
 
-// The online softmax over one key tile, a row block at a time (kRowVecs independent vectors,
-// for the pipelines): S^T becomes P^T in place, m and l move to the new maxima, acc^T is
-// rescaled. Row block b takes keys k0 + [0, block_keys[b]): those past its last row are left
-// out (every score there would be -inf, every weight 0). `masked`: some key lies past some
-// row's position (the diagonal tile); those scores become -inf first.
-inline void softmax_tile(PrefillScratch& w, int64_t k0, const int64_t* block_keys, int64_t RP, int64_t D, bool masked) {
+// The online softmax over one key tile (keys k0 + [0, n)), a row block at a time (kRowVecs
+// independent vectors, for the pipelines): S^T becomes P^T in place, m and l move to the new
+// maxima, acc^T is rescaled. `masked`: some key lies past some row's position (the diagonal
+// tile); those scores become -inf first.
+inline void softmax_tile(PrefillScratch& w, int64_t k0, int64_t n, int64_t RP, int64_t D, bool masked) {
   constexpr int V = kRowVecs;
   for (int64_t c = 0; c < RP; c += kRowBlock) {
     float* st = w.st.data() + c;
-    const int64_t n = block_keys[c / kRowBlock];
     if (masked) {
       vec pos[V];
       for (int i = 0; i < V; ++i) pos[i] = vload(w.pos.data() + c + i * kLanes);
@@ -214,7 +211,6 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const PrefillQueries& a, R
     w.pos.resize(max_rp);
     w.k.resize(kTileKeys);
     w.v.resize(kTileKeys);
-    w.block_keys.resize(max_rp / kRowBlock);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < static_cast<int64_t>(tiles.size()); ++i) {
       const PrefillTile& tile = tiles[i];
@@ -240,23 +236,12 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const PrefillQueries& a, R
       for (int64_t k0 = 0; k0 < keys; k0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, keys - k0);
         rows_of(tile, k0, n, w);
-        // the keys each row block sees: up to its last row's position, in whole register
-        // blocks (the few past it are masked). On the diagonal tile a block of early rows
-        // stops short of the tile's last key.
-        int64_t most = 0;
-        for (int64_t c = 0; c < RP; c += kRowBlock) {
-          const int64_t last = std::min(c + kRowBlock, rows) - 1, upto = first_pos + last / G - k0 + 1;
-          most = std::max(most, w.block_keys[c / kRowBlock] = std::clamp<int64_t>((upto + kBlock - 1) / kBlock * kBlock, 0, n));
-        }
-        by_blocks(most, [&](int64_t j, auto R) {  // a row block short of `most` ends on a whole block
-          for (int64_t c = 0; c < RP; c += kRowBlock)
-            if (j < w.block_keys[c / kRowBlock])
-              qk_block<decltype(R)::value>(w.k.data() + j, w.qt.data(), D, RP, c, w.st.data() + j * RP);
+        by_blocks(n, [&](int64_t j, auto R) {
+          for (int64_t c = 0; c < RP; c += kRowBlock) qk_block<decltype(R)::value>(w.k.data() + j, w.qt.data(), D, RP, c, w.st.data() + j * RP);
         });
-        softmax_tile(w, k0, w.block_keys.data(), RP, D, k0 + n - 1 > first_pos);
+        softmax_tile(w, k0, n, RP, D, k0 + n - 1 > first_pos);
         by_blocks(D, [&](int64_t d0, auto R) {
-          for (int64_t c = 0; c < RP; c += kRowBlock)
-            pv_block<decltype(R)::value>(w.v.data(), w.block_keys[c / kRowBlock], d0, w.st.data(), RP, c, w.acct.data());
+          for (int64_t c = 0; c < RP; c += kRowBlock) pv_block<decltype(R)::value>(w.v.data(), n, d0, w.st.data(), RP, c, w.acct.data());
         });
       }
       float* out0 = a.out + (starts[tile.seq] + tile.first) * a.out_stride + h * G * D;
