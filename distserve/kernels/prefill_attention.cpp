@@ -132,6 +132,19 @@ struct PrefillQueries {
   float scale;
 };
 
+// Ask for `n` rows of `bytes` each, `stride` floats apart, all at once (for writing if
+// `write`): rows a whole QKV or output row apart, read or written one after another, do not
+// overlap their misses
+inline void prefetch_rows(const float* first, int64_t n, int64_t stride, int64_t bytes, bool write) {
+  for (int64_t t = 0; t < n; ++t) {
+    const char* row = reinterpret_cast<const char*>(first + t * stride);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      if (write) __builtin_prefetch(row + b, 1);
+      else _mm_prefetch(row + b, _MM_HINT_T0);
+    }
+  }
+}
+
 #ifdef __AVX512F__
 inline vec vexp(vec x) { return exp16_nonpositive(x); }  // x <= 0
 // keys past the row's position (key > pos) become -inf
@@ -218,15 +231,13 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const PrefillQueries& a, R
       const int64_t qlen = starts[tile.seq + 1] - starts[tile.seq], context = lens[tile.seq] - qlen;
       const int64_t rows = tile.count * G, RP = (rows + kRowBlock - 1) / kRowBlock * kRowBlock, h = tile.head;
       // Q^T, scaled; row r = (token first + r / G, query head h * G + r % G); padding rows
-      // repeat the last row (their results are dropped). The tile's query rows are asked for
-      // all at once first: each token's lie a whole QKV row apart, and read one after
-      // another their misses did not overlap
+      // repeat the last row (their results are dropped). The tile's query rows (and at the
+      // end its output rows) are asked for all at once first
       const float* q0 = qp + (starts[tile.seq] + tile.first) * a.q_stride + h * G * D;
-      for (int64_t t = 0; t < tile.count; ++t)
-        for (int64_t b = 0; b < G * D * 4; b += 64) _mm_prefetch(reinterpret_cast<const char*>(q0 + t * a.q_stride) + b, _MM_HINT_T0);
+      prefetch_rows(q0, tile.count, a.q_stride, G * D * 4, false);
       for (int64_t r = 0; r < RP; ++r) {
         const int64_t rr = std::min(r, rows - 1), t = rr / G;
-        const float* src = qp + (starts[tile.seq] + tile.first + t) * a.q_stride + (h * G + rr % G) * D;
+        const float* src = q0 + t * a.q_stride + rr % G * D;
         for (int64_t d = 0; d < D; ++d) w.qt[d * RP + r] = src[d] * a.scale;
         w.pos[r] = static_cast<float>(context + tile.first + t);
       }
@@ -246,11 +257,10 @@ void run_tiles(const std::vector<PrefillTile>& tiles, const PrefillQueries& a, R
         });
       }
       float* out0 = a.out + (starts[tile.seq] + tile.first) * a.out_stride + h * G * D;
-      for (int64_t t = 0; t < tile.count; ++t)  // the output rows likewise, to be written
-        for (int64_t b = 0; b < G * D * 4; b += 64) __builtin_prefetch(reinterpret_cast<char*>(out0 + t * a.out_stride) + b, 1);
+      prefetch_rows(out0, tile.count, a.out_stride, G * D * 4, true);
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / w.l[r];
-        float* o = a.out + (starts[tile.seq] + tile.first + r / G) * a.out_stride + (h * G + r % G) * D;
+        float* o = out0 + r / G * a.out_stride + r % G * D;
         for (int64_t d = 0; d < D; ++d) o[d] = w.acct[d * RP + r] * inv;
       }
     }
@@ -275,8 +285,8 @@ constexpr int64_t kPackMinKeys = 256;
 // kPackMinKeys keys therefore has them copied out, a group of KV heads at a time (as many as
 // pack_bytes holds, at least one), each head's rows in one run, and the group's tiles run head
 // by head over the copy (over 16 KV heads 1.1-1.15x at 1,024-2,048 keys and 1.25x for a chunk
-// after 1,536 cached; level over 4). 0: everything is read in place. The arithmetic is the same either way, and so are the
-// results.
+// after 1,536 cached; level over 4). 0: everything is read in place. The arithmetic is the
+// same either way, and so are the results.
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                        torch::Tensor query_starts, torch::Tensor seq_lens, int64_t num_heads, double scale, torch::Tensor out,
                        int64_t pack_bytes) {
