@@ -73,7 +73,7 @@ FAMILIES = {
 
 
 def shape_folder(name: str, root: Path) -> Path:
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
 
     if name == "smollm2":
         return smollm2_folder(root)
@@ -84,6 +84,8 @@ def shape_folder(name: str, root: Path) -> Path:
         config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
                              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096,
                              tie_word_embeddings=False)
+    elif name == "gpt2-160m":  # GPT-2 small widened: hidden 896, 14 heads, 14 layers, gelu_new
+        config = GPT2Config(n_embd=896, n_layer=14, n_head=14, vocab_size=50257, n_positions=4096)
     else:
         raise ValueError(f"unknown shape {name!r}")
     return random_checkpoint(root, name, config)
@@ -94,16 +96,25 @@ def shape_config(name: str, root: Path) -> ModelConfig:
     return load_model_config(str(shape_folder(name, root)))
 
 
+def common_keys(config: dict) -> dict:
+    """A config.json's dimensions under LLaMA's and OPT's key names (GPT-2 has its own)."""
+    if config["model_type"] != "gpt2":
+        return config
+    return {**config, "hidden_size": config["n_embd"], "num_hidden_layers": config["n_layer"],
+            "num_attention_heads": config["n_head"], "ffn_dim": config.get("n_inner") or 4 * config["n_embd"]}
+
+
 def workload_flops(config: dict, prompts: list[list[int]], max_tokens: list[int]) -> float:
     """FLOPs of running the workload once: every token through every projection, attention
     over its context (causal), and the LM head for the last prompt token and every output
     token but the last."""
+    config = common_keys(config)
     hidden = config["hidden_size"]
     layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    if config["model_type"] == "opt":
+    if "ffn_dim" in config:  # OPT, GPT-2: one up projection
         per_layer = 4 * hidden * hidden + 2 * hidden * config["ffn_dim"]
     else:
         per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config["intermediate_size"]

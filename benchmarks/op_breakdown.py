@@ -16,7 +16,8 @@ floor / time (100% = at the hardware's limit).
 
     python -m benchmarks.op_breakdown [--shape llama-gqa-150m|opt-200m|...] [--quick]
 
-OPT's out_proj, fc1 and fc2 are counted as o_proj, gate_up_proj and down_proj.
+OPT's out_proj, fc1 and fc2, and GPT-2's c_attn, c_proj, c_fc and c_proj, are counted as qkv_proj,
+o_proj, gate_up_proj and down_proj (GPT-2's split of its QKV output as "rotary").
 
 Then mixed steps: one prompt beside running decodes in one step (what colocated and chunked
 steps do), against the prompt's step and the decodes' step run apart.
@@ -38,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 import distserve.models.base as base
-from benchmarks.offline_throughput import WORK_DIR, matmul_peak, shape_folder
+from benchmarks.offline_throughput import WORK_DIR, common_keys, matmul_peak, shape_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance_loop import build_instance, keep_freed_memory
@@ -57,6 +58,8 @@ KV_CACHE_GB = 6.0
 OPS = ("qkv_proj", "rotary", "attention", "o_proj", "norms", "gate_up_proj", "act", "down_proj", "residual",
        "embedding", "lm_head", "sampling", "other")
 OPT_OPS = {"out_proj": "o_proj", "fc1": "gate_up_proj", "fc2": "down_proj"}  # OPT's modules under the ops' names
+GPT2_OPS = {"attn.c_attn": "qkv_proj", "attn.c_proj": "o_proj", "mlp.c_fc": "gate_up_proj", "mlp.c_proj": "down_proj",
+            "attn.attn": "attention", "mlp.act": "act"}  # GPT-2's, by their last two names
 
 
 def read_bandwidth() -> float:
@@ -99,6 +102,17 @@ class ModuleTimer:
     @staticmethod
     def _op(name: str) -> str | None:
         last = name.rsplit(".", 1)[-1]
+        if name.startswith("transformer."):  # GPT-2
+            two = ".".join(name.rsplit(".", 2)[-2:])
+            if two in GPT2_OPS:
+                return GPT2_OPS[two]
+            if last == "attn":
+                return "rotary"  # GPT2Attention's own time: the split of the QKV output
+            if last in ("ln_1", "ln_2", "ln_f"):
+                return "norms"
+            if last in ("wte", "wpe"):
+                return "embedding"
+            return "residual" if last.isdigit() else None
         if last in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "act"):
             return last
         if last in OPT_OPS:
@@ -143,7 +157,7 @@ class Breakdown:
         torch.set_num_threads(2)
         keep_freed_memory()  # as every instance process does: steps reuse the heap, no page faults
         self.config = load_model_config(str(folder), max_model_len=4096)
-        hf = json.loads((folder / "config.json").read_text())
+        hf = common_keys(json.loads((folder / "config.json").read_text()))
         self.hf = hf
         deployment = DeploymentConfig(model=str(folder), mode="colocated", max_model_len=4096, enable_prefix_caching=False)
         deployment.colocated.kv_cache_gb = KV_CACHE_GB

@@ -242,6 +242,31 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   return out;
 }
 
+// GPT-2's tanh-approximated GELU in place: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)),
+// u = sqrt(2 / pi) (x + 0.044715 x^3). One exponential a value, where torch's kernel
+// evaluates tanh to full precision and runs ~5x slower than its exact GELU here.
+torch::Tensor gelu_tanh_(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "float32 contiguous");
+  float* xp = x.data_ptr<float>();
+  constexpr float kMinus2Root2OverPi = -1.5957691216057308f, kCubic = 0.044715f;
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#ifdef __AVX2__
+    const __m256 one = _mm256_set1_ps(1.f), a = _mm256_set1_ps(kMinus2Root2OverPi), c = _mm256_set1_ps(kCubic);
+    for (; i + 8 <= end; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xp + i);
+      const __m256 inner = _mm256_mul_ps(a, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
+      _mm256_storeu_ps(xp + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(inner))));
+    }
+#endif
+    for (; i < end; ++i) {
+      const float v = xp[i];
+      xp[i] = v / (1.f + std::exp(kMinus2Root2OverPi * (v + kCubic * v * v * v)));
+    }
+  });
+  return x;
+}
+
 // y = x W^T (+ bias) for a few rows of x: x [M, K], W [N, K] row-major -> y [M, N].
 // Decode steps are bound by streaming W; eight rows of W are read once and used for every
 // row of x while they sit in L1.

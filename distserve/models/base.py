@@ -10,8 +10,11 @@ from torch import nn
 
 from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, pp_layer_range
 from distserve.kernels import native_ops
+from distserve.layers.activation import PointwiseActivation
 from distserve.layers.attention import Attention, AttentionMetadata
-from distserve.layers.linear import FUSED_DECODE_BATCH
+from distserve.layers.linear import FUSED_DECODE_BATCH, LinearBase, direct_rows, fused_projections
+from distserve.layers.norm import LayerNorm
+from distserve.layers.quantization import QUANT_STREAM_ROWS
 from distserve.weights.loader import LoadedWeight, materialize
 
 
@@ -113,3 +116,28 @@ class CausalLM(nn.Module):
             if isinstance(module, nn.Identity):
                 return True
         return False
+
+
+class PreLNDecodeLayer(nn.Module):
+    """A pre-LN decoder layer with a pointwise MLP activation (OPT, GPT-2), which a pure decode
+    step can run as one native call (`pre_ln_decode_layer`)."""
+
+    def prepare_pre_ln_decode(self, ln1: LayerNorm, qkv: LinearBase, out: LinearBase, attn: Attention, ln2: LayerNorm,
+                              fc1: LinearBase, fc2: LinearBase, act: nn.Module) -> bool:
+        """Whether `decode_fused` computes what `forward` does for a few decodes (a pointwise
+        activation the call knows, no tensor parallelism, every projection kept as the call
+        takes it); if so, gather its arguments once."""
+        projections = fused_projections(qkv, out, fc1, fc2)
+        if not isinstance(act, PointwiseActivation) or projections is None:
+            return False
+        qkv_args, o_args, fc1_args, fc2_args = (projections[i : i + 3] for i in range(0, 12, 3))
+        self.fused_weights = (ln1.weight, ln1.bias, *qkv_args, *o_args, ln2.weight, ln2.bias, *fc1_args, *fc2_args,
+                              attn.k_cache, attn.v_cache)
+        self.fused_shape = (attn.num_heads, attn.head_dim, ln1.eps, attn.scale, direct_rows(qkv_args[0]),
+                            QUANT_STREAM_ROWS, qkv.int8_activations, act.kind)
+        return True
+
+    def decode_fused(self, ops: ModuleType, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`forward` for a pure decode step, as one native call."""
+        return ops.pre_ln_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
+                                       meta.decode_seq_lens, *self.fused_shape)

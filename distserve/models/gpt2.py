@@ -21,7 +21,7 @@ from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, transpose_conv1d
 from distserve.layers.norm import LayerNorm
-from distserve.models.base import CausalLM
+from distserve.models.base import CausalLM, PreLNDecodeLayer
 from distserve.weights.loader import LoadedWeight, materialize
 
 _CONV1D = (".c_attn.", ".c_proj.", ".c_fc.")
@@ -57,13 +57,18 @@ class GPT2MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(PreLNDecodeLayer):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
+
+    def prepare_fused_decode(self) -> bool:
+        attn, mlp = self.attn, self.mlp
+        return self.prepare_pre_ln_decode(self.ln_1, attn.c_attn, attn.c_proj, attn.attn, self.ln_2, mlp.c_fc,
+                                          mlp.c_proj, mlp.act)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = x + self.attn(self.ln_1(x), meta)
@@ -110,9 +115,18 @@ class GPT2LMHeadModel(CausalLM):
             x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
         else:
             x = hidden_states
-        for block in self.transformer.h[self.start_layer : self.end_layer]:
-            x = block(x, meta)
+        ops = self.fused_decode_layers(x, meta)
+        if ops is not None:
+            x = x.contiguous()
+            for block in self.stage_layers():
+                x = block.decode_fused(ops, x, meta)
+        else:
+            for block in self.stage_layers():
+                x = block(x, meta)
         return self.transformer.ln_f(x) if self.is_last_stage else x
+
+    def stage_layers(self) -> nn.ModuleList:
+        return self.transformer.h[self.start_layer : self.end_layer]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)

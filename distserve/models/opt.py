@@ -11,8 +11,6 @@ project_in / project_out around the decoder (OPT-350m).
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -25,12 +23,9 @@ from distserve.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
-    direct_rows,
-    fused_projections,
 )
 from distserve.layers.norm import LayerNorm
-from distserve.layers.quantization import QUANT_STREAM_ROWS
-from distserve.models.base import CausalLM
+from distserve.models.base import CausalLM, PreLNDecodeLayer
 
 POSITION_OFFSET = 2
 
@@ -51,7 +46,7 @@ class OPTAttention(nn.Module):
         return self.out_proj(self.attn(q, k, v, meta))
 
 
-class OPTDecoderLayer(nn.Module):
+class OPTDecoderLayer(PreLNDecodeLayer):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         affine = config.layer_norm_elementwise_affine
@@ -64,25 +59,10 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def prepare_fused_decode(self) -> bool:
-        """Whether `decode_fused` computes what `forward` does for a few decodes (pre-LN, ReLU,
-        no tensor parallelism, every projection kept as the one-call layer takes it); if so,
-        gather its arguments once."""
+        """Post-LN layers (OPT-350m) go layer by layer."""
         attn = self.self_attn
-        projections = fused_projections(attn.qkv_proj, attn.out_proj, self.fc1, self.fc2)
-        if not self.pre_ln or not isinstance(self.act, nn.ReLU) or projections is None:
-            return False
-        qkv, o, fc1, fc2 = (projections[i : i + 3] for i in range(0, 12, 3))
-        ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
-        self.fused_weights = (ln1.weight, ln1.bias, *qkv, *o, ln2.weight, ln2.bias, *fc1, *fc2, attn.attn.k_cache,
-                              attn.attn.v_cache)
-        self.fused_shape = (attn.attn.num_heads, attn.attn.head_dim, ln1.eps, attn.attn.scale, direct_rows(qkv[0]),
-                            QUANT_STREAM_ROWS, attn.qkv_proj.int8_activations)
-        return True
-
-    def decode_fused(self, ops: ModuleType, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """`forward` for a pure decode step, as one native call."""
-        return ops.opt_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
-                                    meta.decode_seq_lens, *self.fused_shape)
+        return self.pre_ln and self.prepare_pre_ln_decode(self.self_attn_layer_norm, attn.qkv_proj, attn.out_proj,
+                                                          attn.attn, self.final_layer_norm, self.fc1, self.fc2, self.act)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.pre_ln:
