@@ -32,7 +32,7 @@ FUNCTIONS = [
     "rotary_embedding",
     "reshape_and_cache",
     "llama_decode_layer",
-    "pre_ln_decode_layer",
+    "layer_norm_decode_layer",
     "argmax_rows",
     "prefill_attention",
     "quant_linear",

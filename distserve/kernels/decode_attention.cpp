@@ -399,34 +399,36 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor ln1, torch::Tens
   return mlp.add_(h);
 }
 
-// One pre-LN decoder layer with biases and a pointwise MLP activation (OPT, GPT-2) for a
-// decode step, in one call (see llama_decode_layer):
-//   h = x + out_proj(attn(q, k, v)),  q, k, v = qkv_proj(layer_norm(x))
-//   y = h + fc2(act(fc1(layer_norm(h))))      act: "relu", "gelu" or "gelu_tanh"
-torch::Tensor pre_ln_decode_layer(torch::Tensor x, c10::optional<torch::Tensor> ln1_w, c10::optional<torch::Tensor> ln1_b,
-    torch::Tensor qkv_w, torch::Tensor qkv_p, c10::optional<torch::Tensor> qkv_b,
-    torch::Tensor o_w, torch::Tensor o_p, c10::optional<torch::Tensor> o_b,
-    c10::optional<torch::Tensor> ln2_w, c10::optional<torch::Tensor> ln2_b, torch::Tensor fc1_w,
-    torch::Tensor fc1_p, c10::optional<torch::Tensor> fc1_b, torch::Tensor fc2_w,
-    torch::Tensor fc2_p, c10::optional<torch::Tensor> fc2_b, torch::Tensor k_cache,
-    torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
-    torch::Tensor seq_lens, int64_t num_heads, int64_t head_dim, double eps, double scale,
-    int64_t stream_rows, int64_t quant_rows, bool int8_activations,
-    const std::string& activation) {
+// One decoder layer with layer norms, biases and a pointwise MLP activation (OPT, GPT-2) for
+// a decode step, in one call (see llama_decode_layer). Pre-LN (GPT-2, most OPT sizes):
+//   h = x + out_proj(attn(qkv_proj(ln1(x))));   y = h + fc2(act(fc1(ln2(h))))
+// post-LN (OPT-350m):
+//   h = ln1(x + out_proj(attn(qkv_proj(x))));   y = ln2(h + fc2(act(fc1(h))))
+// act: "relu", "gelu" or "gelu_tanh".
+torch::Tensor layer_norm_decode_layer(torch::Tensor x, c10::optional<torch::Tensor> ln1_w,
+    c10::optional<torch::Tensor> ln1_b, torch::Tensor qkv_w, torch::Tensor qkv_p, c10::optional<torch::Tensor> qkv_b,
+    torch::Tensor o_w, torch::Tensor o_p, c10::optional<torch::Tensor> o_b, c10::optional<torch::Tensor> ln2_w,
+    c10::optional<torch::Tensor> ln2_b, torch::Tensor fc1_w, torch::Tensor fc1_p, c10::optional<torch::Tensor> fc1_b,
+    torch::Tensor fc2_w, torch::Tensor fc2_p, c10::optional<torch::Tensor> fc2_b, torch::Tensor k_cache,
+    torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor seq_lens,
+    int64_t num_heads, int64_t head_dim, double eps, double scale, int64_t stream_rows, int64_t quant_rows,
+    bool int8_activations, bool pre_ln, const std::string& activation) {
   const int64_t B = x.size(0), H = x.size(1), size = num_heads * head_dim;
-  auto qkv = project(at::layer_norm(x, {H}, ln1_w, ln1_b, eps), qkv_w, qkv_b, qkv_p, stream_rows, quant_rows,
-                     int8_activations);
+  auto ln1 = [&](const torch::Tensor& t) { return at::layer_norm(t, {H}, ln1_w, ln1_b, eps); };
+  auto ln2 = [&](const torch::Tensor& t) { return at::layer_norm(t, {H}, ln2_w, ln2_b, eps); };
+  auto qkv = project(pre_ln ? ln1(x) : x, qkv_w, qkv_b, qkv_p, stream_rows, quant_rows, int8_activations);
   reshape_and_cache(qkv.narrow(1, size, size), qkv.narrow(1, 2 * size, size), k_cache, v_cache, slot_mapping);
   auto q = qkv.narrow(1, 0, size).contiguous().view({B, num_heads, head_dim});
   auto attn = paged_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale).view({B, size});
   auto h = project(attn, o_w, o_b, o_p, stream_rows, quant_rows, int8_activations).add_(x);
-  auto hidden = project(at::layer_norm(h, {H}, ln2_w, ln2_b, eps), fc1_w, fc1_b, fc1_p, stream_rows, quant_rows,
-                        int8_activations);
+  if (!pre_ln) h = ln1(h);
+  auto hidden = project(pre_ln ? ln2(h) : h, fc1_w, fc1_b, fc1_p, stream_rows, quant_rows, int8_activations);
   if (activation == "relu")
     hidden.relu_();
   else if (activation == "gelu_tanh")
     gelu_tanh_(hidden);
   else
     at::gelu_(hidden);
-  return project(hidden, fc2_w, fc2_b, fc2_p, stream_rows, quant_rows, int8_activations).add_(h);
+  auto y = project(hidden, fc2_w, fc2_b, fc2_p, stream_rows, quant_rows, int8_activations).add_(h);
+  return pre_ln ? y : ln2(y);
 }

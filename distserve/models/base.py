@@ -118,12 +118,13 @@ class CausalLM(nn.Module):
         return False
 
 
-class PreLNDecodeLayer(nn.Module):
-    """A pre-LN decoder layer with a pointwise MLP activation (OPT, GPT-2), which a pure decode
-    step can run as one native call (`pre_ln_decode_layer`)."""
+class LayerNormDecodeLayer(nn.Module):
+    """A decoder layer with layer norms (before or after each residual add) and a pointwise MLP
+    activation (OPT, GPT-2), which a pure decode step can run as one native call
+    (`layer_norm_decode_layer`)."""
 
-    def prepare_pre_ln_decode(self, ln1: LayerNorm, qkv: LinearBase, out: LinearBase, attn: Attention, ln2: LayerNorm,
-                              fc1: LinearBase, fc2: LinearBase, act: nn.Module) -> bool:
+    def prepare_layer_norm_decode(self, pre_ln: bool, ln1: LayerNorm, qkv: LinearBase, out: LinearBase, attn: Attention,
+                                  ln2: LayerNorm, fc1: LinearBase, fc2: LinearBase, act: nn.Module) -> bool:
         """Whether `decode_fused` computes what `forward` does for a few decodes (a pointwise
         activation the call knows, no tensor parallelism, every projection kept as the call
         takes it); if so, gather its arguments once."""
@@ -134,10 +135,10 @@ class PreLNDecodeLayer(nn.Module):
         self.fused_weights = (ln1.weight, ln1.bias, *qkv_args, *o_args, ln2.weight, ln2.bias, *fc1_args, *fc2_args,
                               attn.k_cache, attn.v_cache)
         self.fused_shape = (attn.num_heads, attn.head_dim, ln1.eps, attn.scale, direct_rows(qkv_args[0]),
-                            QUANT_STREAM_ROWS, qkv.int8_activations, act.kind)
+                            QUANT_STREAM_ROWS, qkv.int8_activations, pre_ln, act.kind)
         return True
 
     def decode_fused(self, ops: ModuleType, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`forward` for a pure decode step, as one native call."""
-        return ops.pre_ln_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
-                                       meta.decode_seq_lens, *self.fused_shape)
+        return ops.layer_norm_decode_layer(x, *self.fused_weights, meta.slot_mapping, meta.decode_block_tables,
+                                           meta.decode_seq_lens, *self.fused_shape)

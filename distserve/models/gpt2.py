@@ -21,7 +21,7 @@ from distserve.layers.attention import Attention, AttentionMetadata
 from distserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, transpose_conv1d
 from distserve.layers.norm import LayerNorm
-from distserve.models.base import CausalLM, PreLNDecodeLayer
+from distserve.models.base import CausalLM, LayerNormDecodeLayer
 from distserve.weights.loader import LoadedWeight, materialize
 
 _CONV1D = (".c_attn.", ".c_proj.", ".c_fc.")
@@ -57,7 +57,7 @@ class GPT2MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class GPT2Block(PreLNDecodeLayer):
+class GPT2Block(LayerNormDecodeLayer):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
@@ -67,8 +67,8 @@ class GPT2Block(PreLNDecodeLayer):
 
     def prepare_fused_decode(self) -> bool:
         attn, mlp = self.attn, self.mlp
-        return self.prepare_pre_ln_decode(self.ln_1, attn.c_attn, attn.c_proj, attn.attn, self.ln_2, mlp.c_fc,
-                                          mlp.c_proj, mlp.act)
+        return self.prepare_layer_norm_decode(True, self.ln_1, attn.c_attn, attn.c_proj, attn.attn, self.ln_2,
+                                              mlp.c_fc, mlp.c_proj, mlp.act)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = x + self.attn(self.ln_1(x), meta)

@@ -25,7 +25,7 @@ from distserve.layers.linear import (
     RowParallelLinear,
 )
 from distserve.layers.norm import LayerNorm
-from distserve.models.base import CausalLM, PreLNDecodeLayer
+from distserve.models.base import CausalLM, LayerNormDecodeLayer
 
 POSITION_OFFSET = 2
 
@@ -46,7 +46,7 @@ class OPTAttention(nn.Module):
         return self.out_proj(self.attn(q, k, v, meta))
 
 
-class OPTDecoderLayer(PreLNDecodeLayer):
+class OPTDecoderLayer(LayerNormDecodeLayer):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         affine = config.layer_norm_elementwise_affine
@@ -59,10 +59,9 @@ class OPTDecoderLayer(PreLNDecodeLayer):
         self.final_layer_norm = LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def prepare_fused_decode(self) -> bool:
-        """Post-LN layers (OPT-350m) go layer by layer."""
         attn = self.self_attn
-        return self.pre_ln and self.prepare_pre_ln_decode(self.self_attn_layer_norm, attn.qkv_proj, attn.out_proj,
-                                                          attn.attn, self.final_layer_norm, self.fc1, self.fc2, self.act)
+        return self.prepare_layer_norm_decode(self.pre_ln, self.self_attn_layer_norm, attn.qkv_proj, attn.out_proj,
+                                              attn.attn, self.final_layer_norm, self.fc1, self.fc2, self.act)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.pre_ln:

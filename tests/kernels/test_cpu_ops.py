@@ -135,17 +135,18 @@ def test_argmax_rows() -> None:
 
 
 @pytest.mark.parametrize("variant, count, stream_rows", [("llama-bias", 6, None), ("qwen2", 6, None), ("llama-gqa", 20, None),
-                                                        ("llama-gqa", 20, 8), ("opt", 20, None), ("opt", 6, 4), ("gpt2", 6, None)])
+                                                        ("llama-gqa", 20, 8), ("opt", 20, None), ("opt", 6, 4), ("gpt2", 6, None),
+                                                        ("opt-post-ln-proj", 6, None)])
 def test_fused_decode_layer_gives_the_layer_by_layer_tokens(checkpoints, monkeypatch, variant: str, count: int,
                                                             stream_rows: int | None) -> None:
-    """Decode steps run each LLaMA, pre-LN OPT or GPT-2 layer as one native call; it gives the layer-by-layer
+    """Decode steps run each LLaMA, OPT (pre-LN or post-LN) or GPT-2 layer as one native call; it gives the layer-by-layer
     path's tokens (and so transformers'), also past the 8 rows where layer by layer switches its
     matmuls to oneDNN, and with the call's own matmuls on oneDNN past `stream_rows`."""
     from distserve.layers import linear
     from distserve.models import gpt2, llama, opt
     from distserve.models.base import CausalLM
 
-    layer = {"opt": opt.OPTDecoderLayer, "gpt2": gpt2.GPT2Block}.get(variant, llama.LlamaDecoderLayer)
+    layer = gpt2.GPT2Block if variant == "gpt2" else opt.OPTDecoderLayer if variant.startswith("opt") else llama.LlamaDecoderLayer
     if stream_rows is not None:  # the kept weight's kernel up to stream_rows, oneDNN past them
         monkeypatch.setattr(linear, "PANEL_ROWS", stream_rows)
         monkeypatch.setattr(linear, "SMALL_BATCH", stream_rows)
