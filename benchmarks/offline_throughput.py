@@ -7,7 +7,8 @@ Families (seeded, greedy, EOS ignored, every request's output length drawn unifo
 - mixed: the two mixed, prompts 32-1024 and answers 32-256 tokens.
 
 Shapes: the built-in SmolLM2-135M (its GGUF dequantized to a float32 folder, so every system
-reads the same weights) and random-weight checkpoints of an OPT shape and a LLaMA-GQA shape.
+reads the same weights) and random-weight checkpoints of an OPT shape, a LLaMA-GQA shape, and
+on request a GPT-2 shape (`gpt2-160m`) and a LLaMA shape with heads of 128 (`llama-hd128-200m`).
 
 Every system stays loaded in a process of its own (benchmarks/offline_worker.py, run by its
 own interpreter) while the families run round by round, the systems' order rotating each
@@ -83,6 +84,10 @@ def shape_folder(name: str, root: Path) -> Path:
     elif name == "llama-gqa-150m":  # 16 layers, 12 query heads over 4 KV heads, untied head
         config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
                              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096,
+                             tie_word_embeddings=False)
+    elif name == "llama-hd128-200m":  # 12 layers, 8 query heads of 128 over 2 KV heads
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
+                             num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096,
                              tie_word_embeddings=False)
     elif name == "gpt2-160m":  # GPT-2 small widened: hidden 896, 14 heads, 14 layers, gelu_new
         config = GPT2Config(n_embd=896, n_layer=14, n_head=14, vocab_size=50257, n_positions=4096)
