@@ -115,14 +115,7 @@ class GPT2LMHeadModel(CausalLM):
             x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
         else:
             x = hidden_states
-        ops = self.fused_decode_layers(x, meta)
-        if ops is not None:
-            x = x.contiguous()
-            for block in self.stage_layers():
-                x = block.decode_fused(ops, x, meta)
-        else:
-            for block in self.stage_layers():
-                x = block(x, meta)
+        x = self.run_layers(x, meta)
         return self.transformer.ln_f(x) if self.is_last_stage else x
 
     def stage_layers(self) -> nn.ModuleList:

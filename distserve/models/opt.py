@@ -126,14 +126,7 @@ class OPTForCausalLM(CausalLM):
             x = x + decoder.embed_positions(positions + POSITION_OFFSET)
         else:
             x = hidden_states
-        ops = self.fused_decode_layers(x, meta)
-        if ops is not None:
-            x = x.contiguous()
-            for layer in self.stage_layers():
-                x = layer.decode_fused(ops, x, meta)
-        else:
-            for layer in self.stage_layers():
-                x = layer(x, meta)
+        x = self.run_layers(x, meta)
         if self.is_last_stage:
             if decoder.final_layer_norm is not None:
                 x = decoder.final_layer_norm(x)
