@@ -51,7 +51,8 @@ def test_both_algorithms_choose_and_replicate() -> None:
 def test_placement_file_round_trips_into_serve(tmp_path) -> None:
     out = tmp_path / "placement.json"
     args = build_parser().parse_args([
-        "plan", "--model", "facebook/opt-13b", "--cluster", "1x4xa100-80gb", "--latency", "published",
+        # two devices, not four: the file's round trip is under test, not the search (a third of the time)
+        "plan", "--model", "facebook/opt-13b", "--cluster", "1x2xa100-80gb", "--latency", "published",
         "--ttft", "0.4", "--tpot", "0.1", "--rate", "2", "--algorithm", "2", "--workload", "synthetic:uniform:100:600:20:200",
         "--num-requests", "100", "--serve-model", "facebook/opt-13b", "--out", str(out), "--modes", "disaggregated",
     ])
@@ -136,9 +137,9 @@ def test_the_mode_is_chosen_not_assumed(tmp_path) -> None:
 def test_a_colocated_mode_placement_file_round_trips_into_serve(tmp_path) -> None:
     out = tmp_path / "placement.json"
     args = build_parser().parse_args([
-        "plan", "--model", "facebook/opt-13b", "--cluster", "1x4xa100-80gb", "--latency", "published", "--ttft", "0.4", "--tpot", "0.1",
+        "plan", "--model", "facebook/opt-13b", "--cluster", "1x2xa100-80gb", "--latency", "published", "--ttft", "0.4", "--tpot", "0.1",
         "--rate", "2", "--workload", "synthetic:uniform:100:600:20:200", "--num-requests", "100", "--out", str(out),
-        "--modes", "colocated", "chunked",
+        "--modes", "colocated", "chunked",  # two devices, as above
     ])
     args.func(args)
     data = json.loads(out.read_text())
