@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from benchmarks.checkpoints import random_checkpoint, smollm2_folder
 from benchmarks.report import report
 from distserve.config import ModelConfig
+from distserve.planner.hardware import ModelShape, model_shape
 from distserve.weights.source import load_model_config
 
 RESULTS = Path("benchmarks/results")
@@ -101,28 +102,12 @@ def shape_config(name: str, root: Path) -> ModelConfig:
     return load_model_config(str(shape_folder(name, root)))
 
 
-def common_keys(config: dict) -> dict:
-    """A config.json's dimensions under LLaMA's and OPT's key names (GPT-2 has its own)."""
-    if config["model_type"] != "gpt2":
-        return config
-    return {**config, "hidden_size": config["n_embd"], "num_hidden_layers": config["n_layer"],
-            "num_attention_heads": config["n_head"], "ffn_dim": config.get("n_inner") or 4 * config["n_embd"]}
-
-
-def workload_flops(config: dict, prompts: list[list[int]], max_tokens: list[int]) -> float:
+def workload_flops(shape: ModelShape, prompts: list[list[int]], max_tokens: list[int]) -> float:
     """FLOPs of running the workload once: every token through every projection, attention
     over its context (causal), and the LM head for the last prompt token and every output
     token but the last."""
-    config = common_keys(config)
-    hidden = config["hidden_size"]
-    layers = config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    if "ffn_dim" in config:  # OPT, GPT-2: one up projection
-        per_layer = 4 * hidden * hidden + 2 * hidden * config["ffn_dim"]
-    else:
-        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config["intermediate_size"]
+    hidden, layers, per_layer = shape.hidden_size, shape.num_layers, shape.layer_params()
+    heads, head_dim = shape.num_heads, shape.head_dim
     attn_width = heads * head_dim  # QK^T and PV: 2 FLOPs per multiply-add, two products
     total = 0.0
     for prompt, out in zip(prompts, max_tokens):
@@ -130,7 +115,7 @@ def workload_flops(config: dict, prompts: list[list[int]], max_tokens: list[int]
         total += 2 * per_layer * layers * tokens
         contexts = tokens * (tokens + 1) / 2  # token t attends over t + 1 positions
         total += 4 * attn_width * layers * contexts
-        total += 2 * hidden * config["vocab_size"] * out
+        total += 2 * hidden * shape.vocab_size * out
     return total
 
 
@@ -217,7 +202,7 @@ def run_shape(shape: str, root: Path, families: list[str], systems: list[str], r
                         result = worker.run(prompts, max_tokens)
                         seconds[worker.system].append(result["seconds"])
                         tokens[worker.system] = result["tokens"]
-                flops = workload_flops(config, prompts, max_tokens)
+                flops = workload_flops(model_shape(str(folder)), prompts, max_tokens)
                 row = {"shape": shape, "family": family, "requests": len(prompts),
                        "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(max_tokens),
                        "floor_s": flops / peak}

@@ -28,7 +28,6 @@ Prints one table per step and writes benchmarks/results/op_breakdown.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -39,10 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 import distserve.models.base as base
-from benchmarks.offline_throughput import WORK_DIR, common_keys, matmul_peak, shape_folder
+from benchmarks.offline_throughput import WORK_DIR, matmul_peak, shape_folder
 from benchmarks.report import report
 from distserve.config import DeploymentConfig, resolve_instances
 from distserve.engine.instance_loop import build_instance, keep_freed_memory
+from distserve.planner.hardware import model_shape
 from distserve.request import Request
 from distserve.sampling_params import SamplingParams
 from distserve.weights.source import load_model_config
@@ -157,8 +157,7 @@ class Breakdown:
         torch.set_num_threads(2)
         keep_freed_memory()  # as every instance process does: steps reuse the heap, no page faults
         self.config = load_model_config(str(folder), max_model_len=4096)
-        hf = common_keys(json.loads((folder / "config.json").read_text()))
-        self.hf = hf
+        self.shape = model_shape(str(folder))
         deployment = DeploymentConfig(model=str(folder), mode="colocated", max_model_len=4096, enable_prefix_caching=False)
         deployment.colocated.kv_cache_gb = KV_CACHE_GB
         deployment.colocated.max_num_batched_tokens = 8192
@@ -282,14 +281,10 @@ class Breakdown:
     def _floors(self, tokens: int, sequences: int, context: int, phase: str) -> dict[str, float]:
         """Each op's floor in seconds for a step of `tokens` tokens over `sequences` sequences
         (prefill: each `context` tokens, attending causally; decode: one token over `context`)."""
-        hf = self.hf
-        hidden, layers = hf["hidden_size"], hf["num_hidden_layers"]
-        heads = hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        head_dim = hf.get("head_dim") or hidden // heads
-        gated = "intermediate_size" in hf  # LLaMA's gate and up projections; OPT's one fc1 of ffn_dim
-        inter = hf["intermediate_size"] if gated else hf["ffn_dim"]
-        vocab = hf["vocab_size"]
+        shape = self.shape
+        hidden, layers, heads, kv_heads = shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads
+        head_dim, inter, vocab = shape.head_dim, shape.intermediate_size, shape.vocab_size
+        gated = shape.gated_mlp  # LLaMA's gate and up projections; OPT's and GPT-2's one up projection
 
         def matmul(n_in: int, n_out: int, rows: int) -> float:
             flops = 2 * rows * n_in * n_out
