@@ -8,7 +8,8 @@ Families (seeded, greedy, EOS ignored, every request's output length drawn unifo
 
 Shapes: the built-in SmolLM2-135M (its GGUF dequantized to a float32 folder, so every system
 reads the same weights) and random-weight checkpoints of an OPT shape, a LLaMA-GQA shape, and
-on request a GPT-2 shape (`gpt2-160m`) and a LLaMA shape with heads of 128 (`llama-hd128-200m`).
+on request a GPT-2 shape (`gpt2-160m`), a LLaMA shape with heads of 128 (`llama-hd128-200m`) and
+Qwen2-0.5B's shape (`qwen2-0.5b`: q/k/v biases, 151,936-token tied vocabulary).
 
 Every system stays loaded in a process of its own (benchmarks/offline_worker.py, run by its
 own interpreter) while the families run round by round, the systems' order rotating each
@@ -75,7 +76,7 @@ FAMILIES = {
 
 
 def shape_folder(name: str, root: Path) -> Path:
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     if name == "smollm2":
         return smollm2_folder(root)
@@ -90,6 +91,10 @@ def shape_folder(name: str, root: Path) -> Path:
         config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
                              num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096,
                              tie_word_embeddings=False)
+    elif name == "qwen2-0.5b":  # Qwen2-0.5B's shape: 24 layers, 14 query heads over 2 KV heads, q/k/v biases
+        config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
+                             tie_word_embeddings=True)
     elif name == "gpt2-160m":  # GPT-2 small widened: hidden 896, 14 heads, 14 layers, gelu_new
         config = GPT2Config(n_embd=896, n_layer=14, n_head=14, vocab_size=50257, n_positions=4096)
     else:
