@@ -373,11 +373,16 @@ class OpenAIServer:
             return sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [choice], **extra})
 
-        for index in range(len(streams)):
-            yield chunk(index, {"role": "assistant", "content": ""})
+        # each choice's first chunk (its role) goes out with its first output, as vLLM's server
+        # sends it: clients that time the first token by the first chunk (vLLM's `bench serve`)
+        # then measure the prefill, not the request's arrival
+        started: set[int] = set()
         finals: dict[int, RequestOutput] = {}
         try:
             async for index, out in self._interleaved(streams):
+                if index not in started:
+                    started.add(index)
+                    yield chunk(index, {"role": "assistant", "content": ""})
                 c = out.outputs[0]
                 logprobs = None
                 if top_logprobs is not None and out.delta_token_ids:

@@ -95,6 +95,33 @@ def test_chat_completion_and_stream(client) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_stream_opens_with_its_first_token(server) -> None:
+    """Each choice's role chunk goes out with its first token, as vLLM's server sends it: vLLM's
+    `bench serve` takes the first chunk's arrival as the first token's. Eight prompts at once,
+    so that most wait for a step before their first token."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "the café " * 60}], "max_tokens": 3,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+
+    async def stream(http: httpx.AsyncClient) -> tuple[float, list[dict]]:
+        received, chunks = None, []
+        async with http.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                               headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    received = received or time.time()
+                    chunks.append(json.loads(line.removeprefix("data: ")))
+        return received, chunks
+
+    async def all_at_once() -> list[tuple[float, list[dict]]]:
+        async with httpx.AsyncClient() as http:
+            return await asyncio.gather(*(stream(http) for _ in range(8)))
+
+    for received, chunks in asyncio.run(all_at_once()):
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        first_token = next(c["metrics"] for c in chunks if c.get("metrics"))["first_token_time"]
+        assert received >= first_token
+
+
 def test_sampling_params_reach_the_engine(client) -> None:
     kwargs = dict(model=MODEL, prompt="the", max_tokens=10, temperature=1.0, top_p=0.9, seed=11, extra_body={"ignore_eos": True})
     a = client.completions.create(**kwargs).choices[0].text
