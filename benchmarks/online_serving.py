@@ -4,13 +4,14 @@ each of its modes and vLLM's OpenAI server, the same model, requests and Poisson
 Every server is started once and stays up (an idle server takes no CPU); the client then
 runs each rate against each system in turn, the systems' order rotating, so that all of them
 see the same minutes of this machine (its speed drifts by 10-20%). Client settings follow the
-issue's: random dataset, prompts 512 +-50%, outputs 96 +-50%, EOS ignored, goodput SLOs
+issue's: random dataset, prompts 512 +-50%, outputs 96 +-50% (other lengths with --input-len
+and --output-len; chat completions with --backend openai-chat), EOS ignored, goodput SLOs
 TTFT 3 s and TPOT 200 ms, 48 requests a rate after 8 warm-up requests (a fresh server's first
 steps build their kernels' primitives); vLLM's prefix cache off (random prompts share
 nothing, and neither system may reuse one run's prompts in the next).
 
     python -m benchmarks.online_serving [--rates 0.8 1.2] [--systems colocated chunked vllm]
-        [--shape llama-gqa-150m] [--rounds 1]
+        [--shape llama-gqa-150m] [--rounds 1] [--input-len 512] [--output-len 96] [--backend openai|openai-chat]
 
 `--rates` are the knee and 1.5x the knee (find the knee with a sweep first: `--rates 0.4 0.8
 1.2 1.6`). Prints a table, writes benchmarks/results/online_serving/summary.json and
@@ -40,10 +41,22 @@ DISTSERVE_MODES = {
     "chunked": "--mode chunked",
     "disaggregated": "--mode disaggregated",
 }
-CLIENT = ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random",
-          "--random-input-len", "512", "--random-output-len", "96", "--random-range-ratio", "0.5",
-          "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics", "ttft,tpot,itl,e2el",
-          "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
+ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+RANGE = 0.5  # lengths drawn within +-50% of the asked ones
+
+
+def client_args(input_len: int = 512, output_len: int = 96, backend: str = "openai") -> list[str]:
+    """vLLM's `bench serve` settings: its random dataset, EOS ignored, goodput at TTFT 3 s / TPOT 200 ms."""
+    return ["--backend", backend, "--endpoint", ENDPOINTS[backend], "--dataset-name", "random",
+            "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio",
+            str(RANGE), "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics",
+            "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
+
+
+def max_model_len(input_len: int, output_len: int) -> int:
+    """The servers' context: 2,048 tokens, or what the longest drawn request needs (the chat
+    template adds a few tokens)."""
+    return max(2048, int((input_len + output_len) * (1 + RANGE)) + 64)
 METRICS = ("request_goodput", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
            "mean_tpot_ms", "p99_tpot_ms", "completed")
 
@@ -61,23 +74,24 @@ def vllm_cli(python: str) -> list[str]:
     return [python, "-c", "from vllm.entrypoints.cli.main import main; main()"]
 
 
-def vllm_server(python: str, model: Path, port: int, log: Path, cache: str) -> Server:
+def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, context: int = 2048) -> Server:
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
-               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048", "--no-enable-prefix-caching",
+               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(context), "--no-enable-prefix-caching",
                "--served-model-name", "model"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CACHE_ROOT": cache}
     return Server(command, port, log, env=env)
 
 
-def distserve_server(model: Path, mode: str, port: int, log: Path) -> Server:
-    args = f"{DISTSERVE_MODES[mode]} --max-model-len 2048 --no-enable-prefix-caching --served-model-name model"
+def distserve_server(model: Path, mode: str, port: int, log: Path, context: int = 2048) -> Server:
+    args = f"{DISTSERVE_MODES[mode]} --max-model-len {context} --no-enable-prefix-caching --served-model-name model"
     return Server(distserve_command(port, args, str(model)), port, log)
 
 
-def run_client(cli: list[str], base_url: str, tokenizer: Path, rate: float, requests: int, out: Path) -> dict:
+def run_client(cli: list[str], base_url: str, tokenizer: Path, rate: float, requests: int, out: Path,
+               client: list[str]) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [*cli, "bench", "serve", "--base-url", base_url, "--model", "model", "--tokenizer", str(tokenizer),
-               *CLIENT, "--num-prompts", str(requests), "--request-rate", str(rate), "--save-result",
+               *client, "--num-prompts", str(requests), "--request-rate", str(rate), "--save-result",
                "--result-dir", str(out.parent), "--result-filename", out.name]
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -111,6 +125,10 @@ def main() -> None:
                         choices=[*DISTSERVE_MODES, "vllm"])
     parser.add_argument("--shape", default="llama-gqa-150m", help="a shape of benchmarks/offline_throughput.py")
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--input-len", type=int, default=512, help="mean prompt tokens (drawn within +-50%%)")
+    parser.add_argument("--output-len", type=int, default=96, help="mean output tokens (drawn within +-50%%)")
+    parser.add_argument("--backend", choices=list(ENDPOINTS), default="openai",
+                        help="the client's API: completions, or chat completions (the model's chat template)")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--work-dir", default=str(WORK_DIR))
@@ -120,20 +138,21 @@ def main() -> None:
     model = shape_folder(args.shape, Path(args.work_dir))
     cli = vllm_cli(args.vllm_python)
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
+    client, context = client_args(args.input_len, args.output_len, args.backend), max_model_len(args.input_len, args.output_len)
     raw: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         servers = {}
         for system in tqdm(systems, desc="starting servers"):
             port, log = free_port(), out / f"server-{system}.log"
-            server = vllm_server(args.vllm_python, model, port, log, cache) if system == "vllm" else \
-                distserve_server(model, system, port, log)
+            server = vllm_server(args.vllm_python, model, port, log, cache, context) if system == "vllm" else \
+                distserve_server(model, system, port, log, context)
             servers[system] = stack.enter_context(server)
         jobs = [(r, rate) for r in range(args.rounds) for rate in args.rates]
         for i, (r, rate) in enumerate(tqdm(jobs, desc="rates")):
             order = systems[i % len(systems):] + systems[: i % len(systems)]
             for system in order:
                 result = run_client(cli, servers[system].base_url, model, rate, args.requests,
-                                    out / f"run-{system}-{rate}-{r}.json")
+                                    out / f"run-{system}-{rate}-{r}.json", client)
                 raw.setdefault((system, rate), []).append(result)
     rows = []
     for (system, rate), results in raw.items():
@@ -150,7 +169,7 @@ def main() -> None:
                           f"{row['mean_ttft_ms']:.0f}", f"{row['p99_ttft_ms']:.0f}", f"{row['mean_tpot_ms']:.0f}",
                           f"{row['p99_tpot_ms']:.0f}"]))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "client": CLIENT, "requests": args.requests,
+    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "client": client, "requests": args.requests,
                                                   "rounds": args.rounds, "rows": rows}, indent=2))
     plot(rows, out / "goodput.png")
     print(f"wrote {out / 'summary.json'} and {out / 'goodput.png'}")
