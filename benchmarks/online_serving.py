@@ -41,6 +41,8 @@ DISTSERVE_MODES = {
     "chunked": "--mode chunked",
     "disaggregated": "--mode disaggregated",
 }
+METRICS = ("request_goodput", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
+           "mean_tpot_ms", "p99_tpot_ms", "completed")
 ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 RANGE = 0.5  # lengths drawn within +-50% of the asked ones
 
@@ -57,8 +59,6 @@ def max_model_len(input_len: int, output_len: int) -> int:
     """The servers' context: 2,048 tokens, or what the longest drawn request needs (the chat
     template adds a few tokens)."""
     return max(2048, int((input_len + output_len) * (1 + RANGE)) + 64)
-METRICS = ("request_goodput", "request_throughput", "output_throughput", "mean_ttft_ms", "p99_ttft_ms",
-           "mean_tpot_ms", "p99_tpot_ms", "completed")
 
 
 def vllm_cli(python: str) -> list[str]:
