@@ -190,13 +190,13 @@ def start_workers(systems: list[str], model: Path, vllm_python: str, tmp: str) -
 def run_shape(shape: str, root: Path, families: list[str], systems: list[str], rounds: int, vllm_python: str,
               peak: float) -> list[dict]:
     folder = shape_folder(shape, root)
-    config = json.loads((folder / "config.json").read_text())
+    dims = model_shape(str(folder))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workers = start_workers(systems, folder, vllm_python, tmp)
         try:
             for family in families:
-                prompts, max_tokens = FAMILIES[family].draw(config["vocab_size"], seed=list(FAMILIES).index(family))
+                prompts, max_tokens = FAMILIES[family].draw(dims.vocab_size, seed=list(FAMILIES).index(family))
                 seconds: dict[str, list[float]] = {w.system: [] for w in workers}
                 tokens: dict[str, list[list[int]]] = {}
                 for r in tqdm(range(rounds), desc=f"{shape} {family}", unit="round"):
@@ -207,7 +207,7 @@ def run_shape(shape: str, root: Path, families: list[str], systems: list[str], r
                         result = worker.run(prompts, max_tokens)
                         seconds[worker.system].append(result["seconds"])
                         tokens[worker.system] = result["tokens"]
-                flops = workload_flops(model_shape(str(folder)), prompts, max_tokens)
+                flops = workload_flops(dims, prompts, max_tokens)
                 row = {"shape": shape, "family": family, "requests": len(prompts),
                        "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(max_tokens),
                        "floor_s": flops / peak}

@@ -47,7 +47,7 @@ ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 RANGE = 0.5  # lengths drawn within +-50% of the asked ones
 
 
-def client_args(input_len: int = 512, output_len: int = 96, backend: str = "openai") -> list[str]:
+def client_args(input_len: int, output_len: int, backend: str) -> list[str]:
     """vLLM's `bench serve` settings: its random dataset, EOS ignored, goodput at TTFT 3 s / TPOT 200 ms."""
     return ["--backend", backend, "--endpoint", ENDPOINTS[backend], "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio",

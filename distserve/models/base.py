@@ -59,17 +59,19 @@ class CausalLM(nn.Module):
         """This stage's decoder layers."""
         raise NotImplementedError
 
-    def run_layers(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, meta: AttentionMetadata, module_args: tuple = (),
+                   fused_args: tuple = ()) -> torch.Tensor:
         """This stage's layers over `x`: each as one native call in a pure decode step that can
-        (`fused_decode_layers`), else module by module (the layers' `forward(x, meta)`)."""
+        (`fused_decode_layers`: `decode_fused(ops, *fused_args, x, meta)`), else module by module
+        (`forward(*module_args, x, meta)`)."""
         ops = self.fused_decode_layers(x, meta)
         if ops is None:
             for layer in self.stage_layers():
-                x = layer(x, meta)
+                x = layer(*module_args, x, meta)
             return x
         x = x.contiguous()
         for layer in self.stage_layers():
-            x = layer.decode_fused(ops, x, meta)
+            x = layer.decode_fused(ops, *fused_args, x, meta)
         return x
 
     def attention_layers(self) -> list[Attention]:

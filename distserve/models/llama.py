@@ -145,16 +145,8 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids) if self.is_first_stage else hidden_states
         rope = self.model.rotary.cos_sin(positions, x.dtype)
-        layers = self.stage_layers()
-        ops = self.fused_decode_layers(x, meta)
-        if ops is not None:
-            cos, sin = (t.view(t.shape[0], -1) for t in rope)
-            x = x.contiguous()
-            for layer in layers:
-                x = layer.decode_fused(ops, cos, sin, x, meta)
-        else:
-            for layer in layers:
-                x = layer(rope, x, meta)
+        flat = tuple(t.view(t.shape[0], -1) for t in rope)  # the native layer's cos and sin rows
+        x = self.run_layers(x, meta, (rope,), flat)
         return self.model.norm(x) if self.is_last_stage else x
 
     def stage_layers(self) -> nn.ModuleList:
