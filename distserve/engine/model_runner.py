@@ -26,7 +26,7 @@ from distserve.distributed.parallel_state import (
 from distserve.engine.scheduler import ScheduledBatch
 from distserve.kernels import cpu_ops
 from distserve.kv.cache import KVCache, KVLayout
-from distserve.layers.attention import AttentionMetadata
+from distserve.layers.attention import AttentionMetadata, OutputRows
 from distserve.layers.linear import kv_head_range
 from distserve.layers.sampler import SampleResult, SamplingBatch, sample
 from distserve.models.base import CausalLM
@@ -193,11 +193,15 @@ class ModelRunner:
                 dst.tensor.index_copy_(2, dst_idx, src.tensor.index_select(2, src_idx).to(dst.tensor.device))
 
     # -- the step -----------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+    def prepare(self, batch: ScheduledBatch, sampled_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
         """Flat inputs, with prefill-like sequences (several new tokens) before decodes.
 
         Returns input ids, positions, attention metadata, the batch index of each sequence
         in flat order, and the flat index of the last token of each sequence to sample.
+        `sampled_only`: the model's last layer computes those tokens only (the metadata's
+        `output_rows`; the last token of the step when none is sampled), so the model's output
+        has one row per sampled sequence, in that order, instead of one per token.
         """
         bs = self.block_size
         order = [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
@@ -213,6 +217,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_flat: list[int] = []
+        sampled_ends: list[tuple[int, list[int]]] = []  # each sampled sequence's length and blocks
         for k, i in enumerate(order):
             request, n = batch.requests[i], batch.num_new_tokens[i]
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
@@ -230,6 +235,7 @@ class ModelRunner:
             if end == request.num_tokens:
                 sample_rows.append(i)
                 sample_flat.append(len(tokens) - 1)
+                sampled_ends.append((end, table))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_prefill_tokens=sum(prefill_query_lens),
@@ -242,9 +248,28 @@ class ModelRunner:
             decode_block_tables=self._padded(decode_tables),
             block_size=bs,
         )
+        if sampled_only and len(sample_flat) < len(tokens):
+            kept = sample_flat or [len(tokens) - 1]
+            ends = sampled_ends or [(end, table)]
+            meta.output_rows = OutputRows(
+                index=torch.tensor(kept, dtype=torch.long, device=self.device),
+                attention=self._decode_metadata([e for e, _ in ends], [t for _, t in ends]),
+            )
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return input_ids, pos, meta, sample_rows, sample_flat
+
+    def _decode_metadata(self, seq_lens: list[int], tables: list[list[int]]) -> AttentionMetadata:
+        """Metadata of a pure decode step of sequences with these lengths and blocks, each
+        attending with its last token (that token's K and V already in the cache)."""
+        none = torch.zeros(0, dtype=torch.long, device=self.device)
+        return AttentionMetadata(
+            slot_mapping=none, num_prefill_tokens=0, prefill_query_lens=[], prefill_seq_lens=[],
+            prefill_query_starts=torch.zeros(1, dtype=torch.long, device=self.device), prefill_seq_lens_tensor=none,
+            prefill_block_table=self._padded([]),
+            decode_seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=self.device),
+            decode_block_tables=self._padded(tables), block_size=self.block_size,
+        )
 
     def _padded(self, tables: list[list[int]]) -> torch.Tensor:
         """Block tables as one [n, longest] tensor, padded with block 0."""
@@ -268,7 +293,7 @@ class ModelRunner:
             # one part (no pipeline stages): the batch itself, no per-step copy
             sub = batch if len(parts) == 1 else ScheduledBatch([batch.requests[i] for i in part],
                                                                [batch.num_new_tokens[i] for i in part])
-            input_ids, positions, meta, rows, flat = self.prepare(sub)
+            input_ids, positions, meta, rows, flat = self.prepare(sub, sampled_only=self.is_last_stage)
             hidden = None
             if not self.is_first_stage:
                 hidden = recv_from_prev_stage((len(input_ids), self.hidden_size), self.model_config.dtype, self.device)
@@ -278,7 +303,9 @@ class ModelRunner:
                 continue
             if not rows:
                 continue
-            logits = self.model.compute_logits(hidden[torch.tensor(flat, device=self.device)])
+            if meta.output_rows is None:
+                hidden = hidden[torch.tensor(flat, device=self.device)]
+            logits = self.model.compute_logits(hidden)
             if not self.is_sampler:
                 continue
             requests = [sub.requests[i] for i in rows]

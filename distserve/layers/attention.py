@@ -12,11 +12,18 @@ query each). Every layer first writes the step's K and V into the cache slots of
 - all decodes run as one batch: the native kernel reads their blocks in place; torch's path
   gathers them from the block tables and masks padded key positions.
 
+A step's last layer computes only the rows that are sampled (`AttentionMetadata.output_rows`,
+set by the runner when the step has other rows: every prompt token but a prompt's last). The
+layer still writes every token's K and V; then each kept row attends as a decode does, over
+its sequence's blocks, and the layer's output projection, MLP and residual run on those rows
+alone. A prompt of n tokens skips n - 1 rows of all of that: about one layer's work.
+
 The cache of one layer is `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +50,17 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [num_decodes]
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] (padding: block 0)
     block_size: int
+    output_rows: OutputRows | None = None  # the rows a step's last layer computes, if not all
+    last_layer: bool = False  # this layer computes `output_rows` only
     _decode_mask: torch.Tensor | None = None
+
+    def for_last_layer(self) -> AttentionMetadata:
+        """The metadata of the model's last layer: only `output_rows` are computed there."""
+        return self if self.output_rows is None else dataclasses.replace(self, last_layer=True)
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of `x` (one per token of the step) this layer outputs."""
+        return x[self.output_rows.index] if self.last_layer else x
 
     @property
     def num_decodes(self) -> int:
@@ -58,6 +75,15 @@ class AttentionMetadata:
             mask = torch.zeros(past.shape, dtype=dtype, device=past.device).masked_fill_(past, float("-inf"))
             self._decode_mask = mask[:, None, None, :]
         return self._decode_mask
+
+
+@dataclass
+class OutputRows:
+    """Rows of a step to compute in its last layer (the sampled ones, in sampling order), and
+    how each attends: as a decode, over its sequence's blocks up to and including itself."""
+
+    index: torch.Tensor  # [R] flat token indices
+    attention: AttentionMetadata  # a pure decode step of the R rows
 
 
 class Attention(nn.Module):
@@ -76,6 +102,10 @@ class Attention(nn.Module):
         """q: [T, heads * head_dim], k/v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
         num_tokens = q.shape[0]
         self._write_cache(k, v, meta)
+        if meta.last_layer:
+            rows = meta.output_rows
+            q = q[rows.index].reshape(-1, self.num_heads, self.head_dim)
+            return self._decode(q, rows.attention).view(len(q), -1)
         if not meta.prefill_query_lens:  # a pure decode step
             return self._decode(q.reshape(num_tokens, self.num_heads, self.head_dim), meta).view(num_tokens, -1)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)

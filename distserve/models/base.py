@@ -63,11 +63,13 @@ class CausalLM(nn.Module):
                    fused_args: tuple = ()) -> torch.Tensor:
         """This stage's layers over `x`: each as one native call in a pure decode step that can
         (`fused_decode_layers`: `decode_fused(ops, *fused_args, x, meta)`), else module by module
-        (`forward(*module_args, x, meta)`)."""
+        (`forward(*module_args, x, meta)`), the last one over `meta.output_rows` only when the
+        runner set them (then the result has those rows)."""
         ops = self.fused_decode_layers(x, meta)
         if ops is None:
-            for layer in self.stage_layers():
-                x = layer(*module_args, x, meta)
+            layers = self.stage_layers()
+            for i, layer in enumerate(layers):
+                x = layer(*module_args, x, meta.for_last_layer() if i == len(layers) - 1 else meta)
             return x
         x = x.contiguous()
         for layer in self.stage_layers():

@@ -71,7 +71,7 @@ class GPT2Block(LayerNormDecodeLayer):
                                               mlp.c_fc, mlp.c_proj, mlp.act)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attn(self.ln_1(x), meta)
+        h = meta.kept(x) + self.attn(self.ln_1(x), meta)
         return h + self.mlp(self.ln_2(h))
 
 

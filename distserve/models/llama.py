@@ -75,7 +75,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(rope, self.input_layernorm(x), meta)
+        h = meta.kept(x) + self.self_attn(rope, self.input_layernorm(x), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def prepare_fused_decode(self) -> bool:

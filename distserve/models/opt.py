@@ -65,9 +65,9 @@ class OPTDecoderLayer(LayerNormDecodeLayer):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.pre_ln:
-            h = x + self.self_attn(self.self_attn_layer_norm(x), meta)
+            h = meta.kept(x) + self.self_attn(self.self_attn_layer_norm(x), meta)
             return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
-        h = self.self_attn_layer_norm(x + self.self_attn(x, meta))
+        h = self.self_attn_layer_norm(meta.kept(x) + self.self_attn(x, meta))
         return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
 
 
