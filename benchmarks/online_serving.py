@@ -5,13 +5,15 @@ Every server is started once and stays up (an idle server takes no CPU); the cli
 runs each rate against each system in turn, the systems' order rotating, so that all of them
 see the same minutes of this machine (its speed drifts by 10-20%). Client settings follow the
 issue's: random dataset, prompts 512 +-50%, outputs 96 +-50% (other lengths with --input-len
-and --output-len; chat completions with --backend openai-chat), EOS ignored, goodput SLOs
+and --output-len; chat completions with --backend openai-chat; burstier arrivals than Poisson
+with --burstiness below 1), EOS ignored, goodput SLOs
 TTFT 3 s and TPOT 200 ms, 48 requests a rate after 8 warm-up requests (a fresh server's first
 steps build their kernels' primitives); vLLM's prefix cache off (random prompts share
 nothing, and neither system may reuse one run's prompts in the next).
 
     python -m benchmarks.online_serving [--rates 0.8 1.2] [--systems colocated chunked vllm]
         [--shape llama-gqa-150m] [--rounds 1] [--input-len 512] [--output-len 96] [--backend openai|openai-chat]
+        [--burstiness 1.0]
 
 `--rates` are the knee and 1.5x the knee (find the knee with a sweep first: `--rates 0.4 0.8
 1.2 1.6`). Prints a table, writes benchmarks/results/online_serving/summary.json and
@@ -47,9 +49,10 @@ ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 RANGE = 0.5  # lengths drawn within +-50% of the asked ones
 
 
-def client_args(input_len: int, output_len: int, backend: str) -> list[str]:
-    """vLLM's `bench serve` settings: its random dataset, EOS ignored, goodput at TTFT 3 s / TPOT 200 ms."""
-    return ["--backend", backend, "--endpoint", ENDPOINTS[backend], "--dataset-name", "random",
+def client_args(input_len: int, output_len: int, backend: str, burstiness: float) -> list[str]:
+    """vLLM's `bench serve` settings: its random dataset, EOS ignored, goodput at TTFT 3 s / TPOT
+    200 ms, arrival gaps gamma-distributed with this burstiness (1: Poisson)."""
+    return ["--backend", backend, "--burstiness", str(burstiness), "--endpoint", ENDPOINTS[backend], "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio",
             str(RANGE), "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics",
             "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=96, help="mean output tokens (drawn within +-50%%)")
     parser.add_argument("--backend", choices=list(ENDPOINTS), default="openai",
                         help="the client's API: completions, or chat completions (the model's chat template)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="the client's arrival gaps: gamma-distributed, 1 is Poisson, below 1 burstier")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--work-dir", default=str(WORK_DIR))
@@ -138,7 +143,8 @@ def main() -> None:
     model = shape_folder(args.shape, Path(args.work_dir))
     cli = vllm_cli(args.vllm_python)
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
-    client, context = client_args(args.input_len, args.output_len, args.backend), max_model_len(args.input_len, args.output_len)
+    client = client_args(args.input_len, args.output_len, args.backend, args.burstiness)
+    context = max_model_len(args.input_len, args.output_len)
     raw: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         servers = {}
