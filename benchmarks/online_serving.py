@@ -77,7 +77,7 @@ def vllm_cli(python: str) -> list[str]:
     return [python, "-c", "from vllm.entrypoints.cli.main import main; main()"]
 
 
-def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, context: int = 2048) -> Server:
+def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, context: int) -> Server:
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
                "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(context), "--no-enable-prefix-caching",
                "--served-model-name", "model"]
@@ -85,7 +85,7 @@ def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, cont
     return Server(command, port, log, env=env)
 
 
-def distserve_server(model: Path, mode: str, port: int, log: Path, context: int = 2048) -> Server:
+def distserve_server(model: Path, mode: str, port: int, log: Path, context: int) -> Server:
     args = f"{DISTSERVE_MODES[mode]} --max-model-len {context} --no-enable-prefix-caching --served-model-name model"
     return Server(distserve_command(port, args, str(model)), port, log)
 

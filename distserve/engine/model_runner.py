@@ -250,7 +250,7 @@ class ModelRunner:
         )
         if sampled_only and len(sample_flat) < len(tokens):
             kept = sample_flat or [len(tokens) - 1]
-            ends = sampled_ends or [(end, table)]
+            ends = sampled_ends or [(end, table)]  # none sampled: the step's last sequence
             meta.output_rows = OutputRows(
                 index=torch.tensor(kept, dtype=torch.long, device=self.device),
                 attention=self._decode_metadata([e for e, _ in ends], [t for _, t in ends]),
@@ -293,7 +293,7 @@ class ModelRunner:
             # one part (no pipeline stages): the batch itself, no per-step copy
             sub = batch if len(parts) == 1 else ScheduledBatch([batch.requests[i] for i in part],
                                                                [batch.num_new_tokens[i] for i in part])
-            input_ids, positions, meta, rows, flat = self.prepare(sub, sampled_only=self.is_last_stage)
+            input_ids, positions, meta, rows, _ = self.prepare(sub, sampled_only=self.is_last_stage)
             hidden = None
             if not self.is_first_stage:
                 hidden = recv_from_prev_stage((len(input_ids), self.hidden_size), self.model_config.dtype, self.device)
@@ -303,8 +303,8 @@ class ModelRunner:
                 continue
             if not rows:
                 continue
-            if meta.output_rows is None:
-                hidden = hidden[torch.tensor(flat, device=self.device)]
+            # one row per sampled sequence: the last layer's output rows, or, in a step that
+            # samples every token (decodes only), every row already in sampling order
             logits = self.model.compute_logits(hidden)
             if not self.is_sampler:
                 continue
