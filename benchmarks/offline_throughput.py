@@ -21,6 +21,9 @@ share is floor / seconds.
 
     python -m benchmarks.offline_throughput [--shapes smollm2 opt-200m llama-gqa-150m]
         [--families chat summarization mixed] [--rounds 3] [--systems distserve vllm]
+        [--family NAME=REQUESTS:PROMPT_MIN-PROMPT_MAX:OUTPUT_MIN-OUTPUT_MAX ...]
+
+`--family` adds a family of your own (and runs it), e.g. `--family tiny=256:8-64:8-64`.
 
 Prints a table and writes benchmarks/results/offline_throughput.json. vLLM runs in its
 own virtual environment (../shared/ENVIRONMENT.md); it is skipped, and said so, when
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -73,6 +77,20 @@ FAMILIES = {
     "summarization": Family(24, (512, 2048), (16, 64)),
     "mixed": Family(96, (32, 1024), (32, 256)),
 }
+
+
+def parse_family(spec: str) -> tuple[str, Family]:
+    """NAME=REQUESTS:PROMPT_MIN-PROMPT_MAX:OUTPUT_MIN-OUTPUT_MAX as (name, Family)."""
+    match = re.fullmatch(r"([\w.-]+)=(\d+):(\d+)-(\d+):(\d+)-(\d+)", spec)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--family {spec!r}: write NAME=REQUESTS:PROMPT_MIN-PROMPT_MAX:OUTPUT_MIN-OUTPUT_MAX, "
+                                         "e.g. tiny=256:8-64:8-64")
+    name, requests, p_lo, p_hi, o_lo, o_hi = match.groups()
+    family = Family(int(requests), (int(p_lo), int(p_hi)), (int(o_lo), int(o_hi)))
+    ranges_ok = all(1 <= lo <= hi for lo, hi in (family.prompt_len, family.output_len))
+    if family.requests < 1 or not ranges_ok:
+        raise argparse.ArgumentTypeError(f"--family {spec!r}: counts must be >= 1 and each range MIN <= MAX")
+    return name, family
 
 
 def shape_folder(name: str, root: Path) -> Path:
@@ -233,11 +251,19 @@ def main() -> None:
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "opt-200m", "llama-gqa-150m"])
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--family", type=parse_family, action="append", default=[], dest="custom",
+                        help="a family of your own, NAME=REQUESTS:PROMPT_MIN-PROMPT_MAX:OUTPUT_MIN-OUTPUT_MAX (repeatable)")
     parser.add_argument("--systems", nargs="+", choices=["distserve", "vllm", "transformers"], default=["distserve", "vllm"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
     args = parser.parse_args()
+    if args.custom:
+        FAMILIES.update(args.custom)
+        if "--families" not in sys.argv:
+            args.families = [name for name, _ in args.custom]
+        else:
+            args.families += [name for name, _ in args.custom if name not in args.families]
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
     if "vllm" in args.systems and "vllm" not in systems:
         print(f"vLLM skipped: {args.vllm_python} not found")

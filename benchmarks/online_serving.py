@@ -11,9 +11,15 @@ TTFT 3 s and TPOT 200 ms, 48 requests a rate after 8 warm-up requests (a fresh s
 steps build their kernels' primitives); vLLM's prefix cache off (random prompts share
 nothing, and neither system may reuse one run's prompts in the next).
 
+`--dataset prefix_repetition` sends the client's shared-prefix prompts instead: --prefixes
+prefixes of input-len / 2 tokens, each followed by suffixes of input-len / 2 unique tokens,
+outputs of exactly --output-len. Both servers then run with their prefix caches on, and both
+caches are emptied before every run (vLLM's server in its dev mode, which serves
+/reset_prefix_cache), so no run reuses an earlier run's prompts.
+
     python -m benchmarks.online_serving [--rates 0.8 1.2] [--systems colocated chunked vllm]
         [--shape llama-gqa-150m] [--rounds 1] [--input-len 512] [--output-len 96] [--backend openai|openai-chat]
-        [--burstiness 1.0]
+        [--burstiness 1.0] [--dataset random|prefix_repetition] [--prefixes 8]
 
 `--rates` are the knee and 1.5x the knee (find the knee with a sweep first: `--rates 0.4 0.8
 1.2 1.6`). Prints a table, writes benchmarks/results/online_serving/summary.json and
@@ -35,7 +41,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from benchmarks.offline_throughput import WORK_DIR, shape_folder
-from distserve.bench.runner import Server, distserve_command, free_port
+from distserve.bench.runner import Server, distserve_command, free_port, reset_prefix_cache
 
 RESULTS = Path("benchmarks/results/online_serving")
 DISTSERVE_MODES = {
@@ -49,12 +55,21 @@ ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 RANGE = 0.5  # lengths drawn within +-50% of the asked ones
 
 
-def client_args(input_len: int, output_len: int, backend: str, burstiness: float) -> list[str]:
-    """vLLM's `bench serve` settings: its random dataset, EOS ignored, goodput at TTFT 3 s / TPOT
-    200 ms, arrival gaps gamma-distributed with this burstiness (1: Poisson)."""
-    return ["--backend", backend, "--burstiness", str(burstiness), "--endpoint", ENDPOINTS[backend], "--dataset-name", "random",
-            "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio",
-            str(RANGE), "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics",
+def client_args(input_len: int, output_len: int, backend: str, burstiness: float, dataset: str,
+                prefixes: int) -> list[str]:
+    """vLLM's `bench serve` settings: its random dataset (or its shared-prefix one: `prefixes`
+    prefixes of input_len / 2 tokens, each before suffixes of input_len / 2), EOS ignored,
+    goodput at TTFT 3 s / TPOT 200 ms, arrival gaps gamma-distributed with this burstiness (1:
+    Poisson)."""
+    if dataset == "random":
+        prompts = ["--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len",
+                   str(output_len), "--random-range-ratio", str(RANGE)]
+    else:
+        prompts = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(input_len // 2),
+                   "--prefix-repetition-suffix-len", str(input_len - input_len // 2), "--prefix-repetition-num-prefixes",
+                   str(prefixes), "--prefix-repetition-output-len", str(output_len)]
+    return ["--backend", backend, "--burstiness", str(burstiness), "--endpoint", ENDPOINTS[backend], *prompts,
+            "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics",
             "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
 
 
@@ -77,16 +92,19 @@ def vllm_cli(python: str) -> list[str]:
     return [python, "-c", "from vllm.entrypoints.cli.main import main; main()"]
 
 
-def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, context: int) -> Server:
+def vllm_server(python: str, model: Path, port: int, log: Path, cache: str, context: int, prefix_caching: bool) -> Server:
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
-               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(context), "--no-enable-prefix-caching",
-               "--served-model-name", "model"]
+               "--port", str(port), "--host", "127.0.0.1", "--max-model-len", str(context),
+               "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", "--served-model-name", "model"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CACHE_ROOT": cache}
+    if prefix_caching:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # serves POST /reset_prefix_cache
     return Server(command, port, log, env=env)
 
 
-def distserve_server(model: Path, mode: str, port: int, log: Path, context: int) -> Server:
-    args = f"{DISTSERVE_MODES[mode]} --max-model-len {context} --no-enable-prefix-caching --served-model-name model"
+def distserve_server(model: Path, mode: str, port: int, log: Path, context: int, prefix_caching: bool) -> Server:
+    caching = "" if prefix_caching else " --no-enable-prefix-caching"
+    args = f"{DISTSERVE_MODES[mode]} --max-model-len {context}{caching} --served-model-name model"
     return Server(distserve_command(port, args, str(model)), port, log)
 
 
@@ -134,6 +152,9 @@ def main() -> None:
                         help="the client's API: completions, or chat completions (the model's chat template)")
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="the client's arrival gaps: gamma-distributed, 1 is Poisson, below 1 burstier")
+    parser.add_argument("--dataset", choices=["random", "prefix_repetition"], default="random",
+                        help="the client's prompts: random, or shared prefixes (prefix caches on in every system)")
+    parser.add_argument("--prefixes", type=int, default=8, help="prefix_repetition: how many distinct prefixes")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--work-dir", default=str(WORK_DIR))
@@ -143,20 +164,23 @@ def main() -> None:
     model = shape_folder(args.shape, Path(args.work_dir))
     cli = vllm_cli(args.vllm_python)
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
-    client = client_args(args.input_len, args.output_len, args.backend, args.burstiness)
+    client = client_args(args.input_len, args.output_len, args.backend, args.burstiness, args.dataset, args.prefixes)
+    prefix_caching = args.dataset == "prefix_repetition"
     context = max_model_len(args.input_len, args.output_len)
     raw: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         servers = {}
         for system in tqdm(systems, desc="starting servers"):
             port, log = free_port(), out / f"server-{system}.log"
-            server = vllm_server(args.vllm_python, model, port, log, cache, context) if system == "vllm" else \
-                distserve_server(model, system, port, log, context)
+            server = vllm_server(args.vllm_python, model, port, log, cache, context, prefix_caching) \
+                if system == "vllm" else distserve_server(model, system, port, log, context, prefix_caching)
             servers[system] = stack.enter_context(server)
         jobs = [(r, rate) for r in range(args.rounds) for rate in args.rates]
         for i, (r, rate) in enumerate(tqdm(jobs, desc="rates")):
             order = systems[i % len(systems):] + systems[: i % len(systems)]
             for system in order:
+                if prefix_caching and not reset_prefix_cache(servers[system].base_url):
+                    raise RuntimeError(f"{system}: POST /reset_prefix_cache failed; its runs would share a warm cache")
                 result = run_client(cli, servers[system].base_url, model, rate, args.requests,
                                     out / f"run-{system}-{rate}-{r}.json", client)
                 raw.setdefault((system, rate), []).append(result)
@@ -175,7 +199,8 @@ def main() -> None:
                           f"{row['mean_ttft_ms']:.0f}", f"{row['p99_ttft_ms']:.0f}", f"{row['mean_tpot_ms']:.0f}",
                           f"{row['p99_tpot_ms']:.0f}"]))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "client": client, "requests": args.requests,
+    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "prefix_caching": prefix_caching, "client": client,
+                                                  "requests": args.requests,
                                                   "rounds": args.rounds, "rows": rows}, indent=2))
     plot(rows, out / "goodput.png")
     print(f"wrote {out / 'summary.json'} and {out / 'goodput.png'}")
