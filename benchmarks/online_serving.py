@@ -17,9 +17,17 @@ outputs of exactly --output-len. Both servers then run with their prefix caches 
 caches are emptied before every run (vLLM's server in its dev mode, which serves
 /reset_prefix_cache), so no run reuses an earlier run's prompts.
 
+`--trace CSV` replays a production trace instead (Azure's LLM inference traces,
+../shared/data/azure-llm-inference-2023: TIMESTAMP,ContextTokens,GeneratedTokens) through
+the client's timed_trace dataset: its first --requests requests, with their own prompt and
+output lengths (times --length-scale, a prompt cut to fit the context) and their own arrival
+gaps, the clock stretched so that their mean rate is each --rate. Prompts are random tokens
+that share nothing.
+
     python -m benchmarks.online_serving [--rates 0.8 1.2] [--systems colocated chunked vllm]
         [--shape llama-gqa-150m] [--rounds 1] [--input-len 512] [--output-len 96] [--backend openai|openai-chat]
         [--burstiness 1.0] [--dataset random|prefix_repetition] [--prefixes 8]
+        [--trace CSV] [--length-scale 1.0]
 
 `--rates` are the knee and 1.5x the knee (find the knee with a sweep first: `--rates 0.4 0.8
 1.2 1.6`). Prints a table, writes benchmarks/results/online_serving/summary.json and
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import statistics
 import subprocess
@@ -61,7 +70,9 @@ def client_args(input_len: int, output_len: int, backend: str, burstiness: float
     prefixes of input_len / 2 tokens, each before suffixes of input_len / 2), EOS ignored,
     goodput at TTFT 3 s / TPOT 200 ms, arrival gaps gamma-distributed with this burstiness (1:
     Poisson)."""
-    if dataset == "random":
+    if dataset == "timed_trace":  # the file (--dataset-path) is given per rate
+        prompts = ["--dataset-name", "timed_trace"]
+    elif dataset == "random":
         prompts = ["--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len",
                    str(output_len), "--random-range-ratio", str(RANGE)]
     else:
@@ -71,6 +82,34 @@ def client_args(input_len: int, output_len: int, backend: str, burstiness: float
     return ["--backend", backend, "--burstiness", str(burstiness), "--endpoint", ENDPOINTS[backend], *prompts,
             "--ignore-eos", "--goodput", "ttft:3000", "tpot:200", "--percentile-metrics",
             "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--seed", "0", "--num-warmups", "8"]
+
+
+TRACE_CONTEXT = 4096  # the servers' context when replaying a trace
+
+
+def trace_file(trace: Path, requests: int, rate: float, length_scale: float, out: Path) -> Path:
+    """The first `requests` rows of an Azure trace CSV as the client's timed_trace JSONL: arrival
+    times from the trace's own gaps, stretched to a mean rate of `rate`; lengths times
+    `length_scale`, a prompt cut so that it and its output fit TRACE_CONTEXT; a prompt of
+    random tokens shared with no other (one hash id a 16-token chunk, none reused)."""
+    from datetime import datetime
+
+    with open(trace) as f:
+        rows = [row for _, row in zip(range(requests), csv.DictReader(f))]
+    if len(rows) < 2:
+        raise ValueError(f"{trace}: needs at least 2 requests, has {len(rows)}")
+    times = [datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp() for row in rows]
+    stretch = (len(rows) - 1) / rate / max(times[-1] - times[0], 1e-9)
+    hashes = 0
+    with open(out, "w") as f:
+        for row, t in zip(rows, times):
+            output = max(1, round(int(row["GeneratedTokens"]) * length_scale))
+            prompt = max(1, min(round(int(row["ContextTokens"]) * length_scale), TRACE_CONTEXT - output - 16))
+            chunks = -(-prompt // 16)
+            f.write(json.dumps({"timestamp": (t - times[0]) * stretch, "input_length": prompt, "output_length": output,
+                                "hash_ids": list(range(hashes, hashes + chunks))}) + "\n")
+            hashes += chunks
+    return out
 
 
 def max_model_len(input_len: int, output_len: int) -> int:
@@ -155,6 +194,8 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["random", "prefix_repetition"], default="random",
                         help="the client's prompts: random, or shared prefixes (prefix caches on in every system)")
     parser.add_argument("--prefixes", type=int, default=8, help="prefix_repetition: how many distinct prefixes")
+    parser.add_argument("--trace", type=Path, help="replay this Azure trace CSV's lengths and arrival gaps (completions API)")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="--trace: multiply its prompt and output lengths")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every (system, rate), medians reported")
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--work-dir", default=str(WORK_DIR))
@@ -164,9 +205,12 @@ def main() -> None:
     model = shape_folder(args.shape, Path(args.work_dir))
     cli = vllm_cli(args.vllm_python)
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
-    client = client_args(args.input_len, args.output_len, args.backend, args.burstiness, args.dataset, args.prefixes)
+    if args.trace and (args.dataset != "random" or args.backend != "openai"):
+        parser.error("--trace replays through the completions API (--backend openai) and its own prompts (no --dataset)")
+    dataset = "timed_trace" if args.trace else args.dataset
+    client = client_args(args.input_len, args.output_len, args.backend, args.burstiness, dataset, args.prefixes)
     prefix_caching = args.dataset == "prefix_repetition"
-    context = max_model_len(args.input_len, args.output_len)
+    context = TRACE_CONTEXT if args.trace else max_model_len(args.input_len, args.output_len)
     raw: dict[tuple[str, float], list[dict]] = {}
     with tempfile.TemporaryDirectory() as cache, contextlib.ExitStack() as stack:
         servers = {}
@@ -181,8 +225,13 @@ def main() -> None:
             for system in order:
                 if prefix_caching and not reset_prefix_cache(servers[system].base_url):
                     raise RuntimeError(f"{system}: POST /reset_prefix_cache failed; its runs would share a warm cache")
+                rate_client = client
+                if args.trace:
+                    out.mkdir(parents=True, exist_ok=True)
+                    path = trace_file(args.trace, args.requests, rate, args.length_scale, out / f"trace-{rate}.jsonl")
+                    rate_client = [*client, "--dataset-path", str(path)]
                 result = run_client(cli, servers[system].base_url, model, rate, args.requests,
-                                    out / f"run-{system}-{rate}-{r}.json", client)
+                                    out / f"run-{system}-{rate}-{r}.json", rate_client)
                 raw.setdefault((system, rate), []).append(result)
     rows = []
     for (system, rate), results in raw.items():
@@ -199,7 +248,8 @@ def main() -> None:
                           f"{row['mean_ttft_ms']:.0f}", f"{row['p99_ttft_ms']:.0f}", f"{row['mean_tpot_ms']:.0f}",
                           f"{row['p99_tpot_ms']:.0f}"]))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"shape": args.shape, "prefix_caching": prefix_caching, "client": client,
+    trace = {"trace": str(args.trace), "length_scale": args.length_scale} if args.trace else {}
+    (out / "summary.json").write_text(json.dumps({"shape": args.shape, **trace, "prefix_caching": prefix_caching, "client": client,
                                                   "requests": args.requests,
                                                   "rounds": args.rounds, "rows": rows}, indent=2))
     plot(rows, out / "goodput.png")
