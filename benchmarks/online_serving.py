@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -92,8 +93,6 @@ def trace_file(trace: Path, requests: int, rate: float, length_scale: float, out
     times from the trace's own gaps, stretched to a mean rate of `rate`; lengths times
     `length_scale`, a prompt cut so that it and its output fit TRACE_CONTEXT; a prompt of
     random tokens shared with no other (one hash id a 16-token chunk, none reused)."""
-    from datetime import datetime
-
     with open(trace) as f:
         rows = [row for _, row in zip(range(requests), csv.DictReader(f))]
     if len(rows) < 2:
@@ -205,8 +204,9 @@ def main() -> None:
     model = shape_folder(args.shape, Path(args.work_dir))
     cli = vllm_cli(args.vllm_python)
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
-    if args.trace and (args.dataset != "random" or args.backend != "openai"):
-        parser.error("--trace replays through the completions API (--backend openai) and its own prompts (no --dataset)")
+    if args.trace and (args.dataset != "random" or args.backend != "openai" or args.burstiness != 1.0):
+        parser.error("--trace replays its own prompts and arrival gaps through the completions API "
+                     "(no --dataset, --backend or --burstiness)")
     dataset = "timed_trace" if args.trace else args.dataset
     client = client_args(args.input_len, args.output_len, args.backend, args.burstiness, dataset, args.prefixes)
     prefix_caching = args.dataset == "prefix_repetition"
@@ -222,14 +222,14 @@ def main() -> None:
         jobs = [(r, rate) for r in range(args.rounds) for rate in args.rates]
         for i, (r, rate) in enumerate(tqdm(jobs, desc="rates")):
             order = systems[i % len(systems):] + systems[: i % len(systems)]
+            rate_client = client
+            if args.trace:
+                out.mkdir(parents=True, exist_ok=True)
+                path = trace_file(args.trace, args.requests, rate, args.length_scale, out / f"trace-{rate}.jsonl")
+                rate_client = [*client, "--dataset-path", str(path)]
             for system in order:
                 if prefix_caching and not reset_prefix_cache(servers[system].base_url):
                     raise RuntimeError(f"{system}: POST /reset_prefix_cache failed; its runs would share a warm cache")
-                rate_client = client
-                if args.trace:
-                    out.mkdir(parents=True, exist_ok=True)
-                    path = trace_file(args.trace, args.requests, rate, args.length_scale, out / f"trace-{rate}.jsonl")
-                    rate_client = [*client, "--dataset-path", str(path)]
                 result = run_client(cli, servers[system].base_url, model, rate, args.requests,
                                     out / f"run-{system}-{rate}-{r}.json", rate_client)
                 raw.setdefault((system, rate), []).append(result)
