@@ -250,7 +250,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "opt-200m", "llama-gqa-150m"])
-    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
+                        help="built-in families to run (default: all of them, or none when --family is given)")
     parser.add_argument("--family", type=parse_family, action="append", default=[], dest="custom",
                         help="a family of your own, NAME=REQUESTS:PROMPT_MIN-PROMPT_MAX:OUTPUT_MIN-OUTPUT_MAX (repeatable)")
     parser.add_argument("--systems", nargs="+", choices=["distserve", "vllm", "transformers"], default=["distserve", "vllm"])
@@ -258,12 +259,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(WORK_DIR))
     parser.add_argument("--out", default=str(RESULTS / "offline_throughput.json"))
     args = parser.parse_args()
-    if args.custom:
-        FAMILIES.update(args.custom)
-        if "--families" not in sys.argv:
-            args.families = [name for name, _ in args.custom]
-        else:
-            args.families += [name for name, _ in args.custom if name not in args.families]
+    FAMILIES.update(args.custom)
+    if args.families is None:
+        args.families = [] if args.custom else list(FAMILIES)
+    args.families += [name for name, _ in args.custom if name not in args.families]
     systems = [s for s in args.systems if s != "vllm" or Path(args.vllm_python).exists()]
     if "vllm" in args.systems and "vllm" not in systems:
         print(f"vLLM skipped: {args.vllm_python} not found")
