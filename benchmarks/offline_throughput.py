@@ -109,6 +109,10 @@ def shape_folder(name: str, root: Path) -> Path:
         config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
                              num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096,
                              tie_word_embeddings=False)
+    elif name == "llama-mha-hd128":  # LLaMA-2's layout, smaller: 12 layers, 8 heads of 128, no GQA
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
+                             num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096,
+                             tie_word_embeddings=False)
     elif name == "qwen2-0.5b":  # Qwen2-0.5B's shape: 24 layers, 14 query heads over 2 KV heads, q/k/v biases
         config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                              num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,

@@ -68,8 +68,8 @@ def load_model(model_config: ModelConfig, device: torch.device, quantization: st
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights take in memory: parameters, packed and panel copies, quantized
-    storage, each tensor counted once (a tied head shares the embedding's)."""
+    """Bytes the model's weights take in memory: parameters, packed, panel and screening
+    copies, quantized storage, each tensor counted once (a tied head shares the embedding's)."""
     seen: dict[int, int] = {}
 
     def count(t: torch.Tensor | None) -> None:
@@ -85,6 +85,8 @@ def weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         count(getattr(module, "packed", None))
         count(getattr(module, "panels", None))
+        count(getattr(module, "screen", None))
+        count(getattr(module, "row_norms", None))
         quant = getattr(module, "quant", None)
         if quant is not None:
             count(quant.q)
@@ -305,8 +307,8 @@ class ModelRunner:
                 continue
             # one row per sampled sequence: the last layer's output rows, or, in a step that
             # samples every token (decodes only), every row already in sampling order
-            logits = self.model.compute_logits(hidden)
             if not self.is_sampler:
+                self.model.compute_logits(hidden)  # its share of the tensor-parallel head
                 continue
             requests = [sub.requests[i] for i in rows]
             sampling = SamplingBatch(
@@ -314,7 +316,12 @@ class ModelRunner:
                 output_token_ids=[r.output_token_ids for r in requests],
                 prompt_token_ids=[r.prompt_token_ids for r in requests],
             )
-            for i, result in zip(rows, sample(logits, sampling, self.generator)):
+            tokens = self.model.greedy_tokens(hidden) if sampling.tokens_only else None
+            if tokens is not None:
+                samples = [SampleResult(t) for t in tokens.tolist()]
+            else:
+                samples = sample(self.model.compute_logits(hidden), sampling, self.generator)
+            for i, result in zip(rows, samples):
                 results[part[i]] = result
         for work in sends:
             work.wait()

@@ -39,6 +39,7 @@ FUNCTIONS = [
     "dequantize_rows",
     "pack_panels",
     "panel_linear",
+    "screened_argmax",
 ]
 
 

@@ -390,3 +390,112 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   });
   return out;
 }
+
+// Greedy tokens from a screened LM head. s [B, V] (bfloat16) approximates the logits x W^T:
+// x and W rounded to bfloat16, the products summed in float32, the sum rounded to bfloat16,
+// so |s_j - x . w_j| <= c ||x||_2 ||w_j||_2 (norms [V] holds the ||w_j||_2, rounded up; c
+// from the caller). A token can be the argmax only if its upper bound s_j + b_j + err_j
+// reaches every token's lower bound s_k + b_k - err_k; those candidates' logits are
+// recomputed from the float32 rows of W with double sums, and the largest taken (the first
+// on ties). The bounds are computed in float32 with their own rounding added to err_j (a
+// thousandth of it, and 2^-20 |b_j|). A row with more than `cap` candidates, or anything not
+// finite, gets -1: the caller computes its logits in full. x: [B, K] float32, w: [V, K]
+// float32 rows -> [B] int64.
+torch::Tensor screened_argmax(torch::Tensor x, torch::Tensor s, torch::Tensor w, torch::Tensor norms,
+                              c10::optional<torch::Tensor> bias, double c, int64_t cap) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.stride(1) == 1, "x: float32 [B, K] rows");
+  TORCH_CHECK(s.scalar_type() == torch::kBFloat16 && s.dim() == 2 && s.stride(1) == 1 && s.size(0) == x.size(0),
+              "s: bfloat16 [B, V] rows");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1) &&
+                  w.size(0) >= s.size(1), "w: float32 [V, K] rows");
+  TORCH_CHECK(norms.scalar_type() == torch::kFloat32 && norms.is_contiguous() && norms.numel() >= s.size(1), "norms [V]");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+                                    bias->numel() >= s.size(1)), "bias [V] float32");
+  const int64_t B = x.size(0), K = x.size(1), V = s.size(1);
+  auto out = torch::empty({B}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
+  const float* wp = w.data_ptr<float>();
+  const float* np = norms.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t lx = x.stride(0), ls = s.stride(0), lw = w.stride(0);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // s_j + b_j and its error bound err_j, in float32
+  auto value = [&](const uint16_t* sr, int64_t j) {
+    uint32_t bits = static_cast<uint32_t>(sr[j]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return bp ? v + bp[j] : v;
+  };
+  auto slack = [&](float e, int64_t j) { return e * np[j] + (bp ? std::abs(bp[j]) * 0x1p-20f : 0.f); };
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> candidates;
+    for (int64_t b = begin; b < end; ++b) {
+      const float* xr = xp + b * lx;
+      const uint16_t* sr = sp + b * ls;
+      double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < K; ++i) sq += static_cast<double>(xr[i]) * xr[i];
+      const float e = static_cast<float>(c * std::sqrt(sq) * 1.001);
+      bool finite = std::isfinite(e);
+      float lower = -kInf;
+      int64_t j = 0;
+#ifdef __AVX512F__
+      const __m512 ev = _mm512_set1_ps(e), infv = _mm512_set1_ps(kInf), bscale = _mm512_set1_ps(0x1p-20f);
+      __m512 lo = _mm512_set1_ps(-kInf);
+      __mmask16 bad = 0;
+      auto load = [&](int64_t i, __m512* v, __m512* err) {
+        *v = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr + i))), 16));
+        *err = _mm512_mul_ps(ev, _mm512_loadu_ps(np + i));
+        if (bp) {
+          const __m512 bv = _mm512_loadu_ps(bp + i);
+          *v = _mm512_add_ps(*v, bv);
+          *err = _mm512_fmadd_ps(_mm512_abs_ps(bv), bscale, *err);
+        }
+      };
+      for (; j + 16 <= V; j += 16) {
+        __m512 v, err;
+        load(j, &v, &err);
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), infv, _CMP_NLT_UQ);  // inf or NaN
+        lo = _mm512_max_ps(lo, _mm512_sub_ps(v, err));
+      }
+      lower = _mm512_reduce_max_ps(lo);
+      finite = finite && bad == 0;
+#endif
+      for (; j < V; ++j) {
+        const float v = value(sr, j);
+        finite = finite && std::isfinite(v);
+        lower = std::max(lower, v - slack(e, j));
+      }
+      candidates.clear();
+      j = 0;
+#ifdef __AVX512F__
+      const __m512 lower_v = _mm512_set1_ps(lower);
+      for (; finite && j + 16 <= V && static_cast<int64_t>(candidates.size()) <= cap; j += 16) {
+        __m512 v, err;
+        load(j, &v, &err);
+        for (__mmask16 m = _mm512_cmp_ps_mask(_mm512_add_ps(v, err), lower_v, _CMP_GE_OQ); m; m &= m - 1)
+          candidates.push_back(j + __builtin_ctz(m));
+      }
+#endif
+      for (; finite && j < V && static_cast<int64_t>(candidates.size()) <= cap; ++j)
+        if (value(sr, j) + slack(e, j) >= lower) candidates.push_back(j);
+      int64_t best = -1;
+      if (finite && static_cast<int64_t>(candidates.size()) <= cap) {
+        double top = 0.0;
+        for (const int64_t k : candidates) {
+          const float* wr = wp + k * lw;
+          double z = bp ? bp[k] : 0.0;
+#pragma omp simd reduction(+ : z)
+          for (int64_t i = 0; i < K; ++i) z += static_cast<double>(xr[i]) * wr[i];
+          if (best < 0 || z > top) top = z, best = k;
+        }
+        if (!std::isfinite(top)) best = -1;
+      }
+      op[b] = best;
+    }
+  });
+  return out;
+}

@@ -85,6 +85,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N, c10
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == N), "bias [N]");
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
 #ifdef __AVX512F__
   const float* xp = x.data_ptr<float>();
   const float* wp = panels.data_ptr<float>();

@@ -34,6 +34,11 @@ class SamplingBatch:
     def all_greedy(self) -> bool:
         return all(p.greedy for p in self.params)
 
+    @property
+    def tokens_only(self) -> bool:
+        """Every row greedy, without penalties or logprobs: its argmax token is all it needs."""
+        return all(p.greedy and not p.has_penalties and p.logprobs is None for p in self.params)
+
 
 @dataclass
 class SampleResult:

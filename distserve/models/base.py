@@ -12,6 +12,7 @@ from distserve.distributed.parallel_state import get_pp_rank, get_pp_size, pp_la
 from distserve.kernels import native_ops
 from distserve.layers.activation import PointwiseActivation
 from distserve.layers.attention import Attention, AttentionMetadata
+from distserve.layers.embedding import ParallelLMHead
 from distserve.layers.linear import FUSED_DECODE_BATCH, LinearBase, direct_rows, fused_projections
 from distserve.layers.norm import LayerNorm
 from distserve.layers.quantization import QUANT_STREAM_ROWS
@@ -90,6 +91,12 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Each row's greedy token straight from the last hidden states where the LM head can
+        screen its vocabulary (`ParallelLMHead.greedy_tokens`); None: compute the logits."""
+        head = getattr(self, "lm_head", None)
+        return head.greedy_tokens(hidden_states) if isinstance(head, ParallelLMHead) else None
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor name; None to skip it."""
