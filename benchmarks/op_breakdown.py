@@ -172,7 +172,7 @@ class Breakdown:
         import distserve.engine.model_runner as runner
 
         model, timer = self.model, self.timer
-        compute_logits, sample = model.compute_logits, runner.sample
+        compute_logits, greedy_tokens, sample = model.compute_logits, model.greedy_tokens, runner.sample
 
         def timed(op: str, fn):  # noqa: ANN001, ANN202
             def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -184,6 +184,7 @@ class Breakdown:
             return call
 
         model.compute_logits = timed("lm_head", compute_logits)
+        model.greedy_tokens = timed("lm_head", greedy_tokens)  # the screened head of greedy steps
         runner.sample = timed("sampling", sample)
 
     def _request(self, length: int, max_tokens: int) -> Request:
