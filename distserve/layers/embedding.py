@@ -124,8 +124,9 @@ class ParallelLMHead(VocabParallelEmbedding):
                 self.packed = prepack(self.weight)
             if self.tp_size == 1 and native_ops(self.weight) is not None and bf16_matmul_fast():
                 self.screen = torch.ops.mkldnn._reorder_linear_weight(self.weight.to(torch.bfloat16), 32)
-                norms = torch.linalg.vector_norm(self.weight, dim=1, dtype=torch.float64)
-                self.row_norms = (norms * (1 + 1e-6)).float()
+                norms = [torch.linalg.vector_norm(part, dim=1, dtype=torch.float64)  # a few MiB of doubles at a time
+                         for part in self.weight.split(4096)]
+                self.row_norms = (torch.cat(norms) * (1 + 1e-6)).float()
 
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Each row's argmax token over the logits, without computing all of them where the
