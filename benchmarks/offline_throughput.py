@@ -8,8 +8,8 @@ Families (seeded, greedy, EOS ignored, every request's output length drawn unifo
 
 Shapes: the built-in SmolLM2-135M (its GGUF dequantized to a float32 folder, so every system
 reads the same weights) and random-weight checkpoints of an OPT shape, a LLaMA-GQA shape, and
-on request a GPT-2 shape (`gpt2-160m`), a LLaMA shape with heads of 128 (`llama-hd128-200m`) and
-Qwen2-0.5B's shape (`qwen2-0.5b`: q/k/v biases, 151,936-token tied vocabulary).
+on request a GPT-2 shape (`gpt2-160m`), LLaMA shapes with heads of 128 (`llama-hd128-200m`, GQA;
+`llama-mha-hd128`, LLaMA-2's layout without GQA) and Qwen2-0.5B's shape (`qwen2-0.5b`: q/k/v biases, 151,936-token tied vocabulary).
 
 Every system stays loaded in a process of its own (benchmarks/offline_worker.py, run by its
 own interpreter) while the families run round by round, the systems' order rotating each
