@@ -58,8 +58,10 @@ def hidden_states(folder: Path, chat: bool) -> torch.Tensor:
 
 
 def candidates(head, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a ParallelLMHead
-    """How many tokens of each row the screen leaves to recompute."""
-    s = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), head.screen, None, "none", [], "").double()
+    """How many tokens of each row the screen leaves to recompute: `screened_argmax`'s rule
+    (upper bound reaching the largest lower bound), counted in double, which the kernel does
+    not report."""
+    s = head.screened_logits(x).double()
     err = screen_error(x.shape[1]) * x.double().norm(dim=1, keepdim=True) * head.row_norms.double()
     lower = (s - err).amax(dim=1, keepdim=True)
     return (s + err >= lower).sum(dim=1)

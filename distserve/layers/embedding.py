@@ -128,6 +128,11 @@ class ParallelLMHead(VocabParallelEmbedding):
                          for part in self.weight.split(4096)]
                 self.row_norms = (torch.cat(norms) * (1 + 1e-6)).float()
 
+    def screened_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The bfloat16 screen's logits s of rows x [B, K] (float32, contiguous): [B, V] bfloat16,
+        each within `screen_error(K) ||x|| ||w_j||` of the exact x . w_j."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.screen, None, "none", [], "")
+
     def greedy_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Each row's argmax token over the logits, without computing all of them where the
         bfloat16 screen is built (`screened_argmax`; a row it cannot settle gets its logits in
@@ -135,10 +140,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.screen is None:
             return None
         x = hidden_states.contiguous()
-        s = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.screen, None, "none", [], "")
         ops = native_ops(x)
-        tokens = ops.screened_argmax(x, s, self.weight, self.row_norms, self.bias, screen_error(x.shape[1]),
-                                     SCREEN_CANDIDATES)
+        tokens = ops.screened_argmax(x, self.screened_logits(x), self.weight, self.row_norms, self.bias,
+                                     screen_error(x.shape[1]), SCREEN_CANDIDATES)
         missed = (tokens < 0).nonzero().flatten()
         if len(missed):
             tokens[missed] = greedy(self.compute_logits(x[missed]))
